@@ -1,0 +1,65 @@
+//! The library's typed errors. The CLI adds context with `anyhow`; the library never panics
+//! on bad input, a lost device or a shader that fails validation.
+
+/// Everything that can go wrong in featreplay's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter at all: the message says what to install.
+    #[error("no GPU adapter found (backends tried: {backends}). {hint}")]
+    NoAdapter { backends: String, hint: String },
+
+    /// An adapter selector (index, name substring or type) that matches nothing.
+    #[error("no adapter matches '{selector}'; available adapters:\n{available}")]
+    AdapterNotFound { selector: String, available: String },
+
+    /// A selector that cannot be parsed.
+    #[error("invalid adapter selector '{0}': use an index, 'type:discrete|integrated|virtual|cpu|other', 'backend:vulkan|metal|dx12|gl' or a name substring")]
+    BadSelector(String),
+
+    /// `request_device` failed.
+    #[error("could not open a device on adapter '{adapter}': {message}")]
+    RequestDevice { adapter: String, message: String },
+
+    /// The device was lost (driver reset, out of memory in the driver, ...).
+    #[error("GPU device '{adapter}' was lost: {message}")]
+    DeviceLost { adapter: String, message: String },
+
+    /// A validation or out-of-memory error reported by wgpu.
+    #[error("GPU error on '{adapter}': {message}")]
+    Gpu { adapter: String, message: String },
+
+    /// A WGSL file that naga cannot parse or validate.
+    #[error("shader '{name}' failed validation: {message}")]
+    ShaderValidation { name: String, message: String },
+
+    /// A shader or entry point the kernel registry does not know.
+    #[error("unknown shader '{0}'")]
+    UnknownShader(String),
+
+    /// A tensor larger than the device's buffer limits.
+    #[error("tensor of shape {shape:?} needs {bytes} bytes, more than the device allows ({limit} bytes, {what})")]
+    TensorTooLarge { shape: Vec<usize>, bytes: u64, limit: u64, what: &'static str },
+
+    /// Shapes passed to a launcher that do not fit together.
+    #[error("shape mismatch in {op}: {detail}")]
+    ShapeMismatch { op: &'static str, detail: String },
+
+    /// Host data whose length does not match the tensor shape.
+    #[error("data of {got} values does not fill a tensor of shape {shape:?} ({want} values)")]
+    DataLength { shape: Vec<usize>, got: usize, want: usize },
+
+    /// A configuration a kernel does not support (with the reason).
+    #[error("unsupported {op} configuration: {detail}")]
+    Unsupported { op: &'static str, detail: String },
+
+    /// A kernel variant name that does not exist.
+    #[error("unknown kernel variant '{name}' for {op}; choose one of: {choices}")]
+    UnknownVariant { op: &'static str, name: String, choices: String },
+
+    /// Reading a buffer back to the host failed.
+    #[error("reading back a buffer from '{adapter}' failed: {message}")]
+    ReadBack { adapter: String, message: String },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
