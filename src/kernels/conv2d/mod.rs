@@ -1,0 +1,247 @@
+//! 2-D convolution (NCHW input, OIHW weight, no bias): forward, backward-data and
+//! backward-filter, in two variants chosen per adapter and shape.
+//!
+//! Why two: on a CPU adapter (lavapipe) every storage or workgroup-memory load costs about
+//! the same and uniform loads are about 4x cheaper, so the fast kernel is a direct
+//! convolution with weights in a uniform buffer and many FMAs per load, with no shared
+//! memory (`Direct`, `shaders/conv2d_direct.wgsl`). On a discrete GPU the classic
+//! shared-memory tiled implicit GEMM wins (`Tiled`, `shaders/conv2d_tiled.wgsl`). See
+//! `../shared/spec/kernel-performance-facts.md` for the measurements behind this.
+//!
+//! Choice order: a variant forced on the device ([`Gpu::force_variant`] with op
+//! [`OP`]) or by the `FEATREPLAY_CONV_VARIANT` environment variable (`direct`, `tiled`, or
+//! `tune` to time both once per shape and cache the winner), else by adapter type.
+
+mod direct;
+mod tiled;
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::check_same_device;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+
+/// Op family name used for forcing and caching variants.
+pub const OP: &str = "conv2d";
+/// Environment variable that forces a conv variant (`direct`, `tiled`, `tune`).
+pub const VARIANT_ENV: &str = "FEATREPLAY_CONV_VARIANT";
+
+/// A conv kernel implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvVariant {
+    /// Register-blocked direct convolution, weights in uniform buffers: fast on CPU adapters.
+    Direct,
+    /// Shared-memory tiled implicit GEMM: fast on discrete GPUs.
+    Tiled,
+}
+
+impl ConvVariant {
+    /// Every variant, for tests and benchmarks.
+    pub const ALL: [ConvVariant; 2] = [ConvVariant::Direct, ConvVariant::Tiled];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvVariant::Direct => "direct",
+            ConvVariant::Tiled => "tiled",
+        }
+    }
+}
+
+impl fmt::Display for ConvVariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ConvVariant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "direct" => Ok(ConvVariant::Direct),
+            "tiled" => Ok(ConvVariant::Tiled),
+            _ => Err(Error::UnknownVariant { op: OP, name: s.to_string(), choices: "direct, tiled, tune".into() }),
+        }
+    }
+}
+
+/// The geometry of one convolution. Output size follows PyTorch:
+/// `out = (in + 2 * pad - kernel) / stride + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// Validates and builds the geometry from an input shape `[N, C, H, W]` and a weight
+    /// shape `[O, C, K, K]`.
+    pub fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<ConvShape> {
+        let bad = |detail: String| Error::ShapeMismatch { op: "conv2d", detail };
+        let [n, c, h, wd]: [usize; 4] = x.try_into().map_err(|_| bad(format!("input must be [N, C, H, W], got {x:?}")))?;
+        let [o, ci, kh, kw]: [usize; 4] = w.try_into().map_err(|_| bad(format!("weight must be [O, C, K, K], got {w:?}")))?;
+        if ci != c {
+            return Err(bad(format!("input has {c} channels but the weight {w:?} expects {ci}")));
+        }
+        if kh != kw {
+            return Err(Error::Unsupported { op: "conv2d", detail: format!("non-square kernel {kh}x{kw}") });
+        }
+        if stride == 0 {
+            return Err(Error::Unsupported { op: "conv2d", detail: "stride 0".into() });
+        }
+        if h + 2 * pad < kh || wd + 2 * pad < kw {
+            return Err(bad(format!("kernel {kh}x{kw} with padding {pad} is larger than the input {h}x{wd}")));
+        }
+        if [n, c, h, wd, o].contains(&0) {
+            return Err(bad(format!("empty dimension in input {x:?} or weight {w:?}")));
+        }
+        Ok(ConvShape { batch: n, in_channels: c, in_h: h, in_w: wd, out_channels: o, kernel: kh, stride, pad })
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.in_h + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.batch, self.in_channels, self.in_h, self.in_w]
+    }
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.out_channels, self.in_channels, self.kernel, self.kernel]
+    }
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.out_channels, self.out_h(), self.out_w()]
+    }
+    /// Multiply-adds of the forward pass times two (each of the three passes costs the same).
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.out_channels * self.out_h() * self.out_w() * self.in_channels * self.kernel * self.kernel) as f64
+    }
+    fn key(&self) -> String {
+        format!("{OP}:{}x{}x{}x{}:{}k{}s{}p{}", self.batch, self.in_channels, self.in_h, self.in_w, self.out_channels, self.kernel, self.stride, self.pad)
+    }
+}
+
+/// Which pass of the convolution a choice is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvPass {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
+/// The variant the chooser picks for `pass` of `shape` on `gpu`.
+pub fn choose(gpu: &Gpu, shape: &ConvShape, pass: ConvPass) -> Result<ConvVariant> {
+    let forced = gpu.forced_variant(OP).or_else(|| std::env::var(VARIANT_ENV).ok().filter(|s| !s.trim().is_empty()));
+    match forced.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+        Some(s) if s == "tune" => tune(gpu, shape, pass),
+        Some(s) => s.parse(),
+        None => Ok(if gpu.adapter().is_cpu() { ConvVariant::Direct } else { ConvVariant::Tiled }),
+    }
+}
+
+/// Times every variant once on random data of this shape and caches the fastest (the
+/// approach of cuDNN's benchmark mode).
+fn tune(gpu: &Gpu, shape: &ConvShape, pass: ConvPass) -> Result<ConvVariant> {
+    let key = format!("{}:{pass:?}", shape.key());
+    if let Some(v) = gpu.tuned_choice(&key) {
+        return v.parse();
+    }
+    let x = gpu.zeros(&shape.input_shape())?;
+    let w = gpu.zeros(&shape.weight_shape())?;
+    let y = gpu.zeros(&shape.output_shape())?;
+    let mut best = (f64::INFINITY, ConvVariant::Direct);
+    for v in ConvVariant::ALL {
+        let run = || match pass {
+            ConvPass::Forward => run_forward(v, shape, &x, &w, &y),
+            ConvPass::BackwardData => run_backward_data(v, shape, &y, &w, &x),
+            ConvPass::BackwardFilter => run_backward_filter(v, shape, &x, &y, &w),
+        };
+        run()?; // first run compiles the pipelines
+        let ((), secs) = gpu.time(run)?;
+        if secs < best.0 {
+            best = (secs, v);
+        }
+    }
+    gpu.set_tuned_choice(&key, best.1.name());
+    Ok(best.1)
+}
+
+fn run_forward(v: ConvVariant, s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
+    match v {
+        ConvVariant::Direct => direct::forward(s, x, w, y),
+        ConvVariant::Tiled => tiled::forward(s, x, w, y),
+    }
+}
+fn run_backward_data(v: ConvVariant, s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<()> {
+    match v {
+        ConvVariant::Direct => direct::backward_data(s, dy, w, dx),
+        ConvVariant::Tiled => tiled::backward_data(s, dy, w, dx),
+    }
+}
+fn run_backward_filter(v: ConvVariant, s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
+    match v {
+        ConvVariant::Direct => direct::backward_filter(s, x, dy, dw),
+        ConvVariant::Tiled => tiled::backward_filter(s, x, dy, dw),
+    }
+}
+
+fn check_shape(what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
+    if t.shape() != want {
+        return Err(Error::ShapeMismatch { op: "conv2d", detail: format!("{what} has shape {:?}, expected {want:?}", t.shape()) });
+    }
+    Ok(())
+}
+
+/// `y = conv2d(x, w)` with the chosen variant.
+pub fn forward(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let s = ConvShape::new(x.shape(), w.shape(), stride, pad)?;
+    forward_with(choose(x.gpu(), &s, ConvPass::Forward)?, x, w, stride, pad)
+}
+
+/// `y = conv2d(x, w)` with variant `v`.
+pub fn forward_with(v: ConvVariant, x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    check_same_device("conv2d", x, w)?;
+    let s = ConvShape::new(x.shape(), w.shape(), stride, pad)?;
+    let y = x.gpu().zeros(&s.output_shape())?;
+    run_forward(v, &s, x, w, &y)?;
+    Ok(y)
+}
+
+/// `dx = dL/dx` given `dy = dL/dy`, the weight and the input's shape, with the chosen variant.
+pub fn backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+    let s = ConvShape::new(x_shape, w.shape(), stride, pad)?;
+    backward_data_with(choose(dy.gpu(), &s, ConvPass::BackwardData)?, dy, w, x_shape, stride, pad)
+}
+
+/// `dx = dL/dx` with variant `v`.
+pub fn backward_data_with(v: ConvVariant, dy: &Tensor, w: &Tensor, x_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+    check_same_device("conv2d", dy, w)?;
+    let s = ConvShape::new(x_shape, w.shape(), stride, pad)?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    let dx = dy.gpu().zeros(&s.input_shape())?;
+    run_backward_data(v, &s, dy, w, &dx)?;
+    Ok(dx)
+}
+
+/// `dw = dL/dw` given the input and `dy`, with the chosen variant.
+pub fn backward_filter(x: &Tensor, dy: &Tensor, w_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+    let s = ConvShape::new(x.shape(), w_shape, stride, pad)?;
+    backward_filter_with(choose(x.gpu(), &s, ConvPass::BackwardFilter)?, x, dy, w_shape, stride, pad)
+}
+
+/// `dw = dL/dw` with variant `v`.
+pub fn backward_filter_with(v: ConvVariant, x: &Tensor, dy: &Tensor, w_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+    check_same_device("conv2d", x, dy)?;
+    let s = ConvShape::new(x.shape(), w_shape, stride, pad)?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    let dw = x.gpu().zeros(&s.weight_shape())?;
+    run_backward_filter(v, &s, x, dy, &dw)?;
+    Ok(dw)
+}
