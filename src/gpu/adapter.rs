@@ -190,11 +190,7 @@ pub fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
 
 /// Every adapter this machine offers, in preference order.
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    enumerate(&new_instance())
-        .iter()
-        .enumerate()
-        .map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()))
-        .collect()
+    enumerate(&new_instance()).iter().enumerate().map(|(i, a)| AdapterSummary::from_info(i, &a.get_info())).collect()
 }
 
 /// What to print when there is no adapter at all.
@@ -211,19 +207,13 @@ fn backends_tried() -> String {
 }
 
 /// Picks the adapter `selector` names from `instance` and returns it with its summary.
-pub fn select(
-    instance: &wgpu::Instance,
-    selector: &AdapterSelector,
-) -> Result<(wgpu::Adapter, AdapterSummary)> {
+pub fn select(instance: &wgpu::Instance, selector: &AdapterSelector) -> Result<(wgpu::Adapter, AdapterSummary)> {
     let adapters = enumerate(instance);
     if adapters.is_empty() {
         return Err(Error::NoAdapter { backends: backends_tried(), hint: no_adapter_hint() });
     }
-    let summaries: Vec<AdapterSummary> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()))
-        .collect();
+    let summaries: Vec<AdapterSummary> =
+        adapters.iter().enumerate().map(|(i, a)| AdapterSummary::from_info(i, &a.get_info())).collect();
     let pos = match selector {
         AdapterSelector::Auto => Some(0),
         AdapterSelector::Index(i) => (*i < adapters.len()).then_some(*i),
@@ -254,18 +244,12 @@ mod tests {
     fn selectors_parse() {
         assert_eq!("".parse::<AdapterSelector>().unwrap(), AdapterSelector::Auto);
         assert_eq!("2".parse::<AdapterSelector>().unwrap(), AdapterSelector::Index(2));
-        assert_eq!(
-            "type:cpu".parse::<AdapterSelector>().unwrap(),
-            AdapterSelector::Type(wgpu::DeviceType::Cpu)
-        );
+        assert_eq!("type:cpu".parse::<AdapterSelector>().unwrap(), AdapterSelector::Type(wgpu::DeviceType::Cpu));
         assert_eq!(
             "backend:vulkan".parse::<AdapterSelector>().unwrap(),
             AdapterSelector::Backend(wgpu::Backend::Vulkan)
         );
-        assert_eq!(
-            "llvmpipe".parse::<AdapterSelector>().unwrap(),
-            AdapterSelector::Name("llvmpipe".into())
-        );
+        assert_eq!("llvmpipe".parse::<AdapterSelector>().unwrap(), AdapterSelector::Name("llvmpipe".into()));
         assert!(matches!("type:tpu".parse::<AdapterSelector>(), Err(Error::BadSelector(_))));
         assert!(matches!("foo:bar".parse::<AdapterSelector>(), Err(Error::BadSelector(_))));
     }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use adapter::{list_adapters, AdapterSelector, AdapterSummary};
-pub use memory::{BufferKind, MemoryStats, MemoryTracker};
 use memory::TrackedBuffer;
+pub use memory::{BufferKind, MemoryStats, MemoryTracker};
 pub use tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -221,16 +221,19 @@ impl Gpu {
     fn check_fault(&self) -> Result<()> {
         if let Some((lost, message)) = self.inner.fault.lock().unwrap().clone() {
             let adapter = self.inner.adapter.name.clone();
-            return Err(if lost {
-                Error::DeviceLost { adapter, message }
-            } else {
-                Error::Gpu { adapter, message }
-            });
+            return Err(if lost { Error::DeviceLost { adapter, message } } else { Error::Gpu { adapter, message } });
         }
         Ok(())
     }
 
-    fn new_buffer(&self, kind: BufferKind, label: &str, bytes: u64, usage: wgpu::BufferUsages, mapped: bool) -> TrackedBuffer {
+    fn new_buffer(
+        &self,
+        kind: BufferKind,
+        label: &str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+        mapped: bool,
+    ) -> TrackedBuffer {
         TrackedBuffer::new(&self.inner.device, &self.inner.memory, kind, label, bytes, usage, mapped)
     }
 
@@ -243,11 +246,21 @@ impl Gpu {
         let bytes = numel.and_then(|n| n.checked_mul(4)).map(|b| b as u64).unwrap_or(u64::MAX);
         let l = &self.inner.limits;
         if bytes > l.max_buffer_size {
-            return Err(Error::TensorTooLarge { shape: shape.to_vec(), bytes, limit: l.max_buffer_size, what: "max_buffer_size" });
+            return Err(Error::TensorTooLarge {
+                shape: shape.to_vec(),
+                bytes,
+                limit: l.max_buffer_size,
+                what: "max_buffer_size",
+            });
         }
         let storage = l.max_storage_buffer_binding_size as u64;
         if bytes > storage {
-            return Err(Error::TensorTooLarge { shape: shape.to_vec(), bytes, limit: storage, what: "max_storage_buffer_binding_size" });
+            return Err(Error::TensorTooLarge {
+                shape: shape.to_vec(),
+                bytes,
+                limit: storage,
+                what: "max_storage_buffer_binding_size",
+            });
         }
         // Rounded to 16 so kernels may read any tensor as vec4s.
         Ok(bytes.div_ceil(16).max(1) * 16)
@@ -274,7 +287,8 @@ impl Gpu {
         let bytes = self.check_size(shape)?;
         let buf = self.new_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE, true);
         if !data.is_empty() {
-            let mut view = buf.buffer.slice(..(data.len() * 4) as u64).get_mapped_range_mut().map_err(|e| self.map_error(e))?;
+            let mut view =
+                buf.buffer.slice(..(data.len() * 4) as u64).get_mapped_range_mut().map_err(|e| self.map_error(e))?;
             view.copy_from_slice(bytemuck::cast_slice(data));
         }
         buf.buffer.unmap();
@@ -285,7 +299,14 @@ impl Gpu {
         if t.gpu.id() != self.id() {
             return Err(Error::ShapeMismatch {
                 op,
-                detail: format!("tensor {:?} lives on device {} ({}), not on device {} ({})", t.shape, t.gpu.id(), t.gpu.adapter().name, self.id(), self.adapter().name),
+                detail: format!(
+                    "tensor {:?} lives on device {} ({}), not on device {} ({})",
+                    t.shape,
+                    t.gpu.id(),
+                    t.gpu.adapter().name,
+                    self.id(),
+                    self.adapter().name
+                ),
             });
         }
         Ok(())
@@ -304,7 +325,12 @@ impl Gpu {
         let bytes = (data.len() * 4) as u64;
         let padded = bytes;
         let staging = self.new_buffer(BufferKind::Internal, "upload", padded, wgpu::BufferUsages::COPY_SRC, true);
-        staging.buffer.slice(..bytes).get_mapped_range_mut().map_err(|e| self.map_error(e))?.copy_from_slice(bytemuck::cast_slice(data));
+        staging
+            .buffer
+            .slice(..bytes)
+            .get_mapped_range_mut()
+            .map_err(|e| self.map_error(e))?
+            .copy_from_slice(bytemuck::cast_slice(data));
         staging.buffer.unmap();
         let mut rec = self.inner.recorder.lock().unwrap();
         let enc = Self::encoder(&self.inner.device, &mut rec);
@@ -330,18 +356,29 @@ impl Gpu {
     }
 
     fn encoder<'r>(device: &wgpu::Device, rec: &'r mut Recorder) -> &'r mut wgpu::CommandEncoder {
-        rec.encoder.get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("featreplay batch") }))
+        rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("featreplay batch") })
+        })
     }
 
     /// Records one dispatch of `kernel` over `workgroups`. `params` is bound at binding 0 as a
     /// uniform; `args[i]` at binding i+1. Bindings the entry point does not use are skipped.
-    pub fn dispatch<P: bytemuck::Pod>(&self, kernel: &Kernel, params: &P, args: &[Arg], workgroups: [u32; 3]) -> Result<()> {
+    pub fn dispatch<P: bytemuck::Pod>(
+        &self,
+        kernel: &Kernel,
+        params: &P,
+        args: &[Arg],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
         self.check_fault()?;
         let max = self.inner.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
             return Err(Error::Unsupported {
                 op: kernel.shader,
-                detail: format!("{}: {workgroups:?} workgroups exceed the device limit of {max} per dimension", kernel.entry),
+                detail: format!(
+                    "{}: {workgroups:?} workgroups exceed the device limit of {max} per dimension",
+                    kernel.entry
+                ),
             });
         }
         if workgroups.contains(&0) {
@@ -381,7 +418,11 @@ impl Gpu {
         let mut entries = Vec::with_capacity(args.len() + 1);
         for &b in &pipe.used_bindings {
             let resource = if b == 0 {
-                wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: params_buffer, offset, size: wgpu::BufferSize::new(psize) })
+                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: params_buffer,
+                    offset,
+                    size: wgpu::BufferSize::new(psize),
+                })
             } else {
                 match args.get(b as usize - 1) {
                     Some(Arg::Storage(t)) => t.buf.buffer.as_entire_binding(),
@@ -393,17 +434,26 @@ impl Gpu {
                     None => {
                         return Err(Error::Unsupported {
                             op: kernel.shader,
-                            detail: format!("{} uses binding {b} but only {} arguments were passed", kernel.entry, args.len()),
+                            detail: format!(
+                                "{} uses binding {b} but only {} arguments were passed",
+                                kernel.entry,
+                                args.len()
+                            ),
                         })
                     }
                 }
             };
             entries.push(wgpu::BindGroupEntry { binding: b, resource });
         }
-        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(kernel.entry), layout: &pipe.layout, entries: &entries });
+        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry),
+            layout: &pipe.layout,
+            entries: &entries,
+        });
         let enc = Self::encoder(&self.inner.device, &mut rec);
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.entry), timestamp_writes: None });
+            let mut pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.entry), timestamp_writes: None });
             pass.set_pipeline(&pipe.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
@@ -457,10 +507,22 @@ impl Gpu {
             return Ok(Vec::new());
         }
         let bytes = (n as u64) * 4;
-        let staging = self.new_buffer(BufferKind::Internal, "read-back", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, false);
+        let staging = self.new_buffer(
+            BufferKind::Internal,
+            "read-back",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            false,
+        );
         {
             let mut rec = self.inner.recorder.lock().unwrap();
-            Self::encoder(&self.inner.device, &mut rec).copy_buffer_to_buffer(&tensor.buf.buffer, 0, &staging.buffer, 0, bytes);
+            Self::encoder(&self.inner.device, &mut rec).copy_buffer_to_buffer(
+                &tensor.buf.buffer,
+                0,
+                &staging.buffer,
+                0,
+                bytes,
+            );
             self.submit_locked(&mut rec);
         }
         let (tx, rx) = std::sync::mpsc::channel();

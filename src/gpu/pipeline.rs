@@ -25,15 +25,12 @@ pub fn validate_wgsl(name: &str, source: &str) -> Result<(naga::Module, naga::va
         name: name.to_string(),
         message: e.emit_to_string_with_path(source, &format!("shaders/{name}.wgsl")),
     })?;
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::default(),
-    )
-    .validate(&module)
-    .map_err(|e| Error::ShaderValidation {
-        name: name.to_string(),
-        message: e.emit_to_string_with_path(source, &format!("shaders/{name}.wgsl")),
-    })?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::default())
+        .validate(&module)
+        .map_err(|e| Error::ShaderValidation {
+            name: name.to_string(),
+            message: e.emit_to_string_with_path(source, &format!("shaders/{name}.wgsl")),
+        })?;
     Ok((module, info))
 }
 

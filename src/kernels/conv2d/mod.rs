@@ -84,8 +84,10 @@ impl ConvShape {
     /// shape `[O, C, K, K]`.
     pub fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<ConvShape> {
         let bad = |detail: String| Error::ShapeMismatch { op: "conv2d", detail };
-        let [n, c, h, wd]: [usize; 4] = x.try_into().map_err(|_| bad(format!("input must be [N, C, H, W], got {x:?}")))?;
-        let [o, ci, kh, kw]: [usize; 4] = w.try_into().map_err(|_| bad(format!("weight must be [O, C, K, K], got {w:?}")))?;
+        let [n, c, h, wd]: [usize; 4] =
+            x.try_into().map_err(|_| bad(format!("input must be [N, C, H, W], got {x:?}")))?;
+        let [o, ci, kh, kw]: [usize; 4] =
+            w.try_into().map_err(|_| bad(format!("weight must be [O, C, K, K], got {w:?}")))?;
         if ci != c {
             return Err(bad(format!("input has {c} channels but the weight {w:?} expects {ci}")));
         }
@@ -121,10 +123,19 @@ impl ConvShape {
     }
     /// Multiply-adds of the forward pass times two (each of the three passes costs the same).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.batch * self.out_channels * self.out_h() * self.out_w() * self.in_channels * self.kernel * self.kernel) as f64
+        2.0 * (self.batch
+            * self.out_channels
+            * self.out_h()
+            * self.out_w()
+            * self.in_channels
+            * self.kernel
+            * self.kernel) as f64
     }
     fn key(&self) -> String {
-        format!("{OP}:{}x{}x{}x{}:{}k{}s{}p{}", self.batch, self.in_channels, self.in_h, self.in_w, self.out_channels, self.kernel, self.stride, self.pad)
+        format!(
+            "{OP}:{}x{}x{}x{}:{}k{}s{}p{}",
+            self.batch, self.in_channels, self.in_h, self.in_w, self.out_channels, self.kernel, self.stride, self.pad
+        )
     }
 }
 
@@ -194,7 +205,10 @@ fn run_backward_filter(v: ConvVariant, s: &ConvShape, x: &Tensor, dy: &Tensor, d
 
 fn check_shape(what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
     if t.shape() != want {
-        return Err(Error::ShapeMismatch { op: "conv2d", detail: format!("{what} has shape {:?}, expected {want:?}", t.shape()) });
+        return Err(Error::ShapeMismatch {
+            op: "conv2d",
+            detail: format!("{what} has shape {:?}, expected {want:?}", t.shape()),
+        });
     }
     Ok(())
 }
@@ -221,7 +235,14 @@ pub fn backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], stride: usize, 
 }
 
 /// `dx = dL/dx` with variant `v`.
-pub fn backward_data_with(v: ConvVariant, dy: &Tensor, w: &Tensor, x_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+pub fn backward_data_with(
+    v: ConvVariant,
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     check_same_device("conv2d", dy, w)?;
     let s = ConvShape::new(x_shape, w.shape(), stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
@@ -237,7 +258,14 @@ pub fn backward_filter(x: &Tensor, dy: &Tensor, w_shape: &[usize], stride: usize
 }
 
 /// `dw = dL/dw` with variant `v`.
-pub fn backward_filter_with(v: ConvVariant, x: &Tensor, dy: &Tensor, w_shape: &[usize], stride: usize, pad: usize) -> Result<Tensor> {
+pub fn backward_filter_with(
+    v: ConvVariant,
+    x: &Tensor,
+    dy: &Tensor,
+    w_shape: &[usize],
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     check_same_device("conv2d", x, dy)?;
     let s = ConvShape::new(x.shape(), w_shape, stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
