@@ -15,3 +15,5 @@ pub mod kernels;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, Tensor};
+/// The wgpu version this crate is built on, for users who record their own commands.
+pub use wgpu;

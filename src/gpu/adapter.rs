@@ -172,9 +172,22 @@ impl fmt::Display for AdapterSelector {
     }
 }
 
-/// A new wgpu instance on the backends allowed by `WGPU_BACKEND` (all by default).
+/// A new wgpu instance on the backends `WGPU_BACKEND` names, by default Vulkan, Metal and
+/// DX12. GL is left out by default: it duplicates the primary view of the same hardware
+/// (llvmpipe GL next to lavapipe), and initialising it makes EGL print warnings on headless
+/// machines. It is used when the user asks for it or when no primary adapter exists.
 pub fn new_instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = wgpu::Backends::PRIMARY;
+    }
+    wgpu::Instance::new(desc)
+}
+
+fn gl_instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::GL;
+    wgpu::Instance::new(desc)
 }
 
 /// Every adapter of `instance`, in preference order (this order defines the indices).
@@ -208,7 +221,17 @@ fn backends_tried() -> String {
 
 /// Picks the adapter `selector` names from `instance` and returns it with its summary.
 pub fn select(instance: &wgpu::Instance, selector: &AdapterSelector) -> Result<(wgpu::Adapter, AdapterSummary)> {
-    let adapters = enumerate(instance);
+    let mut adapters = enumerate(instance);
+    // GL is the fallback when the instance offers nothing, or what `backend:gl` asks for.
+    let wants_gl = *selector == AdapterSelector::Backend(wgpu::Backend::Gl);
+    if (adapters.is_empty() && instance_allows_gl_fallback()) || (wants_gl && !matches_any(&adapters, selector)) {
+        adapters = enumerate(&gl_instance());
+    }
+    choose(adapters, selector)
+}
+
+/// Picks the adapter `selector` names from `adapters` (in [`enumerate`]'s order).
+pub fn choose(adapters: Vec<wgpu::Adapter>, selector: &AdapterSelector) -> Result<(wgpu::Adapter, AdapterSummary)> {
     if adapters.is_empty() {
         return Err(Error::NoAdapter { backends: backends_tried(), hint: no_adapter_hint() });
     }
@@ -234,6 +257,24 @@ pub fn select(instance: &wgpu::Instance, selector: &AdapterSelector) -> Result<(
             available: summaries.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"),
         }),
     }
+}
+
+/// Falls back to GL only when the user did not restrict the backends themselves.
+fn instance_allows_gl_fallback() -> bool {
+    std::env::var_os("WGPU_BACKEND").is_none()
+}
+
+fn matches_any(adapters: &[wgpu::Adapter], selector: &AdapterSelector) -> bool {
+    adapters.iter().any(|a| {
+        let i = a.get_info();
+        match selector {
+            AdapterSelector::Auto => true,
+            AdapterSelector::Index(_) => false,
+            AdapterSelector::Type(t) => i.device_type == *t,
+            AdapterSelector::Backend(b) => i.backend == *b,
+            AdapterSelector::Name(n) => i.name.to_lowercase().contains(&n.to_lowercase()),
+        }
+    })
 }
 
 #[cfg(test)]

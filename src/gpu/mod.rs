@@ -128,12 +128,10 @@ impl Gpu {
         }));
         let f = fault.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            // Dropping the device reports `Destroyed`: not a fault.
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                let mut f = f.lock().unwrap();
-                if f.as_ref().is_none_or(|(lost, _)| !lost) {
-                    *f = Some((true, format!("{reason:?}: {msg}")));
-                }
+            // Also fires (as `Destroyed`) when the last handle drops; then nobody reads it.
+            let mut f = f.lock().unwrap();
+            if f.as_ref().is_none_or(|(lost, _)| !lost) {
+                *f = Some((true, format!("{reason:?}: {msg}")));
             }
         });
 

@@ -1,0 +1,151 @@
+//! `shaders/conv2d_*.wgsl` against candle-core autograd: forward, backward-data and
+//! backward-filter, for the variant the chooser picks and for every variant forced, over a
+//! grid of shapes that includes awkward ones.
+
+mod common;
+
+use candle_core::Var;
+use common::*;
+use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant};
+use featreplay::Gpu;
+
+/// (batch, in_channels, h, w, out_channels, kernel, stride, pad)
+const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    (1, 3, 7, 7, 5, 3, 1, 1),
+    (3, 5, 8, 8, 17, 3, 2, 1),
+    (3, 17, 7, 7, 64, 1, 1, 0),
+    (1, 64, 8, 8, 64, 3, 1, 1),
+    (3, 16, 32, 32, 16, 3, 1, 1),
+    (2, 16, 32, 32, 32, 3, 2, 1),
+    (3, 16, 32, 32, 32, 1, 2, 0),
+    (1, 5, 7, 7, 3, 3, 2, 0),
+    (3, 17, 8, 8, 5, 1, 1, 1),
+    (1, 3, 32, 32, 16, 3, 1, 1),
+    (2, 64, 8, 8, 17, 3, 1, 0),
+    (3, 32, 16, 16, 64, 1, 2, 0),
+];
+
+struct Reference {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    dy: Vec<f32>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+}
+
+/// candle's conv2d and its autograd gradients for L = sum(y * dy).
+fn reference(s: &ConvShape, seed: u64) -> Reference {
+    let x = random(s.input_shape().iter().product(), seed);
+    let w = random(s.weight_shape().iter().product(), seed + 1);
+    let dy = random(s.output_shape().iter().product(), seed + 2);
+    let xv = Var::from_tensor(&ct(&x, &s.input_shape())).unwrap();
+    let wv = Var::from_tensor(&ct(&w, &s.weight_shape())).unwrap();
+    let y = xv.as_tensor().conv2d(wv.as_tensor(), s.pad, s.stride, 1, 1).unwrap();
+    assert_eq!(y.dims(), s.output_shape(), "output shape formula");
+    let grads = (&y * &ct(&dy, &s.output_shape())).unwrap().sum_all().unwrap().backward().unwrap();
+    Reference {
+        x,
+        w,
+        dy,
+        y: cvec(&y),
+        dx: cvec(grads.get(xv.as_tensor()).unwrap()),
+        dw: cvec(grads.get(wv.as_tensor()).unwrap()),
+    }
+}
+
+/// Runs all three passes with `variant` (None: the chooser) and checks them. Tolerances: each
+/// output is a sum of `terms` products of values in [-1, 1]; see `sum_atol`.
+fn check(variant: Option<ConvVariant>) {
+    let gpu = gpu();
+    for (i, &(n, c, h, w, o, k, st, p)) in SHAPES.iter().enumerate() {
+        let s = ConvShape::new(&[n, c, h, w], &[o, c, k, k], st, p).unwrap();
+        let r = reference(&s, 1000 + i as u64);
+        let label = format!("{variant:?} shape {:?} w {:?} stride {st} pad {p}", s.input_shape(), s.weight_shape());
+        let x = gpu.tensor(&s.input_shape(), &r.x).unwrap();
+        let wt = gpu.tensor(&s.weight_shape(), &r.w).unwrap();
+        let dy = gpu.tensor(&s.output_shape(), &r.dy).unwrap();
+        let (y, dx, dw) = match variant {
+            Some(v) => (
+                conv2d::forward_with(v, &x, &wt, st, p).unwrap(),
+                conv2d::backward_data_with(v, &dy, &wt, &s.input_shape(), st, p).unwrap(),
+                conv2d::backward_filter_with(v, &x, &dy, &s.weight_shape(), st, p).unwrap(),
+            ),
+            None => (
+                conv2d::forward(&x, &wt, st, p).unwrap(),
+                conv2d::backward_data(&dy, &wt, &s.input_shape(), st, p).unwrap(),
+                conv2d::backward_filter(&x, &dy, &s.weight_shape(), st, p).unwrap(),
+            ),
+        };
+        let fwd_terms = c * k * k;
+        let data_terms = o * k.div_ceil(st) * k.div_ceil(st);
+        let filter_terms = n * s.out_h() * s.out_w();
+        assert_close(&format!("forward {label}"), &y.to_vec().unwrap(), &r.y, 1e-5, sum_atol(fwd_terms, 1.0));
+        assert_close(&format!("backward-data {label}"), &dx.to_vec().unwrap(), &r.dx, 1e-5, sum_atol(data_terms, 1.0));
+        assert_close(
+            &format!("backward-filter {label}"),
+            &dw.to_vec().unwrap(),
+            &r.dw,
+            1e-5,
+            sum_atol(filter_terms, 1.0),
+        );
+    }
+}
+
+#[test]
+fn chosen_variant_matches_candle() {
+    check(None);
+}
+
+#[test]
+fn direct_variant_matches_candle() {
+    check(Some(ConvVariant::Direct));
+}
+
+#[test]
+fn tiled_variant_matches_candle() {
+    check(Some(ConvVariant::Tiled));
+}
+
+#[test]
+fn chooser_follows_adapter_type_and_forcing() {
+    // A device of its own, so forcing does not affect the tests sharing `gpu()`.
+    let g = Gpu::open_default().unwrap();
+    let s = ConvShape::new(&[2, 4, 8, 8], &[4, 4, 3, 3], 1, 1).unwrap();
+    if std::env::var(conv2d::VARIANT_ENV).is_err() {
+        let want = if g.adapter().is_cpu() { ConvVariant::Direct } else { ConvVariant::Tiled };
+        assert_eq!(conv2d::choose(&g, &s, ConvPass::Forward).unwrap(), want);
+    }
+    for v in ConvVariant::ALL {
+        g.force_variant(conv2d::OP, Some(v.name()));
+        assert_eq!(conv2d::choose(&g, &s, ConvPass::BackwardFilter).unwrap(), v);
+    }
+    g.force_variant(conv2d::OP, Some("tune"));
+    let tuned = conv2d::choose(&g, &s, ConvPass::Forward).unwrap();
+    assert!(ConvVariant::ALL.contains(&tuned));
+    // The timed choice is cached per shape and pass.
+    assert_eq!(conv2d::choose(&g, &s, ConvPass::Forward).unwrap(), tuned);
+    g.force_variant(conv2d::OP, Some("winograd"));
+    let err = conv2d::choose(&g, &s, ConvPass::Forward).unwrap_err();
+    assert!(err.to_string().contains("unknown kernel variant 'winograd'"), "{err}");
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let g = gpu();
+    let x = g.zeros(&[2, 3, 8, 8]).unwrap();
+    let w_bad_c = g.zeros(&[4, 5, 3, 3]).unwrap();
+    let e = conv2d::forward(&x, &w_bad_c, 1, 1).unwrap_err();
+    assert!(e.to_string().contains("input has 3 channels"), "{e}");
+    let w_rect = g.zeros(&[4, 3, 3, 1]).unwrap();
+    assert!(conv2d::forward(&x, &w_rect, 1, 1).is_err());
+    let x3 = g.zeros(&[3, 8, 8]).unwrap();
+    let w = g.zeros(&[4, 3, 3, 3]).unwrap();
+    assert!(conv2d::forward(&x3, &w, 1, 1).is_err());
+    assert!(conv2d::forward(&x, &w, 0, 1).is_err());
+    let small = g.zeros(&[1, 3, 1, 1]).unwrap();
+    assert!(conv2d::forward(&small, &w, 1, 0).is_err());
+    let dy_wrong = g.zeros(&[2, 4, 7, 7]).unwrap();
+    assert!(conv2d::backward_data(&dy_wrong, &w, &[2, 3, 8, 8], 1, 1).is_err());
+    assert!(conv2d::backward_filter(&x, &dy_wrong, &[4, 3, 3, 3], 1, 1).is_err());
+}
