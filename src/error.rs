@@ -9,7 +9,7 @@ pub enum Error {
     NoAdapter { backends: String, hint: String },
 
     /// An adapter selector (index, name substring or type) that matches nothing.
-    #[error("no adapter matches '{selector}'; available adapters:\n{available}")]
+    #[error("no adapter matches '{selector}'; available adapters: {available}")]
     AdapterNotFound { selector: String, available: String },
 
     /// A selector that cannot be parsed.

@@ -6,12 +6,14 @@
 //!   batching and exact memory accounting;
 //! - [`kernels`]: one module per op family, each the launcher of a WGSL file of the same name
 //!   in `shaders/`;
-//! - [`block`]: layers built from kernels (for now the basic residual block).
+//! - [`layers`]: parameters with forward and backward built from kernels;
+//! - [`demo`]: the foundation's demo job (a small residual net on random data).
 
-pub mod block;
+pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod layers;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, Tensor};

@@ -254,7 +254,7 @@ pub fn choose(adapters: Vec<wgpu::Adapter>, selector: &AdapterSelector) -> Resul
         }
         None => Err(Error::AdapterNotFound {
             selector: selector.to_string(),
-            available: summaries.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"),
+            available: summaries.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; "),
         }),
     }
 }

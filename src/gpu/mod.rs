@@ -251,7 +251,7 @@ impl Gpu {
                 what: "max_buffer_size",
             });
         }
-        let storage = l.max_storage_buffer_binding_size as u64;
+        let storage = l.max_storage_buffer_binding_size;
         if bytes > storage {
             return Err(Error::TensorTooLarge {
                 shape: shape.to_vec(),

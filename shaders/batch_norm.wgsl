@@ -1,0 +1,311 @@
+// Batch norm 2d on NCHW tensors (PyTorch semantics), in four entry points:
+//
+//   stats_partial  grid (P, C): per-chunk mean and M2 = sum((x - mean)^2) of channel c
+//   normalize      grid (P, C): train: every workgroup merges the P chunk statistics of
+//                  channel c (in the same order, so all get the same result); workgroup k = 0
+//                  saves them and updates the running statistics; then
+//                  y = (x - mean) * (gamma * invstd) + beta; eval: the same with the running
+//                  statistics
+//   grad_partial   grid (P, C): per-chunk sum(dy) and sum(dy * x_hat)
+//   dx             grid (P, C): merges those sums, writes dbeta and dgamma (workgroup k = 0),
+//                  then dx = gamma * invstd * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M)
+//
+// The M = N*H*W values of a channel are numbered j = n * HW + s and cut into P chunks of CHUNK
+// values; workgroup (k, c) handles chunk k of channel c, invocation i the values
+// j = k * CHUNK + i + t * WG for t < ITEMS. Invocations step from one value to the next without
+// integer division (the address moves by WG values of the channel, wrapping to the next image).
+//
+// Reductions: each invocation accumulates its ITEMS values into 4 interleaved partial sums
+// (value t into sum t % 4), combined as (s0 + s1) + (s2 + s3); the workgroup then sums its 64
+// results in 8 groups of 8 (serially within a group) and the 8 group sums serially; the
+// cross-chunk merges go the same way (invocation i takes chunks i, i + 64, ...). Two barriers
+// per reduction: on lavapipe, 16 barrier rounds in each 256-wide workgroup of 4096 values cost
+// about as much as an element-wise add over the whole tensor (a version with 8-level trees
+// ran the forward 1.3-1.5x slower than this one), so barriers are few and workgroups small. tests/batch_norm.rs replays this
+// order in its error model: change both together.
+//
+// Numerics. All statistics are of the shifted values v = x - x0, x0 = the channel's first
+// value x[0, c, 0, 0], so their magnitude is the spread of the channel, not its mean: a
+// channel at 100 +- 1 loses no digits to the 100. Within a chunk the variance is an exact
+// two-pass over values held in registers: the chunk mean from the workgroup sum, then
+// M2 = sum((v - mean)^2) - (sum(v - mean))^2 / n (the second term corrects the mean's
+// round-off). Chunks are merged with Chan et al.'s pairwise update. sum(x^2) - sum(x)^2 / n is
+// never formed. x_hat is computed as ((x - x0) - mean_v) * invstd everywhere.
+//
+// saved ([3, C]): row 0 the shift x0, row 1 the shifted batch mean mean_v (the batch mean is
+// x0 + mean_v), row 2 1 / sqrt(biased variance + eps).
+
+const WG: u32 = 64u;
+const FAN: u32 = 8u; // WG = FAN * FAN
+const ITEMS: u32 = 64u;
+const CHUNK: u32 = 4096u; // WG * ITEMS
+
+struct Params {
+    c: u32,        // channels
+    hw: u32,       // H * W
+    m: u32,        // N * H * W, values per channel
+    chunks: u32,   // P = ceil(m / CHUNK)
+    step_s: u32,   // WG % hw
+    step_a: u32,   // (WG / hw) * c * hw + WG % hw: address step of WG values
+    wrap: u32,     // c * hw - hw: extra address step when s wraps past hw
+    train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
+    momentum: f32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> gamma: array<f32>;
+@group(0) @binding(3) var<storage, read> beta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
+// [C, P, 2]: (mean, M2) per chunk, or (sum dy, sum dy * x_hat) per chunk.
+@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
+// [3, C]: shift x0, shifted batch mean, 1 / sqrt(biased variance + eps).
+@group(0) @binding(7) var<storage, read_write> saved: array<f32>;
+// y (normalize) or dx (dx).
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+@group(0) @binding(9) var<storage, read> dy: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
+
+// One slot per invocation, then one per group of FAN invocations.
+var<workgroup> wn: array<f32, WG>;
+var<workgroup> wa: array<f32, WG>;
+var<workgroup> wb: array<f32, WG>;
+var<workgroup> gn: array<f32, FAN>;
+var<workgroup> ga: array<f32, FAN>;
+var<workgroup> gb: array<f32, FAN>;
+
+// (address, s) of value j of channel c.
+fn first(j: u32, c: u32) -> vec2<u32> {
+    let n = j / p.hw;
+    let s = j - n * p.hw;
+    return vec2<u32>((n * p.c + c) * p.hw + s, s);
+}
+
+// (address, s) WG values further on.
+fn next(a: vec2<u32>) -> vec2<u32> {
+    let s = a.y + p.step_s;
+    let wraps = s >= p.hw;
+    return vec2<u32>(select(a.x + p.step_a, a.x + p.step_a + p.wrap, wraps), select(s, s - p.hw, wraps));
+}
+
+// The 4 interleaved partial sums combined.
+fn total(s: vec4<f32>) -> f32 {
+    return (s.x + s.y) + (s.z + s.w);
+}
+
+// Sums (a, b) over the workgroup; every invocation gets the same result. Uniform control flow
+// only. Back-to-back calls are safe: a call writes wa / wb before its first barrier and ga / gb
+// after it, when every invocation has finished reading the previous call's ga / gb.
+fn sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
+    wa[lid] = a;
+    wb[lid] = b;
+    workgroupBarrier();
+    if (lid < FAN) {
+        var sa = wa[lid * FAN];
+        var sb = wb[lid * FAN];
+        for (var t = 1u; t < FAN; t++) {
+            sa += wa[lid * FAN + t];
+            sb += wb[lid * FAN + t];
+        }
+        ga[lid] = sa;
+        gb[lid] = sb;
+    }
+    workgroupBarrier();
+    var ra = ga[0];
+    var rb = gb[0];
+    for (var t = 1u; t < FAN; t++) {
+        ra += ga[t];
+        rb += gb[t];
+    }
+    return vec2<f32>(ra, rb);
+}
+
+// Count, mean and M2 = sum((v - mean)^2) of a set of values.
+struct Moments {
+    n: f32,
+    mean: f32,
+    m2: f32,
+}
+
+// Chan et al.'s pairwise merge. Exact when either side is empty (its mean and M2 are 0).
+fn chan(a: Moments, b: Moments) -> Moments {
+    let n = a.n + b.n;
+    let f = select(0.0, b.n / n, n > 0.0);
+    let d = b.mean - a.mean;
+    return Moments(n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f);
+}
+
+// Merges the invocations' moments over the workgroup, in the order of sum2; every invocation
+// gets the same result. Uniform control flow only.
+fn merge_all(lid: u32, mine: Moments) -> Moments {
+    wn[lid] = mine.n;
+    wa[lid] = mine.mean;
+    wb[lid] = mine.m2;
+    workgroupBarrier();
+    if (lid < FAN) {
+        var s = Moments(wn[lid * FAN], wa[lid * FAN], wb[lid * FAN]);
+        for (var t = 1u; t < FAN; t++) {
+            let i = lid * FAN + t;
+            s = chan(s, Moments(wn[i], wa[i], wb[i]));
+        }
+        gn[lid] = s.n;
+        ga[lid] = s.mean;
+        gb[lid] = s.m2;
+    }
+    workgroupBarrier();
+    var r = Moments(gn[0], ga[0], gb[0]);
+    for (var t = 1u; t < FAN; t++) {
+        r = chan(r, Moments(gn[t], ga[t], gb[t]));
+    }
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let k = wg.x;
+    let c = wg.y;
+    let x0 = x[c * p.hw];
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
+    let n = f32(end - k * CHUNK);
+    var v: array<f32, ITEMS>;
+    var a = first(j0, c);
+    var sum = vec4<f32>(0.0);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            v[t] = x[a.x] - x0;
+            sum[t & 3u] += v[t];
+        }
+        a = next(a);
+    }
+    let mean = sum2(lid, total(sum), 0.0).x / n;
+    // Second pass over the registers: sum of squared deviations, and the sum of deviations
+    // whose square corrects the mean's round-off.
+    var dev = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            let d = v[t] - mean;
+            dev[t & 3u] += d;
+            sq[t & 3u] += d * d;
+        }
+    }
+    let r = sum2(lid, total(dev), total(sq));
+    if (lid == 0u) {
+        let o = (c * p.chunks + k) * 2u;
+        partials[o] = mean;
+        partials[o + 1u] = max(r.y - r.x * r.x / n, 0.0);
+    }
+}
+
+@compute @workgroup_size(64)
+fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let k = wg.x;
+    let c = wg.y;
+    // y = ((x - x0) - mean_v) * invstd * gamma + beta.
+    var x0: f32;
+    var mean_v: f32;
+    var invstd: f32;
+    if (p.train != 0u) {
+        x0 = x[c * p.hw];
+        // Merge the chunk moments; chunk i holds min(CHUNK, m - i * CHUNK) values.
+        var mine = Moments(0.0, 0.0, 0.0);
+        for (var i = lid; i < p.chunks; i += WG) {
+            let o = (c * p.chunks + i) * 2u;
+            mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
+        }
+        let all = merge_all(lid, mine);
+        mean_v = all.mean;
+        invstd = 1.0 / sqrt(all.m2 / f32(p.m) + p.eps);
+        if (k == 0u && lid == 0u) {
+            saved[c] = x0;
+            saved[p.c + c] = mean_v;
+            saved[2u * p.c + c] = invstd;
+            // The running variance takes the unbiased estimate M2 / (M - 1).
+            running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * (x0 + mean_v);
+            running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * (all.m2 / f32(p.m - 1u));
+        }
+    } else {
+        x0 = running_mean[c];
+        mean_v = 0.0;
+        invstd = 1.0 / sqrt(running_var[c] + p.eps);
+    }
+    let scale = gamma[c] * invstd;
+    let shift = beta[c];
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
+    var a = first(j0, c);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            out[a.x] = ((x[a.x] - x0) - mean_v) * scale + shift;
+        }
+        a = next(a);
+    }
+}
+
+@compute @workgroup_size(64)
+fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let k = wg.x;
+    let c = wg.y;
+    let x0 = saved[c];
+    let mean_v = saved[p.c + c];
+    let invstd = saved[2u * p.c + c];
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
+    var a = first(j0, c);
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            let g = dy[a.x];
+            s_dy[t & 3u] += g;
+            s_dyx[t & 3u] += g * (((x[a.x] - x0) - mean_v) * invstd);
+        }
+        a = next(a);
+    }
+    let r = sum2(lid, total(s_dy), total(s_dyx));
+    if (lid == 0u) {
+        let o = (c * p.chunks + k) * 2u;
+        partials[o] = r.x;
+        partials[o + 1u] = r.y;
+    }
+}
+
+@compute @workgroup_size(64)
+fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let k = wg.x;
+    let c = wg.y;
+    var s_dy = 0.0;
+    var s_dyx = 0.0;
+    for (var i = lid; i < p.chunks; i += WG) {
+        let o = (c * p.chunks + i) * 2u;
+        s_dy += partials[o];
+        s_dyx += partials[o + 1u];
+    }
+    let r = sum2(lid, s_dy, s_dyx);
+    if (lid == 0u && k == 0u) {
+        dbeta[c] = r.x;
+        dgamma[c] = r.y;
+    }
+    let x0 = saved[c];
+    let mean_v = saved[p.c + c];
+    let invstd = saved[2u * p.c + c];
+    let scale = gamma[c] * invstd;
+    let b = r.x / f32(p.m);
+    let d = r.y / f32(p.m);
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
+    var a = first(j0, c);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            let xh = ((x[a.x] - x0) - mean_v) * invstd;
+            out[a.x] = scale * ((dy[a.x] - b) - xh * d);
+        }
+        a = next(a);
+    }
+}

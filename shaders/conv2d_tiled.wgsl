@@ -1,0 +1,473 @@
+// 2-D convolution (NCHW input, OIHW weight, no bias) as a shared-memory tiled implicit GEMM:
+// the `Tiled` variant, meant for discrete and integrated GPUs. Launchers: src/kernels/conv2d/tiled.rs.
+//
+// Every pass is one GEMM  D[m][j] = sum_k A[m][k] * B[k][j]  whose operands are gathered from
+// the tensors on the fly (no im2col buffer):
+//   forward          M = out-channels o, N = batch x output pixels,  K = in-channels x taps
+//   backward_data    M = in-channels c,  N = batch x input pixels,   K = taps x out-channels
+//   backward_filter  M = out-channels o, N = in-channels x taps,     K = batch x output pixels
+//
+// Tiling. A workgroup of 256 invocations (the size every WebGPU device supports) computes a
+// BM x BN block of D; invocation (tm, tn) holds a 4 x 4 register block (rows 4tm.., columns
+// 4tn..), so BM = 4 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
+// three shapes of the same 256 invocations: 64x64 (best reuse, 32 FMAs per element loaded),
+// 32x128 and 16x256 (for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
+// compute mostly padding). The K loop walks tiles of BK = 8: each step every invocation loads
+// BM*8/256 elements of A and BN*8/256 of B from global memory into registers, stores them in
+// workgroup memory, and after a barrier does 8 x 16 FMAs from two vec4 workgroup loads per k.
+// The global loads for step t+1 are issued before the FMAs of step t (register prefetch) so
+// their latency hides behind the arithmetic without a second workgroup buffer.
+//
+// Workgroup memory: A tile 8 x (BM + 4) floats and B tile 8 x (BN + 4) floats, stored
+// k-major as vec4s so the FMA loop reads 4 rows and 4 columns with one 16-byte load each. The
+// +4 pad (one vec4 per row) spreads the stores of invocations that write different k of the
+// same column over different banks. Sized for the largest tile of each: 136 + 520 vec4s =
+// 10.25 KiB, under WebGPU's guaranteed 16 KiB.
+//
+// Global loads are coalesced: consecutive invocations read consecutive addresses of the
+// operand's contiguous dimension (pixels of x and dy, k along the weight rows in forward), so
+// a warp touches few 32-byte sectors. The exception is the weight in backward_data (read with
+// a stride of K*K floats along the input channels), which is small and stays in cache.
+//
+// backward_data handles the stride by phases: input pixels (h, w) with h % S = ph, w % S = pw
+// receive exactly the taps kh = (ph + pad) % S + S*i (likewise kw), from output row
+// oh = (ph + pad) / S + h / S - i. One dispatch covers all S*S phases (workgroup_id.z), each a
+// dense GEMM over its own taps, so no FMA is spent on the zero terms of the gather formula
+// dx[h] = sum over kh with (h + pad - kh) divisible by S. Its K is ordered tap-major with the
+// out-channels inner, so a K tile never straddles two taps and needs no division per element.
+//
+// backward_filter has a short M and N (channels x taps) but a long K (batch x pixels), so the
+// launcher splits K over workgroup_id.z (split-K): split s writes its partial sums to slice s
+// of a [splits][O][C*K*K] buffer and `reduce_splits` adds the slices in a fixed order (results
+// are deterministic). With one split the GEMM writes dw directly.
+//
+// The kernel size KS and stride are override constants (divisions by them become
+// multiplications); channel counts and spatial sizes are runtime parameters. Every entry point
+// overwrites its output.
+
+struct Params {
+    batch: u32,
+    in_c: u32,
+    in_h: u32,
+    in_w: u32,
+    out_c: u32,
+    out_h: u32,
+    out_w: u32,
+    pad: u32,
+    // Row tiles of the GEMM: workgroup_id.z = tile_m + tiles_m * (phase or split).
+    tiles_m: u32,
+    // backward_filter: K tiles (of BK) per split.
+    chunk_tiles: u32,
+    // reduce_splits: number of slices and elements per slice.
+    splits: u32,
+    n_out: u32,
+}
+
+// Binding use per entry point:
+//   forward          in0 = x,        in1 = w,  dst = y
+//   backward_data    in0 = dy,       in1 = w,  dst = dx
+//   backward_filter  in0 = x,        in1 = dy, dst = dw, or the split-K partial sums
+//   reduce_splits    in0 = partials, (none),   dst = dw
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> in0: array<f32>;
+@group(0) @binding(2) var<storage, read> in1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+
+override KS: u32 = 3u;
+override STRIDE: u32 = 1u;
+// Invocations along M: 16 (64 x 64 tile), 8 (32 x 128) or 4 (16 x 256).
+override WG_M: u32 = 16u;
+
+const WG: u32 = 256u;
+const BK: u32 = 8u;
+override KK: u32 = KS * KS;
+override WG_N: u32 = WG / WG_M;
+override BM: u32 = 4u * WG_M;
+override BN: u32 = 4u * WG_N;
+// Elements of the A and B tiles each invocation moves per K step.
+override A_PER: u32 = (BM * BK + WG - 1u) / WG;
+override B_PER: u32 = BN * BK / WG;
+// Row strides of the tiles in vec4s (one vec4 of padding, see above).
+override AS: u32 = WG_M + 1u;
+override BS: u32 = WG_N + 1u;
+
+var<workgroup> a_tile: array<vec4<f32>, 136>; // BK * (16 + 1): the largest A tile (BM = 64)
+var<workgroup> b_tile: array<vec4<f32>, 520>; // BK * (64 + 1): the largest B tile (BN = 256)
+
+var<private> acc: array<vec4<f32>, 4>; // the 4 x 4 register block: acc[row][column]
+var<private> ra: array<f32, 2>; // prefetched A elements (A_PER <= 2)
+var<private> rb: array<f32, 8>; // prefetched B elements (B_PER <= 8)
+
+fn zero_acc() {
+    for (var r = 0u; r < 4u; r++) {
+        acc[r] = vec4<f32>(0.0);
+    }
+}
+
+fn put_a(kk: u32, m: u32, v: f32) {
+    a_tile[kk * AS + m / 4u][m % 4u] = v;
+}
+
+fn put_b(kk: u32, j: u32, v: f32) {
+    b_tile[kk * BS + j / 4u][j % 4u] = v;
+}
+
+// Where each invocation's prefetched elements go. "k-major": consecutive invocations take
+// consecutive k (column li % BK of the tile, rows li / BK + 32 i); "m-/n-major": consecutive
+// invocations take consecutive rows (columns) and walk k.
+fn store_a_kmajor(li: u32) {
+    for (var i = 0u; i < A_PER; i++) {
+        let m = li / BK + i * (WG / BK);
+        if (m < BM) {
+            put_a(li % BK, m, ra[i]);
+        }
+    }
+}
+
+fn store_a_mmajor(li: u32) {
+    for (var i = 0u; i < A_PER; i++) {
+        let kk = li / BM + i * (WG / BM);
+        if (kk < BK) {
+            put_a(kk, li % BM, ra[i]);
+        }
+    }
+}
+
+fn store_b_nmajor(li: u32) {
+    for (var i = 0u; i < B_PER; i++) {
+        put_b(li / BN + i * (WG / BN), li % BN, rb[i]);
+    }
+}
+
+fn store_b_kmajor(li: u32) {
+    for (var i = 0u; i < B_PER; i++) {
+        put_b(li % BK, li / BK + i * (WG / BK), rb[i]);
+    }
+}
+
+// acc += A_tile[4tm.., :] x B_tile[:, 4tn..]: 16 FMAs per two vec4 workgroup loads.
+fn mma(tm: u32, tn: u32) {
+    for (var kk = 0u; kk < BK; kk++) {
+        let a = a_tile[kk * AS + tm];
+        let b = b_tile[kk * BS + tn];
+        acc[0] = fma(vec4<f32>(a.x), b, acc[0]);
+        acc[1] = fma(vec4<f32>(a.y), b, acc[1]);
+        acc[2] = fma(vec4<f32>(a.z), b, acc[2]);
+        acc[3] = fma(vec4<f32>(a.w), b, acc[3]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: y[n][o][oh][ow] = sum_{c, kh, kw} w[o][c][kh][kw] * x[n][c][oh*S - pad + kh][ow*S - pad + kw]
+// A[o][k] = w row o (k = c * KK + kh * KS + kw, contiguous), B[k][j] = im2col(x), j = n * OH*OW + pixel.
+
+// The B column an invocation loads, fixed for the whole K loop.
+struct FwdCol {
+    ok: bool,
+    base: u32, // offset of image n in x
+    ih0: i32,  // oh * S - pad
+    iw0: i32,  // ow * S - pad
+}
+
+fn fwd_load(li: u32, kt: u32, m0: u32, col: FwdCol) {
+    let k_dim = p.in_c * KK;
+    let ka = kt * BK + li % BK;
+    for (var i = 0u; i < A_PER; i++) {
+        let m = li / BK + i * (WG / BK);
+        let o = m0 + m;
+        var v = 0.0;
+        if (m < BM && ka < k_dim && o < p.out_c) {
+            v = in1[o * k_dim + ka];
+        }
+        ra[i] = v;
+    }
+    for (var i = 0u; i < B_PER; i++) {
+        let k = kt * BK + li / BN + i * (WG / BN);
+        let c = k / KK;
+        let tap = k % KK;
+        let ih = col.ih0 + i32(tap / KS);
+        let iw = col.iw0 + i32(tap % KS);
+        var v = 0.0;
+        if (col.ok && k < k_dim && ih >= 0 && ih < i32(p.in_h) && iw >= 0 && iw < i32(p.in_w)) {
+            v = in0[col.base + (c * p.in_h + u32(ih)) * p.in_w + u32(iw)];
+        }
+        rb[i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn forward(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let pix_n = p.out_h * p.out_w;
+    let n_cols = p.batch * pix_n;
+    let n0 = (wg.x + wg.y * nwg.x) * BN;
+    if (n0 >= n_cols) {
+        return;
+    }
+    let m0 = wg.z * BM;
+    let j = n0 + li % BN;
+    let img = j / pix_n;
+    let pix = j % pix_n;
+    let col = FwdCol(
+        j < n_cols,
+        img * p.in_c * p.in_h * p.in_w,
+        i32(pix / p.out_w * STRIDE) - i32(p.pad),
+        i32(pix % p.out_w * STRIDE) - i32(p.pad),
+    );
+    let k_tiles = (p.in_c * KK + BK - 1u) / BK;
+    let tm = li / WG_N;
+    let tn = li % WG_N;
+
+    zero_acc();
+    fwd_load(li, 0u, m0, col);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        store_a_kmajor(li);
+        store_b_nmajor(li);
+        workgroupBarrier();
+        if (kt + 1u < k_tiles) {
+            fwd_load(li, kt + 1u, m0, col);
+        }
+        mma(tm, tn);
+        workgroupBarrier();
+    }
+
+    for (var c4 = 0u; c4 < 4u; c4++) {
+        let jo = n0 + tn * 4u + c4;
+        if (jo < n_cols) {
+            let base = (jo / pix_n) * p.out_c * pix_n + jo % pix_n;
+            for (var r = 0u; r < 4u; r++) {
+                let o = m0 + tm * 4u + r;
+                if (o < p.out_c) {
+                    dst[base + o * pix_n] = acc[r][c4];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward_data, one stride phase (ph, pw) per workgroup_id.z / tiles_m:
+// dx[n][c][h][w] = sum_{o, i, jw} w[o][c][kh0 + S*i][kw0 + S*jw] * dy[n][o][qh + h/S - i][qw + w/S - jw]
+// A[c][k] = w (k = tap * O + o, out-channels inner), B[k][j] = dy, j = n * Hp*Wp + (h/S) * Wp + w/S.
+
+struct BwdCol {
+    ok: bool,
+    base: u32, // offset of image n in dy
+    oh0: i32,  // qh + h / S: the dy row of tap row i = 0
+    ow0: i32,
+}
+
+struct Taps {
+    kh0: u32,
+    kw0: u32,
+    kwp: u32,     // taps per row in this phase
+    o_tiles: u32, // K tiles per tap
+}
+
+fn bwd_data_load(li: u32, kt: u32, m0: u32, col: BwdCol, t: Taps) {
+    let tap = kt / t.o_tiles;
+    let o0 = (kt % t.o_tiles) * BK;
+    let ti = tap / t.kwp;
+    let tj = tap % t.kwp;
+    let w_tap = (t.kh0 + STRIDE * ti) * KS + t.kw0 + STRIDE * tj;
+    let c = m0 + li % BM;
+    for (var i = 0u; i < A_PER; i++) {
+        let kk = li / BM + i * (WG / BM);
+        let o = o0 + kk;
+        var v = 0.0;
+        if (kk < BK && o < p.out_c && c < p.in_c) {
+            v = in1[(o * p.in_c + c) * KK + w_tap];
+        }
+        ra[i] = v;
+    }
+    let oh = col.oh0 - i32(ti);
+    let ow = col.ow0 - i32(tj);
+    let ok = col.ok && oh >= 0 && oh < i32(p.out_h) && ow >= 0 && ow < i32(p.out_w);
+    let pix_n = p.out_h * p.out_w;
+    let off = col.base + u32(oh) * p.out_w + u32(ow);
+    for (var i = 0u; i < B_PER; i++) {
+        let o = o0 + li / BN + i * (WG / BN);
+        var v = 0.0;
+        if (ok && o < p.out_c) {
+            v = in0[off + o * pix_n];
+        }
+        rb[i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn backward_data(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let s = STRIDE;
+    let tile_m = wg.z % p.tiles_m;
+    let phase = wg.z / p.tiles_m;
+    let ph = phase / s;
+    let pw = phase % s;
+    // Input rows/columns of this phase: h = ph + S * hi for hi < hp.
+    let hp = select(0u, (p.in_h - ph + s - 1u) / s, p.in_h > ph);
+    let wp = select(0u, (p.in_w - pw + s - 1u) / s, p.in_w > pw);
+    let n_cols = p.batch * hp * wp;
+    let n0 = (wg.x + wg.y * nwg.x) * BN;
+    if (n0 >= n_cols) {
+        return;
+    }
+    // Taps that reach this phase: kh = kh0 + S * i for i < khp.
+    let kh0 = (ph + p.pad) % s;
+    let kw0 = (pw + p.pad) % s;
+    let khp = select(0u, (KS - kh0 + s - 1u) / s, KS > kh0);
+    let kwp = select(0u, (KS - kw0 + s - 1u) / s, KS > kw0);
+    let taps = Taps(kh0, kw0, kwp, (p.out_c + BK - 1u) / BK);
+    let k_tiles = khp * kwp * taps.o_tiles;
+
+    let m0 = tile_m * BM;
+    let j = n0 + li % BN;
+    let r = j % (hp * wp);
+    let col = BwdCol(
+        j < n_cols,
+        (j / (hp * wp)) * p.out_c * p.out_h * p.out_w,
+        i32((ph + p.pad) / s + r / wp),
+        i32((pw + p.pad) / s + r % wp),
+    );
+    let tm = li / WG_N;
+    let tn = li % WG_N;
+
+    zero_acc();
+    if (k_tiles > 0u) {
+        bwd_data_load(li, 0u, m0, col, taps);
+    }
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        store_a_mmajor(li);
+        store_b_nmajor(li);
+        workgroupBarrier();
+        if (kt + 1u < k_tiles) {
+            bwd_data_load(li, kt + 1u, m0, col, taps);
+        }
+        mma(tm, tn);
+        workgroupBarrier();
+    }
+
+    // A phase no tap reaches (e.g. 1x1 kernel, stride 2) writes its zeros here too.
+    let plane = p.in_h * p.in_w;
+    for (var c4 = 0u; c4 < 4u; c4++) {
+        let jo = n0 + tn * 4u + c4;
+        if (jo < n_cols) {
+            let ro = jo % (hp * wp);
+            let h = ph + s * (ro / wp);
+            let w = pw + s * (ro % wp);
+            let base = (jo / (hp * wp)) * p.in_c * plane + h * p.in_w + w;
+            for (var rr = 0u; rr < 4u; rr++) {
+                let c = m0 + tm * 4u + rr;
+                if (c < p.in_c) {
+                    dst[base + c * plane] = acc[rr][c4];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward_filter, one K range (split) per workgroup_id.z / tiles_m:
+// dw[o][c][kh][kw] = sum_{n, oh, ow} dy[n][o][oh][ow] * x[n][c][oh*S - pad + kh][ow*S - pad + kw]
+// A[o][k] = dy (k = n * OH*OW + pixel), B[k][j] = im2col(x)^T, j = c * KK + kh * KS + kw.
+// Both operands are contiguous along k, so both are loaded k-major.
+
+fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
+    let pix_n = p.out_h * p.out_w;
+    let k = kt * BK + li % BK;
+    let kok = k < p.batch * pix_n;
+    let img = k / pix_n;
+    let pix = k % pix_n;
+    for (var i = 0u; i < A_PER; i++) {
+        let m = li / BK + i * (WG / BK);
+        let o = m0 + m;
+        var v = 0.0;
+        if (m < BM && kok && o < p.out_c) {
+            v = in1[(img * p.out_c + o) * pix_n + pix];
+        }
+        ra[i] = v;
+    }
+    let ih0 = i32(pix / p.out_w * STRIDE) - i32(p.pad);
+    let iw0 = i32(pix % p.out_w * STRIDE) - i32(p.pad);
+    let n_dim = p.in_c * KK;
+    let x_base = img * p.in_c * p.in_h * p.in_w;
+    for (var i = 0u; i < B_PER; i++) {
+        let j = n0 + li / BK + i * (WG / BK);
+        let c = j / KK;
+        let tap = j % KK;
+        let ih = ih0 + i32(tap / KS);
+        let iw = iw0 + i32(tap % KS);
+        var v = 0.0;
+        if (kok && j < n_dim && ih >= 0 && ih < i32(p.in_h) && iw >= 0 && iw < i32(p.in_w)) {
+            v = in0[x_base + (c * p.in_h + u32(ih)) * p.in_w + u32(iw)];
+        }
+        rb[i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn backward_filter(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let n_dim = p.in_c * KK;
+    let n0 = (wg.x + wg.y * nwg.x) * BN;
+    if (n0 >= n_dim) {
+        return;
+    }
+    let tile_m = wg.z % p.tiles_m;
+    let split = wg.z / p.tiles_m;
+    let k_tiles = (p.batch * p.out_h * p.out_w + BK - 1u) / BK;
+    let kt0 = split * p.chunk_tiles;
+    let kt1 = min(kt0 + p.chunk_tiles, k_tiles);
+    let m0 = tile_m * BM;
+    let tm = li / WG_N;
+    let tn = li % WG_N;
+
+    zero_acc();
+    if (kt0 < kt1) {
+        bwd_filter_load(li, kt0, m0, n0);
+    }
+    for (var kt = kt0; kt < kt1; kt++) {
+        store_a_kmajor(li);
+        store_b_kmajor(li);
+        workgroupBarrier();
+        if (kt + 1u < kt1) {
+            bwd_filter_load(li, kt + 1u, m0, n0);
+        }
+        mma(tm, tn);
+        workgroupBarrier();
+    }
+
+    // Slice `split` of the partial sums; with one split that is dw itself.
+    let base = split * p.out_c * n_dim;
+    for (var r = 0u; r < 4u; r++) {
+        let o = m0 + tm * 4u + r;
+        for (var c4 = 0u; c4 < 4u; c4++) {
+            let j = n0 + tn * 4u + c4;
+            if (o < p.out_c && j < n_dim) {
+                dst[base + o * n_dim + j] = acc[r][c4];
+            }
+        }
+    }
+}
+
+// dst[i] = sum over s < splits of in0[s * n_out + i], in order of s.
+@compute @workgroup_size(256)
+fn reduce_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n_out) {
+        return;
+    }
+    var s = 0.0;
+    for (var k = 0u; k < p.splits; k++) {
+        s += in0[k * p.n_out + i];
+    }
+    dst[i] = s;
+}

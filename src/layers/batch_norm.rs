@@ -1,0 +1,60 @@
+//! BatchNorm2d layer with PyTorch semantics (momentum 0.1, eps 1e-5, unbiased running var).
+
+use super::Param;
+use crate::error::Result;
+use crate::gpu::{Gpu, Tensor};
+use crate::kernels::batch_norm::{self as bn, BnSaved};
+
+/// Per-channel batch normalisation of NCHW tensors.
+pub struct BatchNorm2d {
+    pub gamma: Param,
+    pub beta: Param,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+impl BatchNorm2d {
+    /// gamma 1, beta 0, running mean 0 and running var 1, as PyTorch (and the spec) do.
+    pub fn new(gpu: &Gpu, name: &str, channels: usize) -> Result<BatchNorm2d> {
+        Ok(BatchNorm2d {
+            gamma: Param::new(gpu, &format!("{name}.weight"), &[channels], &vec![1.0; channels])?,
+            beta: Param::new(gpu, &format!("{name}.bias"), &[channels], &vec![0.0; channels])?,
+            running_mean: gpu.zeros(&[channels])?,
+            running_var: gpu.tensor(&[channels], &vec![1.0; channels])?,
+            momentum: bn::DEFAULT_MOMENTUM,
+            eps: bn::DEFAULT_EPS,
+        })
+    }
+
+    /// Training-mode forward with batch statistics; updates the running statistics when
+    /// `update_running` (a replay pass may choose not to). Returns the output and what
+    /// backward needs (2 floats per channel; backward also needs the input `x`).
+    pub fn forward_train(&self, x: &Tensor, update_running: bool) -> Result<(Tensor, BnSaved)> {
+        let momentum = if update_running { self.momentum } else { 0.0 };
+        let out = bn::forward_train(
+            x,
+            &self.gamma.value,
+            &self.beta.value,
+            &self.running_mean,
+            &self.running_var,
+            momentum,
+            self.eps,
+        )?;
+        Ok((out.y, out.saved))
+    }
+
+    /// Evaluation-mode forward with the running statistics.
+    pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        bn::forward_eval(x, &self.gamma.value, &self.beta.value, &self.running_mean, &self.running_var, self.eps)
+    }
+
+    /// Writes the gamma and beta gradients and returns the input gradient.
+    pub fn backward(&mut self, x: &Tensor, dy: &Tensor, saved: &BnSaved) -> Result<Tensor> {
+        let (dx, dgamma, dbeta) = bn::backward(x, dy, &self.gamma.value, saved)?;
+        self.gamma.grad = dgamma;
+        self.beta.grad = dbeta;
+        Ok(dx)
+    }
+}

@@ -1,0 +1,620 @@
+//! `shaders/batch_norm.wgsl` against a batch norm built from candle-core ops, with candle's
+//! autograd for the gradients.
+//!
+//! The reference runs in f64 on the same f32 inputs, so it is the exact answer to far below
+//! f32 round-off, and each tolerance is the round-off of the GPU's f32 computation alone:
+//! [`ErrorModel`] replays the shader's arithmetic in f64, in the shader's order (4 interleaved
+//! sums per invocation, 8 groups of 8 invocations, chunk statistics merged in the same
+//! sequence), and propagates every rounding to first order. Each rounding contributes `delta * s`
+//! with `|delta| <= u` (u = 2^-24, the unit roundoff; 2.5 ulp = 5 u for divisions and square
+//! roots, the WGSL accuracy); `E::e2` is the sum of `s^2` over the roundings that reach a
+//! result, and the tolerance is `LAMBDA * u * sqrt(e2)`. For a chain of at most LAMBDA^2 = 36
+//! roundings that is at least the worst case (Cauchy-Schwarz: sum |s| <= sqrt(n) sqrt(sum s^2)),
+//! so every per-element bound is rigorous; for the long channel sums it is the probabilistic
+//! bound of Higham and Mary (SIAM J. Sci. Comput. 2019): independent mean-zero roundings
+//! exceed it with probability at most 2 exp(-LAMBDA^2 / 2) = 3e-8 (Hoeffding). Errors shared
+//! by a whole channel (its mean and invstd) are added to per-element bounds as standard
+//! deviations, not in quadrature. Set `BN_REPORT=1` to print, for each quantity, the worst
+//! error as a fraction of its tolerance.
+
+mod common;
+
+use candle_core::{DType, Tensor as CTensor, Var};
+use common::*;
+use featreplay::kernels::batch_norm as bn;
+use featreplay::Tensor;
+
+/// Unit roundoff of f32 (half an ulp at 1).
+const UR: f64 = f32::EPSILON as f64 / 2.0;
+/// Weight of a division or square-root rounding (WGSL allows 2.5 ulp).
+const DIV: f64 = 5.0;
+/// Multiplier of the error bounds (see the module comment).
+const LAMBDA: f64 = 6.0;
+const MOMENTUM: f32 = bn::DEFAULT_MOMENTUM;
+const EPS: f32 = bn::DEFAULT_EPS;
+/// Workgroup width, fan-in and values per invocation of the shader's reductions.
+const WG: usize = 64;
+const FAN: usize = 8;
+const ITEMS: usize = 64;
+
+/// Shapes [N, C, H, W]: batch 1, 3, 8, 16 and 128; channels 2, 3, 5, 17, 64; spatial 7x7, 8x8,
+/// 32x32 and 64x64. [128, 16, 32, 32] has 131072 values per channel (32 chunks per channel);
+/// [257, 2, 64, 64] has 1052672 (257 chunks, more than one per invocation in the merge).
+const SHAPES: &[[usize; 4]] = &[
+    [1, 3, 7, 7],
+    [3, 5, 8, 8],
+    [3, 17, 7, 7],
+    [8, 64, 8, 8],
+    [16, 3, 32, 32],
+    [1, 17, 32, 32],
+    [3, 64, 32, 32],
+    [128, 16, 32, 32],
+    [257, 2, 64, 64],
+];
+
+/// Random NCHW input; channel 1 is shifted by 100 (a large mean over a unit-scale spread, the
+/// case where `E[x^2] - E[x]^2` in f32 loses all digits) and channel 2 is `0.01 x + 3`
+/// (variance near eps).
+fn input(shape: [usize; 4], seed: u64) -> Vec<f32> {
+    let mut x = random(shape.iter().product(), seed);
+    let hw = shape[2] * shape[3];
+    for (i, v) in x.iter_mut().enumerate() {
+        match (i / hw) % shape[1] {
+            1 => *v += 100.0,
+            2 => *v = 0.01 * *v + 3.0,
+            _ => {}
+        }
+    }
+    x
+}
+
+fn f64t(data: &[f32], shape: &[usize]) -> CTensor {
+    ct(data, shape).to_dtype(DType::F64).unwrap()
+}
+
+fn v64(t: &CTensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// The f64 reference of one training step.
+struct Reference {
+    y: Vec<f64>,
+    mean: Vec<f64>,
+    /// Biased batch variance.
+    var: Vec<f64>,
+    dx: Vec<f64>,
+    dgamma: Vec<f64>,
+    dbeta: Vec<f64>,
+}
+
+/// BatchNorm2d in training mode from candle ops; gradients of `sum(y * dy)` by autograd.
+fn reference(x: &[f32], shape: [usize; 4], gamma: &[f32], beta: &[f32], dy: &[f32]) -> Reference {
+    let c = shape[1];
+    let xv = Var::from_tensor(&f64t(x, &shape)).unwrap();
+    let gv = Var::from_tensor(&f64t(gamma, &[1, c, 1, 1])).unwrap();
+    let bv = Var::from_tensor(&f64t(beta, &[1, c, 1, 1])).unwrap();
+    let mean = xv.mean_keepdim((0, 2, 3)).unwrap();
+    let xc = xv.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+    let invstd = (&var + EPS as f64).unwrap().sqrt().unwrap().recip().unwrap();
+    let xhat = xc.broadcast_mul(&invstd).unwrap();
+    let y = xhat.broadcast_mul(gv.as_tensor()).unwrap().broadcast_add(bv.as_tensor()).unwrap();
+    let grads = (&y * f64t(dy, &shape)).unwrap().sum_all().unwrap().backward().unwrap();
+    Reference {
+        y: v64(&y),
+        mean: v64(&mean),
+        var: v64(&var),
+        dx: v64(grads.get(xv.as_tensor()).unwrap()),
+        dgamma: v64(grads.get(gv.as_tensor()).unwrap()),
+        dbeta: v64(grads.get(bv.as_tensor()).unwrap()),
+    }
+}
+
+/// Evaluation-mode batch norm from candle ops, in f64.
+fn reference_eval(x: &[f32], shape: [usize; 4], gamma: &[f32], beta: &[f32], rm: &[f32], rv: &[f32]) -> Vec<f64> {
+    let cs = [1, shape[1], 1, 1];
+    let std = (f64t(rv, &cs) + EPS as f64).unwrap().sqrt().unwrap();
+    let y = f64t(x, &shape)
+        .broadcast_sub(&f64t(rm, &cs))
+        .unwrap()
+        .broadcast_div(&std)
+        .unwrap()
+        .broadcast_mul(&f64t(gamma, &cs))
+        .unwrap()
+        .broadcast_add(&f64t(beta, &cs))
+        .unwrap();
+    v64(&y)
+}
+
+/// Values of channel `c` of an NCHW tensor, in the shader's order j = n * H * W + s.
+fn channel<T: Copy>(v: &[T], shape: [usize; 4], c: usize) -> Vec<T> {
+    let hw = shape[2] * shape[3];
+    (0..shape[0]).flat_map(|n| v[(n * shape[1] + c) * hw..][..hw].iter().copied()).collect()
+}
+
+fn sq(v: f64) -> f64 {
+    v * v
+}
+
+/// A value and the sum of squares `e2` of the rounding terms `s` that reach it (see the module
+/// comment): its error bound is `LAMBDA * UR * sqrt(e2)`.
+#[derive(Clone, Copy, Default)]
+struct E {
+    v: f64,
+    e2: f64,
+}
+
+impl E {
+    /// The error bound's standard-deviation-like part, `sqrt(e2)`, in units of u.
+    fn sd(&self) -> f64 {
+        self.e2.sqrt()
+    }
+}
+
+/// a += b, one rounding of the result (adding to an empty slot is exact).
+fn add_into(a: &mut E, b: E, a_empty: bool) {
+    a.v += b.v;
+    a.e2 += b.e2 + if a_empty { 0.0 } else { sq(a.v) };
+}
+
+/// Serial sum, starting from the first element.
+fn serial(items: &[E]) -> E {
+    let mut s = items[0];
+    for &b in &items[1..] {
+        add_into(&mut s, b, false);
+    }
+    s
+}
+
+/// The shader's workgroup sum of the WG slots: FAN groups of FAN summed serially, then the
+/// group sums serially.
+fn fan_in(slots: &[E]) -> E {
+    let groups: Vec<E> = slots.chunks(FAN).map(serial).collect();
+    serial(&groups)
+}
+
+/// Per-chunk sums of `terms` (each with its own rounding terms `term_e2`) in the shader's order:
+/// invocation i of chunk k adds values k * CHUNK + i + WG * t into 4 interleaved sums (t % 4),
+/// combined as (s0 + s1) + (s2 + s3), then [`fan_in`].
+fn chunk_sums(terms: &[f64], term_e2: &[f64]) -> Vec<E> {
+    terms
+        .chunks(bn::CHUNK)
+        .zip(term_e2.chunks(bn::CHUNK))
+        .map(|(t, e)| {
+            let slots: Vec<E> = (0..WG)
+                .map(|i| {
+                    let mut acc = [E::default(); 4];
+                    for k in 0..ITEMS {
+                        if let Some(&v) = t.get(i + WG * k) {
+                            add_into(&mut acc[k % 4], E { v, e2: e[i + WG * k] }, k < 4);
+                        }
+                    }
+                    let (mut lo, mut hi) = (acc[0], acc[2]);
+                    add_into(&mut lo, acc[1], false);
+                    add_into(&mut hi, acc[3], false);
+                    add_into(&mut lo, hi, false);
+                    lo
+                })
+                .collect();
+            fan_in(&slots)
+        })
+        .collect()
+}
+
+/// The dx kernel's sum of the chunk sums: invocation i adds chunks i, i + WG, ... serially,
+/// then [`fan_in`].
+fn cross_sum(parts: &[E]) -> E {
+    let mut slots = vec![E::default(); WG];
+    for (i, &p) in parts.iter().enumerate() {
+        add_into(&mut slots[i % WG], p, i < WG);
+    }
+    fan_in(&slots)
+}
+
+/// Chunk statistics (count, mean, M2) with their errors.
+#[derive(Clone, Copy, Default)]
+struct Moments {
+    n: f64,
+    mean: E,
+    m2: E,
+}
+
+/// Chan et al.'s merge as the shader computes it: d = mb - ma, f = nb / n, mean = ma + d * f,
+/// M2 = (qa + qb) + d * d * na * f. An empty side is exact.
+fn chan(a: Moments, b: Moments) -> Moments {
+    if a.n == 0.0 {
+        return b;
+    }
+    if b.n == 0.0 {
+        return a;
+    }
+    let n = a.n + b.n;
+    let f = b.n / n;
+    let d = b.mean.v - a.mean.v;
+    let df = d * f;
+    let mean = a.mean.v + df;
+    // mean = (1 - f) ma + f mb; roundings of d, f (a division), d * f and the sum.
+    let mean_e2 = sq(1.0 - f) * a.mean.e2 + sq(f) * b.mean.e2 + sq(df) * (2.0 + sq(DIV)) + sq(mean);
+    let t = d * d * a.n * f;
+    let q = a.m2.v + b.m2.v;
+    // t: roundings of d * d, * na, * f and f itself; d's error reaches t as 2 d na f per unit.
+    let m2_e2 = a.m2.e2
+        + b.m2.e2
+        + sq(2.0 * d * a.n * f) * (a.mean.e2 + b.mean.e2 + sq(d))
+        + sq(t) * (3.0 + sq(DIV))
+        + sq(q)
+        + sq(q + t);
+    Moments { n, mean: E { v: mean, e2: mean_e2 }, m2: E { v: q + t, e2: m2_e2 } }
+}
+
+/// The normalize kernel's merge of the chunk moments: invocation i merges chunks i, i + WG, ...
+/// serially into an empty start, then FAN groups of FAN slots serially, then the groups.
+fn cross_merge(parts: &[Moments]) -> Moments {
+    let mut slots = vec![Moments::default(); WG];
+    for (i, &p) in parts.iter().enumerate() {
+        slots[i % WG] = chan(slots[i % WG], p);
+    }
+    let serial_merge = |items: &[Moments]| items[1..].iter().fold(items[0], |a, &b| chan(a, b));
+    let groups: Vec<Moments> = slots.chunks(FAN).map(serial_merge).collect();
+    serial_merge(&groups)
+}
+
+/// The training-mode statistics of one channel with their errors, replayed in the shader's
+/// order from the channel's values `x` (order j).
+struct ErrorModel {
+    /// The shift x0 = x[0] and the exact mean.
+    x0: f64,
+    mean: f64,
+    /// Shifted mean mean_v, M2 and invstd = 1 / sqrt(M2 / M + eps).
+    mean_v: E,
+    m2: E,
+    invstd: E,
+}
+
+impl ErrorModel {
+    fn new(x: &[f64]) -> ErrorModel {
+        let m = x.len() as f64;
+        let x0 = x[0];
+        // v = x - x0 rounds once.
+        let v: Vec<f64> = x.iter().map(|&x| x - x0).collect();
+        let v_e2: Vec<f64> = v.iter().map(|&v| sq(v)).collect();
+        let sums = chunk_sums(&v, &v_e2);
+        let chunks: Vec<Moments> = v
+            .chunks(bn::CHUNK)
+            .zip(&sums)
+            .map(|(vc, s)| {
+                let n = vc.len() as f64;
+                let mu = s.v / n;
+                let mean = E { v: mu, e2: s.e2 / sq(n) + sq(DIV * mu) };
+                // q = (v - mean)^2: the rounding of v - mean (2 q), of the square (q), and of
+                // v itself (2 (v - mean) v); the mean's own error cancels to first order
+                // through the correction - C^2 / n.
+                let q: Vec<f64> = vc.iter().map(|&v| sq(v - mu)).collect();
+                let q_e2: Vec<f64> =
+                    vc.iter().zip(&q).map(|(&v, &q)| sq(2.0 * q) + sq(q) + sq(2.0 * (v - mu) * v)).collect();
+                let qs = chunk_sums(&q, &q_e2)[0];
+                // M2 = Q - C^2 / n, C ~ 0: one rounding of the result.
+                Moments { n, mean, m2: E { v: qs.v, e2: qs.e2 + sq(qs.v) } }
+            })
+            .collect();
+        let all = cross_merge(&chunks);
+        let var = all.m2.v / m;
+        let var_e = E { v: var, e2: all.m2.e2 / sq(m) + sq(DIV * var) };
+        // invstd = 1 / sqrt(var + eps): the add, then sqrt and division (5 u each).
+        let s = var + EPS as f64;
+        let inv = 1.0 / s.sqrt();
+        let inv_e2 = sq(inv) * ((var_e.e2 + sq(s)) / sq(2.0 * s) + 2.0 * sq(DIV));
+        ErrorModel { x0, mean: x0 + all.mean.v, mean_v: all.mean, m2: all.m2, invstd: E { v: inv, e2: inv_e2 } }
+    }
+
+    /// invstd's relative error part (in units of u).
+    fn invstd_rel(&self) -> f64 {
+        self.invstd.sd() / self.invstd.v
+    }
+
+    /// x_hat = ((x - x0) - mean_v) * invstd of one value: (its value, the root-sum-square of
+    /// its own roundings, the sum of the channel-wide error parts), errors in units of u.
+    fn xhat(&self, x: f64) -> (f64, f64, f64) {
+        let dev = x - self.x0 - self.mean_v.v;
+        let xh = dev * self.invstd.v;
+        let own = (sq(self.invstd.v) * (sq(x - self.x0) + sq(dev)) + sq(xh)).sqrt();
+        let shared = self.invstd.v * self.mean_v.sd() + xh.abs() * self.invstd_rel();
+        (xh, own, shared)
+    }
+}
+
+/// Asserts `|got - want| <= tol` elementwise and reports the worst element.
+fn check(what: &str, got: &[f32], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        assert!(g.is_finite(), "{what}: non-finite value {g} at {i}");
+        let r = (g as f64 - w).abs() / t;
+        // NaN errors count as the worst.
+        if r.is_nan() || r > worst {
+            (worst, at) = (r, i);
+        }
+    }
+    if std::env::var_os("BN_REPORT").is_some() {
+        eprintln!("{what}: worst error {worst:.3} of the tolerance");
+    }
+    assert!(
+        worst <= 1.0,
+        "{what}: element {at} is {} but the reference is {} (|err| {:e} > tolerance {:e})",
+        got[at],
+        want[at],
+        (got[at] as f64 - want[at]).abs(),
+        tol[at]
+    );
+}
+
+/// `LAMBDA * u * sd` for a value whose error parts add up to `sd` (in units of u).
+fn bound(sd: f64) -> f64 {
+    LAMBDA * UR * sd
+}
+
+fn run_case(shape: [usize; 4], seed: u64) {
+    let [_, c, _, _] = shape;
+    let numel: usize = shape.iter().product();
+    let name = format!("{shape:?}");
+    let x1 = input(shape, seed);
+    let x2 = input(shape, seed + 1);
+    let gamma: Vec<f32> = random(c, seed + 2).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let beta = random(c, seed + 3);
+    let rm0: Vec<f32> = random(c, seed + 4).iter().map(|v| 0.1 * v).collect();
+    let rv0: Vec<f32> = random(c, seed + 5).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let dy = random(numel, seed + 6);
+
+    let g = gpu();
+    let t = |d: &[f32], s: &[usize]| -> Tensor { g.tensor(s, d).unwrap() };
+    let (gx1, gx2, ggamma, gbeta) = (t(&x1, &shape), t(&x2, &shape), t(&gamma, &[c]), t(&beta, &[c]));
+    let (grm, grv, gdy) = (t(&rm0, &[c]), t(&rv0, &[c]), t(&dy, &shape));
+
+    let f1 = bn::forward_train(&gx1, &ggamma, &gbeta, &grm, &grv, MOMENTUM, EPS).unwrap();
+    let (gdx, gdgamma, gdbeta) = bn::backward(&gx1, &gdy, &ggamma, &f1.saved).unwrap();
+    let y1 = f1.y.to_vec().unwrap();
+    let stats = f1.saved.stats.to_vec().unwrap();
+    let (rm1, rv1) = (grm.to_vec().unwrap(), grv.to_vec().unwrap());
+    let (dx, dgamma, dbeta) = (gdx.to_vec().unwrap(), gdgamma.to_vec().unwrap(), gdbeta.to_vec().unwrap());
+    bn::forward_train(&gx2, &ggamma, &gbeta, &grm, &grv, MOMENTUM, EPS).unwrap();
+    let (rm2, rv2) = (grm.to_vec().unwrap(), grv.to_vec().unwrap());
+    let eval = bn::forward_eval(&gx1, &ggamma, &gbeta, &grm, &grv, EPS).unwrap().to_vec().unwrap();
+
+    let r1 = reference(&x1, shape, &gamma, &beta, &dy);
+    let r2 = reference(&x2, shape, &gamma, &beta, &dy);
+    // Eval reference from the GPU's running statistics, so it checks the eval kernel alone.
+    let want_eval = reference_eval(&x1, shape, &gamma, &beta, &rm2, &rv2);
+    let m = (numel / c) as f64;
+    // The f32 momentum's exact value: the reference updates with the same number.
+    let mom = MOMENTUM as f64;
+
+    for ch in 0..c {
+        let what = |q: &str| format!("{q}, {name}, channel {ch}");
+        let xc1: Vec<f64> = channel(&x1, shape, ch).iter().map(|&v| v as f64).collect();
+        let xc2: Vec<f64> = channel(&x2, shape, ch).iter().map(|&v| v as f64).collect();
+        let (e1, e2) = (ErrorModel::new(&xc1), ErrorModel::new(&xc2));
+        let ga = gamma[ch] as f64;
+
+        // Saved statistics: the shift is x[0, c, 0, 0] exactly.
+        assert_eq!(stats[ch] as f64, e1.x0, "saved shift, {name}, channel {ch}");
+        check(&what("saved shifted mean"), &[stats[c + ch]], &[r1.mean[ch] - e1.x0], &[bound(e1.mean_v.sd())]);
+        check(&what("saved invstd"), &[stats[2 * c + ch]], &[e1.invstd.v], &[bound(e1.invstd.sd())]);
+
+        // Running statistics: r = (1 - mom) r + mom s, with s = x0 + mean_v (one more rounding)
+        // or M2 / (M - 1) (a division); roundings of 1 - mom, both products and the sum.
+        let update = |prev: E, stat: E| {
+            let v = (1.0 - mom) * prev.v + mom * stat.v;
+            let e2 =
+                sq(1.0 - mom) * prev.e2 + sq(mom) * stat.e2 + 2.0 * sq((1.0 - mom) * prev.v) + sq(mom * stat.v) + sq(v);
+            E { v, e2 }
+        };
+        let mean_stat = |e: &ErrorModel| E { v: e.mean, e2: e.mean_v.e2 + sq(e.mean) };
+        let var_stat = |e: &ErrorModel| {
+            let v = e.m2.v / (m - 1.0);
+            E { v, e2: e.m2.e2 / sq(m - 1.0) + sq(DIV * v) }
+        };
+        let rm1_e = update(E { v: rm0[ch] as f64, e2: 0.0 }, mean_stat(&e1));
+        let rv1_e = update(E { v: rv0[ch] as f64, e2: 0.0 }, var_stat(&e1));
+        let rm2_e = update(rm1_e, mean_stat(&e2));
+        let rv2_e = update(rv1_e, var_stat(&e2));
+        // The reference values come from candle's statistics, the errors from the model.
+        let unb = m / (m - 1.0);
+        let want_rm1 = (1.0 - mom) * rm0[ch] as f64 + mom * r1.mean[ch];
+        let want_rv1 = (1.0 - mom) * rv0[ch] as f64 + mom * r1.var[ch] * unb;
+        let want_rm2 = (1.0 - mom) * want_rm1 + mom * r2.mean[ch];
+        let want_rv2 = (1.0 - mom) * want_rv1 + mom * r2.var[ch] * unb;
+        check(&what("running mean, 1 update"), &[rm1[ch]], &[want_rm1], &[bound(rm1_e.sd())]);
+        check(&what("running var, 1 update"), &[rv1[ch]], &[want_rv1], &[bound(rv1_e.sd())]);
+        check(&what("running mean, 2 updates"), &[rm2[ch]], &[want_rm2], &[bound(rm2_e.sd())]);
+        check(&what("running var, 2 updates"), &[rv2[ch]], &[want_rv2], &[bound(rv2_e.sd())]);
+
+        // y = ((x - x0) - mean_v) * (gamma * invstd) + beta: x_hat's errors times |gamma|, the
+        // roundings of gamma * invstd and of the product on |gamma x_hat|, the add on |y|.
+        let want_y = channel(&r1.y, shape, ch);
+        let xh: Vec<(f64, f64, f64)> = xc1.iter().map(|&x| e1.xhat(x)).collect();
+        let y_tol: Vec<f64> = xh
+            .iter()
+            .zip(&want_y)
+            .map(|(&(v, own, shared), &y)| {
+                // The x_hat product rounding is not in y's chain (y multiplies by gamma * invstd).
+                let own_y = (sq(ga) * (sq(own) - sq(v)).max(0.0) + 2.0 * sq(ga * v) + sq(y)).sqrt();
+                bound(own_y + ga.abs() * shared)
+            })
+            .collect();
+        check(&what("y"), &channel(&y1, shape, ch), &want_y, &y_tol);
+
+        // dbeta = sum(dy), dgamma = sum(dy * x_hat) in the shader's order: per-chunk sums, then
+        // the dx kernel's cross-chunk sum. dgamma's terms carry x_hat's own roundings and the
+        // product's; the channel-wide x_hat errors enter through sum(dy) and dgamma itself.
+        let dyc: Vec<f64> = channel(&dy, shape, ch).iter().map(|&v| v as f64).collect();
+        let dbeta_e = cross_sum(&chunk_sums(&dyc, &vec![0.0; dyc.len()]));
+        let t: Vec<f64> = dyc.iter().zip(&xh).map(|(g, x)| g * x.0).collect();
+        let t_e2: Vec<f64> = dyc.iter().zip(&xh).zip(&t).map(|((g, x), t)| sq(g * x.1) + sq(*t)).collect();
+        let dgamma_sum = cross_sum(&chunk_sums(&t, &t_e2));
+        let dgamma_sd =
+            dgamma_sum.sd() + dbeta_e.v.abs() * e1.invstd.v * e1.mean_v.sd() + dgamma_sum.v.abs() * e1.invstd_rel();
+        check(&what("dbeta"), &[dbeta[ch]], &[r1.dbeta[ch]], &[bound(dbeta_e.sd())]);
+        check(&what("dgamma"), &[dgamma[ch]], &[r1.dgamma[ch]], &[bound(dgamma_sd)]);
+
+        // dx = a * ((dy - b) - x_hat * d), a = gamma * invstd, b = dbeta / M, d = dgamma / M.
+        let a = ga * e1.invstd.v;
+        let (b, d) = (dbeta_e.v / m, dgamma_sum.v / m);
+        let b_sd = (dbeta_e.e2 / sq(m) + sq(DIV * b)).sqrt();
+        let d_sd = dgamma_sd / m + DIV * d.abs();
+        let want_dx = channel(&r1.dx, shape, ch);
+        let dx_tol: Vec<f64> = dyc
+            .iter()
+            .zip(&xh)
+            .zip(&want_dx)
+            .map(|((&g, &(v, own, shared)), &dxv)| {
+                let inner = g - b - v * d;
+                let own_dx = (sq(a) * (sq(g - b) + sq(v * d) + sq(inner) + sq(d * own)) + sq(dxv)).sqrt();
+                let shared_dx =
+                    a.abs() * (b_sd + v.abs() * d_sd + d.abs() * shared) + dxv.abs() * (e1.invstd_rel() + 1.0);
+                bound(own_dx + shared_dx)
+            })
+            .collect();
+        check(&what("dx"), &channel(&dx, shape, ch), &want_dx, &dx_tol);
+
+        // Eval: ((x - rm) - 0) * (gamma * rstd) + beta, rstd = 1 / sqrt(rv + eps): x - rm rounds
+        // on |x - rm|; rv + eps (half its relative error reaches rstd), sqrt and division (5 u
+        // each), gamma * rstd and the product on |gamma (x - rm) rstd|; the add on |y|.
+        let rstd = 1.0 / (rv2[ch] as f64 + EPS as f64).sqrt();
+        let want_e = channel(&want_eval, shape, ch);
+        let eval_tol: Vec<f64> = xc1
+            .iter()
+            .zip(&want_e)
+            .map(|(&x, &y)| {
+                let p = ga * rstd * (x - rm2[ch] as f64);
+                bound((sq(p) * (1.0 + 0.25 + 2.0 * sq(DIV) + 2.0) + sq(y)).sqrt())
+            })
+            .collect();
+        check(&what("eval y"), &channel(&eval, shape, ch), &want_e, &eval_tol);
+    }
+}
+
+#[test]
+fn train_forward_backward_and_eval_match_candle() {
+    for (i, &shape) in SHAPES.iter().enumerate() {
+        run_case(shape, 1000 * i as u64);
+    }
+}
+
+#[test]
+fn momentum_zero_keeps_running_statistics() {
+    let (x, _) = pair(&[3, 4, 5, 5], 7);
+    let rm_data = [0.5f32, -0.25, 3.0, 1e-3];
+    let rv_data = [1.5f32, 0.25, 7.0, 2.0];
+    let rm = gpu().tensor(&[4], &rm_data).unwrap();
+    let rv = gpu().tensor(&[4], &rv_data).unwrap();
+    let ones = gpu().tensor(&[4], &[1.0; 4]).unwrap();
+    // gamma and beta may share a buffer: both are only read.
+    bn::forward_train(&x, &ones, &ones, &rm, &rv, 0.0, EPS).unwrap();
+    assert_eq!(rm.to_vec().unwrap(), rm_data);
+    assert_eq!(rv.to_vec().unwrap(), rv_data);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let g = gpu();
+    let x = g.zeros(&[2, 3, 4, 4]).unwrap();
+    let (c3, rm, rv) = (g.zeros(&[3]).unwrap(), g.zeros(&[3]).unwrap(), g.zeros(&[3]).unwrap());
+    let (c4, rm4, rv4) = (g.zeros(&[4]).unwrap(), g.zeros(&[4]).unwrap(), g.zeros(&[4]).unwrap());
+    let train_err = |r: featreplay::Result<bn::BnForward>, want: &str| {
+        let err = r.map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(want), "expected '{want}' in: {err}");
+    };
+    let eval_err = |r: featreplay::Result<featreplay::Tensor>, want: &str| {
+        let err = r.map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(want), "expected '{want}' in: {err}");
+    };
+
+    // Wrong gamma / beta / running statistics length.
+    train_err(bn::forward_train(&x, &c4, &c3, &rm, &rv, MOMENTUM, EPS), "gamma must have shape [3]");
+    train_err(bn::forward_train(&x, &c3, &c4, &rm, &rv, MOMENTUM, EPS), "beta must have shape [3]");
+    train_err(bn::forward_train(&x, &c3, &c3, &rm4, &rv, MOMENTUM, EPS), "running_mean must have shape [3]");
+    train_err(bn::forward_train(&x, &c3, &c3, &rm, &rv4, MOMENTUM, EPS), "running_var must have shape [3]");
+    eval_err(bn::forward_eval(&x, &c4, &c3, &rm, &rv, EPS), "gamma must have shape [3]");
+    // Rank-3 input.
+    let x3 = g.zeros(&[3, 4, 4]).unwrap();
+    train_err(bn::forward_train(&x3, &c3, &c3, &rm, &rv, MOMENTUM, EPS), "4 dimensions");
+    eval_err(bn::forward_eval(&x3, &c3, &c3, &rm, &rv, EPS), "4 dimensions");
+    // One value per channel cannot be normalised in training mode (PyTorch refuses too).
+    let x1 = g.zeros(&[1, 3, 1, 1]).unwrap();
+    train_err(bn::forward_train(&x1, &c3, &c3, &rm, &rv, MOMENTUM, EPS), "more than one value per channel");
+    // Bad eps and momentum.
+    train_err(bn::forward_train(&x, &c3, &c3, &rm, &rv, MOMENTUM, -1.0), "eps");
+    train_err(bn::forward_train(&x, &c3, &c3, &rm, &rv, f32::NAN, EPS), "momentum");
+    // Running statistics that alias another argument (the device would record a fault).
+    train_err(bn::forward_train(&x, &c3, &c3, &rm, &rm, MOMENTUM, EPS), "different tensors");
+    train_err(bn::forward_train(&x, &c3, &c3, &c3, &rv, MOMENTUM, EPS), "different tensors");
+    eval_err(bn::forward_eval(&x, &rm, &c3, &rm, &rv, EPS), "different tensors");
+
+    // Backward: dy of another shape, wrong gamma, saved stats of another channel count.
+    let f = bn::forward_train(&x, &c3, &c3, &rm, &rv, MOMENTUM, EPS).unwrap();
+    let dy_bad = g.zeros(&[2, 3, 4, 5]).unwrap();
+    assert!(bn::backward(&x, &dy_bad, &c3, &f.saved).is_err());
+    assert!(bn::backward(&x, &x, &c4, &f.saved).is_err());
+    let x4 = g.zeros(&[2, 4, 4, 4]).unwrap();
+    assert!(bn::backward(&x4, &x4, &c4, &f.saved).is_err());
+    assert!(bn::backward(&x3, &x3, &c3, &f.saved).is_err());
+    // The device is still healthy after all of these.
+    let (_, _, dbeta) = bn::backward(&x, &x, &c3, &f.saved).unwrap();
+    assert_eq!(dbeta.to_vec().unwrap(), vec![0.0; 3]);
+}
+
+/// Timing of the CIFAR ResNet's largest batch-norm shape, against an element-wise add of the
+/// same size (two loads and a store per value): `cargo test --release --test batch_norm --
+/// --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing() {
+    let g = gpu();
+    let shape = [128, 16, 32, 32];
+    let c = shape[1];
+    let (x, _) = pair(&shape, 1);
+    let (dy, _) = pair(&shape, 2);
+    let ones = g.tensor(&[c], &vec![1.0; c]).unwrap();
+    let zeros = g.zeros(&[c]).unwrap();
+    let (rm, rv) = (g.zeros(&[c]).unwrap(), g.tensor(&[c], &vec![1.0; c]).unwrap());
+    let saved = bn::forward_train(&x, &ones, &zeros, &rm, &rv, MOMENTUM, EPS).unwrap().saved;
+    bn::backward(&x, &dy, &ones, &saved).unwrap();
+    bn::forward_eval(&x, &ones, &zeros, &rm, &rv, EPS).unwrap();
+    featreplay::kernels::elementwise::add(&x, &dy).unwrap();
+    // Each trial times 5 calls of the op right after 5 adds; the fastest trial of 9 counts
+    // (other work on the machine only slows trials), with the add of the same trial.
+    let add = || drop(featreplay::kernels::elementwise::add(&x, &dy).unwrap());
+    let time = |f: &dyn Fn()| -> (f64, f64) {
+        (0..9)
+            .map(|_| {
+                let t_add =
+                    g.time(|| {
+                        (0..5).for_each(|_| add());
+                        Ok(())
+                    })
+                    .unwrap()
+                    .1 / 5.0
+                        * 1e3;
+                let t_op =
+                    g.time(|| {
+                        (0..5).for_each(|_| f());
+                        Ok(())
+                    })
+                    .unwrap()
+                    .1 / 5.0
+                        * 1e3;
+                (t_op, t_add)
+            })
+            .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a })
+    };
+    let (fwd, fwd_add) = time(&|| drop(bn::forward_train(&x, &ones, &zeros, &rm, &rv, MOMENTUM, EPS).unwrap()));
+    let (bwd, bwd_add) = time(&|| drop(bn::backward(&x, &dy, &ones, &saved).unwrap()));
+    let (eval, eval_add) = time(&|| drop(bn::forward_eval(&x, &ones, &zeros, &rm, &rv, EPS).unwrap()));
+    eprintln!(
+        "{shape:?}: forward_train {fwd:.2} ms ({:.2} adds), backward {bwd:.2} ms ({:.2} adds), forward_eval \
+         {eval:.2} ms ({:.2} adds)",
+        fwd / fwd_add,
+        bwd / bwd_add,
+        eval / eval_add
+    );
+}
