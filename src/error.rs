@@ -56,6 +56,15 @@ pub enum Error {
     #[error("unknown kernel variant '{name}' for {op}; choose one of: {choices}")]
     UnknownVariant { op: &'static str, name: String, choices: String },
 
+    /// A data file (dataset, image, checkpoint) that is missing, truncated, corrupt or does
+    /// not match what it should hold. `path` names the file, `message` what is wrong.
+    #[error("{path}: {message}")]
+    Data { path: String, message: String },
+
+    /// An I/O error on a file the user named.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+
     /// Reading a buffer back to the host failed.
     #[error("reading back a buffer from '{adapter}' failed: {message}")]
     ReadBack { adapter: String, message: String },

@@ -7,13 +7,26 @@
 //! - [`kernels`]: one module per op family, each the launcher of a WGSL file of the same name
 //!   in `shaders/`;
 //! - [`layers`]: parameters with forward and backward built from kernels;
+//! - [`model`]: ResNets as flat lists of layers, split into stages on devices;
+//! - [`pipeline`]: moving tensors between stages' devices;
+//! - [`train`]: the training schedules (backprop for now) over a split network;
+//! - [`report`]: per-epoch metrics (JSONL, CSV) and curves (PNG);
+//! - [`data`]: datasets (CIFAR binary, IDX, image folders, the embedded default), augmentation
+//!   and a background loader;
+//! - [`checkpoint`]: safetensors checkpoints written atomically;
 //! - [`demo`]: the foundation's demo job (a small residual net on random data).
 
+pub mod checkpoint;
+pub mod data;
 pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod layers;
+pub mod model;
+pub mod pipeline;
+pub mod report;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, Tensor};

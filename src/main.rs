@@ -1,19 +1,27 @@
 //! The `featreplay` command-line tool.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use featreplay::demo::{self, DemoConfig};
 use featreplay::gpu::{list_adapters, AdapterSelector};
 use featreplay::kernels::conv2d;
+use featreplay::model::plan;
+use featreplay::report::EpochRecord;
+use featreplay::train::run::{self, Observer, RunConfig};
+use featreplay::train::{Network, OptimConfig};
 use featreplay::Gpu;
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(name = "featreplay", version, about = "Features Replay training of deep conv nets on any wgpu GPU")]
 struct Cli {
-    /// Adapter: an index from `featreplay devices`, `type:discrete|integrated|cpu`,
-    /// `backend:vulkan|metal|dx12|gl`, or a name substring. Default: the best real GPU.
-    #[arg(long, global = true, env = "FEATREPLAY_ADAPTER")]
-    device: Option<String>,
+    /// Adapter(s): an index from `featreplay devices`, `type:discrete|integrated|cpu`,
+    /// `backend:vulkan|metal|dx12|gl`, a name substring, or `auto` (the best real GPU). A
+    /// comma-separated list gives one adapter per stage.
+    #[arg(long, global = true, env = "FEATREPLAY_ADAPTER", default_value = "auto")]
+    device: String,
 
     /// Conv kernel variant: `direct` (CPU adapters), `tiled` (GPUs) or `tune` (time both per
     /// shape). Default: chosen by adapter type.
@@ -24,11 +32,95 @@ struct Cli {
     command: Command,
 }
 
+/// Model and data flags shared by `train` and `plan` (named like the reference main.py).
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// cifar10, cifar100, fashion-mnist, mnist, folder, or embedded (a Fashion-MNIST subset
+    /// shipped in the binary).
+    #[arg(long, default_value = "embedded")]
+    dataset: String,
+    /// Directory of the dataset files (CIFAR binary batches, IDX files, or class folders).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// resnet (basic blocks, depth 6n+2), resnet-bottleneck (9n+2), resnet101, resnet152.
+    #[arg(long, default_value = "resnet")]
+    arch: String,
+    #[arg(long, default_value_t = 20)]
+    depth: usize,
+    /// Number of modules K the network is split into (one device each).
+    #[arg(long, default_value_t = 1)]
+    splits: usize,
+    /// even (the reference's ceil(len/K) layers per module) or balanced (cost model).
+    #[arg(long, default_value = "even")]
+    split: String,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Side of folder images after resizing.
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List every GPU adapter wgpu can reach.
     Devices,
-    /// Train a small residual network on random data (the foundation's demo job).
+    /// Train a ResNet (backprop, on one device or model-parallel over --splits devices).
+    Train {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0.1)]
+        lr: f32,
+        #[arg(long, default_value_t = 0.9)]
+        momentum: f32,
+        /// Weight decay.
+        #[arg(long, default_value_t = 5e-4)]
+        decay: f32,
+        /// Epochs at which the learning rate is multiplied by the matching --gammas
+        /// (default: 50% and 75% of --epochs).
+        #[arg(long, num_args = 0.., value_delimiter = ' ')]
+        schedule: Option<Vec<usize>>,
+        #[arg(long, num_args = 0.., value_delimiter = ' ')]
+        gammas: Option<Vec<f32>>,
+        /// Learning-rate factor of the first module (the reference FR code uses 2).
+        #[arg(long, default_value_t = 1.0)]
+        first_module_lr_scale: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Train on the first N images of a seeded shuffle of the training set.
+        #[arg(long)]
+        train_subset: Option<usize>,
+        /// bp (backprop). fr, ddg and dni come with the next issues.
+        #[arg(long, default_value = "bp")]
+        algo: String,
+        /// Output directory: metrics.jsonl, metrics.csv, curves.png, checkpoint.*
+        #[arg(long, default_value = "runs/latest")]
+        out: PathBuf,
+        /// Continue the run whose checkpoint is in DIR (writes there too).
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// No progress bar (one line per epoch only).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir).
+    Eval {
+        /// Directory holding checkpoint.safetensors (a `train --out` directory).
+        checkpoint: PathBuf,
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+    },
+    /// Show how a model splits into modules: layers, parameters, memory and cost per module.
+    Plan {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Train a small residual network on random data (the foundation's smoke test).
     Demo {
         #[arg(long, default_value_t = 8)]
         epochs: usize,
@@ -49,23 +141,84 @@ enum Command {
     },
 }
 
-fn open_device(cli: &Cli) -> Result<Gpu> {
-    let selector: AdapterSelector = match &cli.device {
-        Some(s) => s.parse().context("reading --device")?,
-        None => AdapterSelector::Auto,
-    };
-    let gpu = Gpu::open(&selector).with_context(|| format!("opening a device on adapter '{selector}'"))?;
-    if let Some(v) = &cli.conv_variant {
+fn selectors(device: &str) -> Vec<String> {
+    device.split(',').map(|s| s.trim().to_string()).collect()
+}
+
+fn apply_conv_variant(cli_variant: &Option<String>, gpus: &[Gpu]) -> Result<()> {
+    if let Some(v) = cli_variant {
         if v.trim() != "tune" {
             v.parse::<conv2d::ConvVariant>().context("reading --conv-variant")?;
         }
-        gpu.force_variant(conv2d::OP, Some(v.trim()));
+        for g in gpus {
+            g.force_variant(conv2d::OP, Some(v.trim()));
+        }
     }
+    Ok(())
+}
+
+fn open_device(cli: &Cli) -> Result<Gpu> {
+    let selector: AdapterSelector = cli.device.parse().context("reading --device")?;
+    let gpu = Gpu::open(&selector).with_context(|| format!("opening a device on adapter '{selector}'"))?;
+    apply_conv_variant(&cli.conv_variant, std::slice::from_ref(&gpu))?;
     Ok(gpu)
 }
 
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Progress bar per epoch plus one summary line per epoch.
+struct Console {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Observer for Console {
+    fn epoch_start(&mut self, epoch: usize, batches: usize) {
+        if self.quiet {
+            return;
+        }
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(epoch.to_string());
+        self.bar = Some(bar);
+    }
+
+    fn batch(&mut self, _epoch: usize, _index: usize, images_per_second: f64) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{images_per_second:.0} img/s"));
+            b.inc(1);
+        }
+    }
+
+    fn epoch_end(&mut self, r: &EpochRecord) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let mem = r.peak_memory_bytes.iter().map(|b| format!("{:.0}", mib(*b))).collect::<Vec<_>>().join("/");
+        println!(
+            "epoch {:>3}  lr {:.4}  train loss {:.4} top-1 {:>5.2}%  test loss {:.4} top-1 {:>5.2}% top-5 {:>5.2}%  best {:>5.2}%  {:.1}s  {:.0} img/s  peak MiB {mem}",
+            r.epoch,
+            r.lr,
+            r.train_loss,
+            100.0 * r.train_top1,
+            r.test_loss,
+            100.0 * r.test_top1,
+            100.0 * r.test_top5,
+            100.0 * r.best_test_top1,
+            r.epoch_seconds,
+            r.images_per_second,
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    match &cli.command {
         Command::Devices => {
             let adapters = list_adapters();
             if adapters.is_empty() {
@@ -76,9 +229,168 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("default: [0] (override with --device or FEATREPLAY_ADAPTER)");
         }
+        Command::Train {
+            model,
+            epochs,
+            lr,
+            momentum,
+            decay,
+            schedule,
+            gammas,
+            first_module_lr_scale,
+            seed,
+            train_subset,
+            algo,
+            out,
+            resume,
+            quiet,
+        } => {
+            let mut optim = OptimConfig::paper(*epochs);
+            optim.lr = *lr;
+            optim.momentum = *momentum;
+            optim.weight_decay = *decay;
+            optim.first_stage_lr_scale = *first_module_lr_scale;
+            if let Some(s) = schedule {
+                optim.schedule = s.clone();
+                optim.gammas = gammas.clone().unwrap_or_else(|| vec![0.1; s.len()]);
+            } else if let Some(g) = gammas {
+                optim.gammas = g.clone();
+            }
+            let cfg = RunConfig {
+                dataset: model.dataset.clone(),
+                data_dir: model.data_dir.clone(),
+                image_size: model.image_size,
+                train_subset: *train_subset,
+                arch: model.arch.clone(),
+                depth: model.depth,
+                splits: model.splits,
+                split: model.split.clone(),
+                epochs: *epochs,
+                batch_size: model.batch_size,
+                optim,
+                seed: *seed,
+                devices: selectors(&cli.device),
+                algo: algo.clone(),
+            };
+            if let Some(v) = &cli.conv_variant {
+                std::env::set_var(conv2d::VARIANT_ENV, v);
+                apply_conv_variant(&cli.conv_variant, &[])?;
+            }
+            let (dir, resuming) = match resume {
+                Some(d) => (d.clone(), true),
+                None => (out.clone(), false),
+            };
+            // A resumed run continues with the configuration stored in its checkpoint.
+            let shown = if resuming {
+                let (mut stored, _) =
+                    run::checkpoint_config(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
+                stored.epochs = stored.epochs.max(*epochs);
+                stored
+            } else {
+                cfg.clone()
+            };
+            let p = run::prepare(&shown).context("preparing the run")?;
+            println!(
+                "{}: {} on {} ({} train / {} test images {:?}), {} module(s), {} parameters",
+                shown.algo,
+                p.spec.name,
+                p.train.name(),
+                p.train.len(),
+                p.test.len(),
+                p.train.image_shape(),
+                p.ranges.len(),
+                p.spec.params()?
+            );
+            let mut console = Console { bar: None, quiet: *quiet };
+            let summary = run::train(&cfg, &dir, resuming, &mut console)
+                .with_context(|| format!("training into {}", dir.display()))?;
+            println!(
+                "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {}",
+                100.0 * summary.best_test_top1,
+                summary.out.display()
+            );
+        }
+        Command::Eval { checkpoint, dataset, data_dir, batch_size } => {
+            let (mut cfg, meta) = run::checkpoint_config(checkpoint)
+                .with_context(|| format!("reading the checkpoint in {}", checkpoint.display()))?;
+            if let Some(d) = dataset {
+                cfg.dataset = d.clone();
+            }
+            if data_dir.is_some() {
+                cfg.data_dir = data_dir.clone();
+            }
+            cfg.devices = selectors(&cli.device);
+            if cfg.devices.len() != 1 && cfg.devices.len() != cfg.splits {
+                cfg.devices = vec![cfg.devices[0].clone()];
+            }
+            let p = run::prepare(&cfg).context("preparing the evaluation")?;
+            let gpus = run::open_devices(&cfg.devices, p.ranges.len())?;
+            apply_conv_variant(&cli.conv_variant, &gpus)?;
+            let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
+            let file = checkpoint.join(featreplay::checkpoint::SAFETENSORS_FILE);
+            let mut ck = featreplay::checkpoint::load(checkpoint)?;
+            run::restore(&mut net, &mut ck, &file)?;
+            let m = run::evaluate(&net, p.test.clone(), &p.norm, *batch_size)?;
+            println!(
+                "{} after epoch {} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
+                p.spec.name,
+                meta.epoch,
+                p.test.name(),
+                m.samples,
+                m.loss,
+                100.0 * m.top1,
+                100.0 * m.top5
+            );
+        }
+        Command::Plan { model } => {
+            let mut cfg = RunConfig::default_for(1);
+            cfg.dataset = model.dataset.clone();
+            cfg.data_dir = model.data_dir.clone();
+            cfg.image_size = model.image_size;
+            cfg.arch = model.arch.clone();
+            cfg.depth = model.depth;
+            cfg.splits = model.splits;
+            cfg.split = model.split.clone();
+            cfg.batch_size = model.batch_size;
+            let p = run::prepare(&cfg).context("planning")?;
+            println!(
+                "{}: {} layers, {} parameters, input {:?}, batch {}, split {} into {}",
+                p.spec.name,
+                p.spec.layers.len(),
+                p.spec.params()?,
+                p.spec.input,
+                model.batch_size,
+                model.split,
+                p.ranges.len()
+            );
+            println!("module  layers          params   activations MiB  input MiB  cost GFLOP-eq  share");
+            for m in plan(&p.spec, &p.ranges, model.batch_size)? {
+                println!(
+                    "{:>6}  {:>5}..{:<5}  {:>10}  {:>15.2}  {:>9.2}  {:>13.2}  {:>5.1}%",
+                    m.index + 1,
+                    m.layers.start,
+                    m.layers.end,
+                    m.params,
+                    mib(m.activation_bytes),
+                    mib(m.input_bytes),
+                    m.cost / 1e9,
+                    100.0 * m.cost_share
+                );
+                println!("        {}", m.labels.join(", "));
+            }
+        }
         Command::Demo { epochs, samples, batch_size, size, width, lr, seed } => {
             let gpu = open_device(&cli)?;
-            let cfg = DemoConfig { samples, batch: batch_size, size, width, epochs, lr, seed, ..Default::default() };
+            let cfg = DemoConfig {
+                samples: *samples,
+                batch: *batch_size,
+                size: *size,
+                width: *width,
+                epochs: *epochs,
+                lr: *lr,
+                seed: *seed,
+                ..Default::default()
+            };
             println!("device: {}", gpu.adapter());
             println!(
                 "training a residual net ({width}/{} channels) on {samples} random {size}x{size} images, batch {batch_size}, {epochs} epochs",
@@ -92,7 +404,7 @@ fn run(cli: Cli) -> Result<()> {
                     100.0 * r.accuracy,
                     r.images_per_second,
                     r.seconds,
-                    r.peak_memory_bytes as f64 / (1024.0 * 1024.0)
+                    mib(r.peak_memory_bytes)
                 );
             })
             .context("training the demo network")?;
@@ -112,7 +424,19 @@ fn main() {
     }
     env_logger::init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("featreplay: error: {e:#}");
+        // The context chain on one line; a cause already quoted by the message above it
+        // (library errors include their I/O source) is not repeated.
+        let mut msg = String::new();
+        for cause in e.chain() {
+            let s = cause.to_string();
+            if !msg.contains(&s) {
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&s);
+            }
+        }
+        eprintln!("featreplay: error: {}", msg.replace('\n', " "));
         std::process::exit(1);
     }
 }

@@ -10,7 +10,9 @@ use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant};
 use featreplay::Gpu;
 
 /// (batch, in_channels, h, w, out_channels, kernel, stride, pad)
-const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+const SHAPES: &[Case] = &[
     (1, 3, 7, 7, 5, 3, 1, 1),
     (3, 5, 8, 8, 17, 3, 2, 1),
     (3, 17, 7, 7, 64, 1, 1, 0),

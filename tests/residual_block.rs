@@ -9,42 +9,7 @@ use common::*;
 use featreplay::layers::BasicBlock;
 use rand::SeedableRng;
 
-const EPS: f64 = 1e-5;
-
-/// PyTorch training-mode batch norm from candle ops: batch mean and biased variance over
-/// (N, H, W). Returns y and (mean, unbiased var) for the running statistics.
-fn bn_train(x: &CTensor, gamma: &CTensor, beta: &CTensor) -> (CTensor, Vec<f32>, Vec<f32>) {
-    let (n, c, h, w) = x.dims4().unwrap();
-    let count = (n * h * w) as f64;
-    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
-    let xc = x.broadcast_sub(&mean).unwrap();
-    let var = xc.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
-    let inv = (var.clone() + EPS).unwrap().sqrt().unwrap().recip().unwrap();
-    let y = xc
-        .broadcast_mul(&inv)
-        .unwrap()
-        .broadcast_mul(&gamma.reshape((1, c, 1, 1)).unwrap())
-        .unwrap()
-        .broadcast_add(&beta.reshape((1, c, 1, 1)).unwrap())
-        .unwrap();
-    let unbiased = (var.clone() * (count / (count - 1.0))).unwrap();
-    (y, cvec(&mean), cvec(&unbiased))
-}
-
-/// Option A: x[:, :, ::s, ::s] padded with (out - in) / 2 zero channels on each side.
-fn shortcut_a(x: &CTensor, out_channels: usize, stride: usize) -> CTensor {
-    let (_, c, h, w) = x.dims4().unwrap();
-    let rows: Vec<u32> = (0..h as u32).step_by(stride).collect();
-    let cols: Vec<u32> = (0..w as u32).step_by(stride).collect();
-    let dev = x.device();
-    let sub = x
-        .index_select(&CTensor::new(rows.as_slice(), dev).unwrap(), 2)
-        .unwrap()
-        .index_select(&CTensor::new(cols.as_slice(), dev).unwrap(), 3)
-        .unwrap();
-    let pad = (out_channels - c) / 2;
-    sub.pad_with_zeros(1, pad, pad).unwrap()
-}
+use common::reference::{bn_train, shortcut_a, EPS};
 
 fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, seed: u64) {
     let g = gpu();

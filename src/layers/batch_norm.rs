@@ -50,6 +50,12 @@ impl BatchNorm2d {
         bn::forward_eval(x, &self.gamma.value, &self.beta.value, &self.running_mean, &self.running_var, self.eps)
     }
 
+    /// The running statistics with PyTorch's names (`<name>.running_mean`, `.running_var`).
+    pub fn buffers(&self) -> Vec<(String, &Tensor)> {
+        let base = self.gamma.name.strip_suffix(".weight").unwrap_or(&self.gamma.name);
+        vec![(format!("{base}.running_mean"), &self.running_mean), (format!("{base}.running_var"), &self.running_var)]
+    }
+
     /// Writes the gamma and beta gradients and returns the input gradient.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, saved: &BnSaved) -> Result<Tensor> {
         let (dx, dgamma, dbeta) = bn::backward(x, dy, &self.gamma.value, saved)?;

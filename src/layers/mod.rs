@@ -3,8 +3,12 @@
 
 pub mod basic_block;
 pub mod batch_norm;
+pub mod bottleneck;
 pub mod conv;
 pub mod linear;
+pub mod loss;
+pub mod pooling;
+pub mod relu;
 
 pub use basic_block::{BasicBlock, BasicBlockActivations};
 pub use batch_norm::BatchNorm2d;

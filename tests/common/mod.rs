@@ -67,3 +67,5 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32)
 pub fn sum_atol(terms: usize, scale: f32) -> f32 {
     4.0 * f32::EPSILON * terms.max(1) as f32 * scale
 }
+
+pub mod reference;

@@ -1,0 +1,620 @@
+//! Checkpoints: named f32 tensors plus JSON metadata, in one safetensors file written atomically.
+//!
+//! # What a checkpoint holds
+//!
+//! - Named f32 tensors with the names a PyTorch user expects from a `state_dict`: weights
+//!   (`conv1.weight`, `layer1.0.conv1.weight`, `fc.bias`), batch-norm running statistics
+//!   (`layer1.0.bn1.running_mean`, `layer1.0.bn1.running_var`) and the optimizer's state under
+//!   [`MOMENTUM_PREFIX`] (`optimizer.momentum.layer1.0.conv1.weight`, see [`momentum_name`]).
+//! - [`CheckpointMeta`]: format version, epoch, iteration (global step), seed, best test
+//!   accuracy so far, the full training configuration, an optional RNG-state field and free-form
+//!   extra fields. Data order and augmentation are deterministic functions of
+//!   (seed, epoch, batch), so seed/epoch/iteration are all a resumed run needs; `rng` is kept for
+//!   future use.
+//!
+//! # Files
+//!
+//! [`save`] writes two files into a directory:
+//!
+//! - `checkpoint.safetensors` ([`SAFETENSORS_FILE`]): the checkpoint itself, a standard
+//!   safetensors file (all tensors `F32`, little endian, C order) whose header's `__metadata__`
+//!   map holds the metadata as a JSON string under the key `featreplay` ([`METADATA_KEY`]) and
+//!   `"format": "pt"`. This file alone is a complete checkpoint; PyTorch opens it with
+//!   `safetensors.torch.load_file(path)` and reads the metadata with
+//!   `json.loads(safetensors.safe_open(path, "pt").metadata()["featreplay"])`. Tensors are
+//!   stored in the order given to [`save`], and [`load`] returns them in that order.
+//! - `checkpoint.json` ([`JSON_FILE`]): a pretty-printed copy of the same metadata, for humans
+//!   and scripts. It is written after the safetensors file, so after a crash between the two it
+//!   may describe the previous checkpoint. [`load`] never reads it: the safetensors file is the
+//!   source of truth and a disagreeing `checkpoint.json` is ignored.
+//!
+//! # Atomicity
+//!
+//! Each file is written to a hidden temporary file in the same directory
+//! (`.checkpoint.safetensors.tmp-<pid>-<n>`), flushed and `sync_all`ed, then renamed over the
+//! final name; the directory is synced afterwards where the platform allows it (Unix). A crash
+//! at any point therefore leaves either the previous or the new complete
+//! `checkpoint.safetensors`, never a torn one. Temporary files left by a crash are ignored by
+//! [`load`] and deleted by the next [`save`] into the same directory (so one directory must
+//! have one writer at a time).
+//!
+//! # Validation
+//!
+//! [`load`] reports [`Error::Data`] naming the file for a missing file, a file that is not
+//! safetensors, a truncated or corrupt file, a tensor that is not `F32`, missing or unparsable
+//! metadata and an unsupported `format_version`; other I/O failures are [`Error::Io`]. Non-finite
+//! values are loaded as they are (a diverged run's checkpoint is still data): see
+//! [`Checkpoint::all_finite`].
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The checkpoint format version this build writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint file [`save`] writes into its directory.
+pub const SAFETENSORS_FILE: &str = "checkpoint.safetensors";
+/// The human-readable copy of the metadata [`save`] writes beside [`SAFETENSORS_FILE`].
+pub const JSON_FILE: &str = "checkpoint.json";
+/// The key of the metadata JSON in the safetensors header's `__metadata__` map.
+pub const METADATA_KEY: &str = "featreplay";
+/// The prefix of SGD momentum buffers: `optimizer.momentum.<parameter name>`.
+pub const MOMENTUM_PREFIX: &str = "optimizer.momentum.";
+
+/// Marker between the final file name and the unique suffix of a temporary file.
+const TEMP_MARKER: &str = ".tmp-";
+/// The safetensors crate refuses headers larger than this.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Size of the little-endian header-length field that starts every safetensors file.
+const LEN_FIELD: usize = 8;
+
+/// The checkpoint name of the SGD momentum buffer of parameter `param`
+/// (`layer1.0.conv1.weight` -> `optimizer.momentum.layer1.0.conv1.weight`).
+pub fn momentum_name(param: &str) -> String {
+    format!("{MOMENTUM_PREFIX}{param}")
+}
+
+/// One host-side f32 tensor of a checkpoint, in C (row-major) order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// PyTorch-style name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// The shape; `[]` is a scalar (one value).
+    pub shape: Vec<usize>,
+    /// The values; `data.len()` must equal the product of `shape`.
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// A tensor from its parts (checked by [`save`] and [`Checkpoint::push`], not here).
+    pub fn new(name: impl Into<String>, shape: &[usize], data: Vec<f32>) -> Self {
+        NamedTensor { name: name.into(), shape: shape.to_vec(), data }
+    }
+}
+
+/// Everything about a checkpoint except its tensors. Stored as JSON in the safetensors header
+/// and copied to `checkpoint.json`.
+///
+/// Floats go through JSON: `best_top1` and numbers inside `config` come back equal for all
+/// practical purposes (serde_json's parser may differ from the written value in the last bit in
+/// rare cases), and a non-finite `best_top1` is written as `null` and reads back as `None`.
+/// `rng: Some(Value::Null)` also reads back as `None`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CheckpointMeta {
+    /// The checkpoint format version; [`load`] accepts only [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The featreplay version that wrote the checkpoint (informative only).
+    #[serde(default)]
+    pub featreplay_version: String,
+    /// Epochs fully completed when the checkpoint was taken; a resumed run starts with epoch
+    /// index `epoch` (0-based).
+    pub epoch: usize,
+    /// Optimizer steps taken so far (the global step).
+    pub iteration: u64,
+    /// The run's seed; with `epoch` and `iteration` it determines the data order and
+    /// augmentation of the rest of the run.
+    pub seed: u64,
+    /// Best test top-1 accuracy so far (a fraction or a percentage, as the trainer chooses).
+    #[serde(default)]
+    pub best_top1: Option<f64>,
+    /// The full training configuration, as the trainer serialised it.
+    #[serde(default)]
+    pub config: Value,
+    /// Reserved for an RNG state; featreplay's randomness is a function of (seed, epoch, batch)
+    /// so this is `None` today.
+    #[serde(default)]
+    pub rng: Option<Value>,
+    /// Free-form fields (an object by default).
+    #[serde(default)]
+    pub extra: Value,
+}
+
+impl CheckpointMeta {
+    /// Metadata of the current format version with no best accuracy, no RNG state and an
+    /// empty `extra` object.
+    pub fn new(epoch: usize, iteration: u64, seed: u64, config: Value) -> Self {
+        CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            featreplay_version: env!("CARGO_PKG_VERSION").to_string(),
+            epoch,
+            iteration,
+            seed,
+            best_top1: None,
+            config,
+            rng: None,
+            extra: Value::Object(serde_json::Map::new()),
+        }
+    }
+}
+
+/// A checkpoint in host memory: metadata and named tensors (in file order after [`load`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// Epoch, iteration, seed, configuration and the rest.
+    pub meta: CheckpointMeta,
+    /// The tensors, names unique.
+    pub tensors: Vec<NamedTensor>,
+}
+
+impl Checkpoint {
+    /// A checkpoint with no tensors yet.
+    pub fn new(meta: CheckpointMeta) -> Self {
+        Checkpoint { meta, tensors: Vec::new() }
+    }
+
+    /// Appends a tensor, checking that `data` fills `shape` and that the name is valid and new.
+    pub fn push(&mut self, name: impl Into<String>, shape: &[usize], data: Vec<f32>) -> Result<()> {
+        let tensor = NamedTensor::new(name, shape, data);
+        check_tensor(&tensor).map_err(|message| self.error(message))?;
+        if self.get(&tensor.name).is_some() {
+            return Err(self.error(format!("tensor `{}` is already in the checkpoint", tensor.name)));
+        }
+        self.tensors.push(tensor);
+        Ok(())
+    }
+
+    /// The tensor called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Removes the tensor called `name` and returns its values, after checking that its shape
+    /// is exactly `expected_shape` (`[64]` and `[1, 64, 1, 1]` differ). On error (no such
+    /// tensor, or another shape) the checkpoint is left unchanged and the error names the
+    /// tensor. After taking everything a model needs, [`Checkpoint::names`] lists what the
+    /// model did not use.
+    pub fn take(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let Some(index) = self.tensors.iter().position(|t| t.name == name) else {
+            return Err(self.error(self.missing_message(name)));
+        };
+        let shape = &self.tensors[index].shape;
+        if shape.as_slice() != expected_shape {
+            return Err(self.error(format!(
+                "tensor `{name}` has shape {shape:?} in the checkpoint but {expected_shape:?} is expected"
+            )));
+        }
+        Ok(self.tensors.remove(index).data)
+    }
+
+    /// The tensor names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    /// Whether every value of every tensor is finite (no NaN, no infinity).
+    pub fn all_finite(&self) -> bool {
+        self.first_non_finite().is_none()
+    }
+
+    /// The first non-finite value: the tensor's name and the flat index of the value.
+    pub fn first_non_finite(&self) -> Option<(&str, usize)> {
+        self.tensors.iter().find_map(|t| t.data.iter().position(|v| !v.is_finite()).map(|i| (t.name.as_str(), i)))
+    }
+
+    /// An [`Error::Data`] about this in-memory checkpoint (it has no file name).
+    fn error(&self, message: String) -> Error {
+        Error::Data {
+            path: format!("checkpoint (epoch {}, iteration {})", self.meta.epoch, self.meta.iteration),
+            message,
+        }
+    }
+
+    fn missing_message(&self, name: &str) -> String {
+        let group = name.split('.').next().unwrap_or(name);
+        let similar: Vec<&str> = self.names().filter(|n| n.split('.').next() == Some(group)).take(6).collect();
+        let hint = if similar.is_empty() {
+            let first: Vec<&str> = self.names().take(6).collect();
+            format!("e.g. {first:?}")
+        } else {
+            format!("those starting with `{group}`: {similar:?}")
+        };
+        format!("no tensor named `{name}`; the checkpoint holds {} tensors, {hint}", self.tensors.len())
+    }
+}
+
+/// Writes `ckpt` atomically into `dir` (created if needed) as `dir/checkpoint.safetensors` and
+/// `dir/checkpoint.json`, replacing the previous checkpoint there, and returns the path of the
+/// safetensors file. Stale temporary files from an interrupted save are deleted first.
+///
+/// Errors: [`Error::Data`] (naming the file that would be written) for a tensor whose data does
+/// not fill its shape, an empty, reserved (`__metadata__`) or duplicate name; [`Error::Io`] for
+/// I/O failures, after which the previous checkpoint is still in place.
+pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<PathBuf> {
+    save_inner(dir, ckpt, None)
+}
+
+/// Where [`save_interrupted`] stops, simulating a crash (for tests of crash safety).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The temporary safetensors file is left half written.
+    TornTempFile,
+    /// The temporary safetensors file is complete and synced but not renamed.
+    BeforeRename,
+    /// The new safetensors file is in place; `checkpoint.json` still holds the old metadata.
+    BetweenFiles,
+}
+
+/// [`save`] that stops at `at`, as if the process had died there. For tests only.
+#[doc(hidden)]
+pub fn save_interrupted(dir: &Path, ckpt: &Checkpoint, at: CrashPoint) -> Result<()> {
+    save_inner(dir, ckpt, Some(at)).map(|_| ())
+}
+
+fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Result<PathBuf> {
+    let final_path = dir.join(SAFETENSORS_FILE);
+    let header = build_header(ckpt).map_err(|message| data_error(&final_path, message))?;
+    let json = serde_json::to_vec_pretty(&ckpt.meta)
+        .map_err(|e| data_error(&dir.join(JSON_FILE), format!("cannot serialise the metadata: {e}")))?;
+
+    fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
+    clean_stale_temps(dir);
+
+    let written = write_atomic(dir, SAFETENSORS_FILE, crash, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for tensor in &ckpt.tensors {
+            write_f32s(w, &tensor.data)?;
+        }
+        Ok(())
+    })?;
+    if !written || crash == Some(CrashPoint::BetweenFiles) {
+        return Ok(final_path);
+    }
+    write_atomic(dir, JSON_FILE, None, |w| {
+        w.write_all(&json)?;
+        w.write_all(b"\n")
+    })?;
+    sync_dir(dir);
+    log::debug!(
+        "saved checkpoint {} (epoch {}, iteration {}, {} tensors)",
+        final_path.display(),
+        ckpt.meta.epoch,
+        ckpt.meta.iteration,
+        ckpt.tensors.len()
+    );
+    Ok(final_path)
+}
+
+/// Reads a checkpoint: `dir_or_file` is a directory holding `checkpoint.safetensors` or the
+/// path of a checkpoint safetensors file (any name). `checkpoint.json` is not read. See the
+/// module documentation for the errors.
+pub fn load(dir_or_file: &Path) -> Result<Checkpoint> {
+    let path = resolve(dir_or_file);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(&path)),
+        Err(source) => return Err(io_error(&path, source)),
+    };
+    parse(&path, &bytes)
+}
+
+/// Reads only the metadata of a checkpoint (the safetensors header), without reading or
+/// checking the tensor data: a cheap look at the epoch or configuration of a large checkpoint.
+/// [`load`] still validates everything.
+pub fn load_meta(dir_or_file: &Path) -> Result<CheckpointMeta> {
+    let path = resolve(dir_or_file);
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(&path)),
+        Err(source) => return Err(io_error(&path, source)),
+    };
+    let file_len = file.metadata().map_err(|source| io_error(&path, source))?.len();
+    if file_len < LEN_FIELD as u64 {
+        return Err(too_short(&path, file_len));
+    }
+    let mut len_field = [0u8; LEN_FIELD];
+    file.read_exact(&mut len_field).map_err(|source| io_error(&path, source))?;
+    let header_len = check_header_len(&path, u64::from_le_bytes(len_field), file_len)?;
+    let mut header = vec![0u8; header_len];
+    file.read_exact(&mut header).map_err(|source| io_error(&path, source))?;
+    let header: Value = serde_json::from_slice(&header)
+        .map_err(|e| data_error(&path, format!("not a safetensors file (or corrupt): invalid JSON header: {e}")))?;
+    if !header.is_object() {
+        return Err(data_error(&path, "not a safetensors file (or corrupt): the header is not a JSON object"));
+    }
+    let map = header.get("__metadata__").and_then(Value::as_object).map(|m| {
+        m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect::<HashMap<_, _>>()
+    });
+    parse_meta(&path, map.as_ref())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/// Checks one tensor's name and length; the message names the tensor.
+fn check_tensor(t: &NamedTensor) -> std::result::Result<usize, String> {
+    if t.name.is_empty() {
+        return Err("a tensor has an empty name".to_string());
+    }
+    if t.name == "__metadata__" {
+        return Err("`__metadata__` is reserved by safetensors and cannot name a tensor".to_string());
+    }
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(|| format!("tensor `{}` has shape {:?}, too large to store", t.name, t.shape))?;
+    if t.data.len() != numel {
+        return Err(format!(
+            "tensor `{}` has {} values, but its shape {:?} needs {numel}",
+            t.name,
+            t.data.len(),
+            t.shape
+        ));
+    }
+    Ok(numel)
+}
+
+/// The safetensors header (JSON, space-padded to a multiple of 8 bytes) for `ckpt`, tensors
+/// laid out in the checkpoint's order.
+fn build_header(ckpt: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
+    let mut seen = HashSet::with_capacity(ckpt.tensors.len());
+    let mut infos = Vec::with_capacity(ckpt.tensors.len());
+    let mut offset = 0usize;
+    for t in &ckpt.tensors {
+        let bytes = check_tensor(t)? * 4;
+        if !seen.insert(t.name.as_str()) {
+            return Err(format!("tensor `{}` appears twice", t.name));
+        }
+        let end = offset.checked_add(bytes).ok_or_else(|| "the tensors are too large to store".to_string())?;
+        infos.push((
+            t.name.clone(),
+            TensorInfo { dtype: Dtype::F32, shape: t.shape.clone(), data_offsets: (offset, end) },
+        ));
+        offset = end;
+    }
+    let meta_json = serde_json::to_string(&ckpt.meta).map_err(|e| format!("cannot serialise the metadata: {e}"))?;
+    let map = HashMap::from([(METADATA_KEY.to_string(), meta_json), ("format".to_string(), "pt".to_string())]);
+    let metadata = Metadata::new(Some(map), infos).map_err(|e| format!("invalid tensor layout: {e}"))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| format!("cannot serialise the header: {e}"))?;
+    header.resize(header.len().next_multiple_of(LEN_FIELD), b' ');
+    if header.len() as u64 > MAX_HEADER_BYTES {
+        return Err(format!("the header would take {} bytes, more than safetensors allows", header.len()));
+    }
+    Ok(header)
+}
+
+#[cfg(target_endian = "little")]
+fn write_f32s(w: &mut impl Write, data: &[f32]) -> io::Result<()> {
+    w.write_all(bytemuck::cast_slice(data))
+}
+
+#[cfg(target_endian = "big")]
+fn write_f32s(w: &mut impl Write, data: &[f32]) -> io::Result<()> {
+    for chunk in data.chunks(16384) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes `dir/name` through a synced temporary file and a rename. Returns whether the file was
+/// renamed into place (`false` only when `crash` stops it before the rename).
+fn write_atomic(
+    dir: &Path,
+    name: &str,
+    crash: Option<CrashPoint>,
+    write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
+) -> Result<bool> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let final_path = dir.join(name);
+    let temp_path =
+        dir.join(format!(".{name}{TEMP_MARKER}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let file =
+        File::options().write(true).create_new(true).open(&temp_path).map_err(|source| io_error(&temp_path, source))?;
+    if let Err(source) = write_synced(&file, write) {
+        drop(file);
+        let _ = fs::remove_file(&temp_path);
+        return Err(io_error(&temp_path, source));
+    }
+    match crash {
+        Some(CrashPoint::TornTempFile) => {
+            let len = file.metadata().map_err(|source| io_error(&temp_path, source))?.len();
+            file.set_len(len / 2).map_err(|source| io_error(&temp_path, source))?;
+            return Ok(false);
+        }
+        Some(CrashPoint::BeforeRename) => return Ok(false),
+        Some(CrashPoint::BetweenFiles) | None => {}
+    }
+    drop(file);
+    if let Err(source) = fs::rename(&temp_path, &final_path) {
+        let _ = fs::remove_file(&temp_path);
+        return Err(io_error(&final_path, source));
+    }
+    Ok(true)
+}
+
+/// Writes through a buffer, flushes and syncs `file` to disk.
+fn write_synced(file: &File, write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    write(&mut w)?;
+    w.flush()?;
+    drop(w);
+    file.sync_all()
+}
+
+/// Whether `name` is a temporary file of [`write_atomic`].
+fn is_temp_name(name: &str) -> bool {
+    [SAFETENSORS_FILE, JSON_FILE].iter().any(|f| {
+        name.strip_prefix('.').and_then(|rest| rest.strip_prefix(f)).is_some_and(|rest| rest.starts_with(TEMP_MARKER))
+    })
+}
+
+/// Deletes temporary files left in `dir` by an interrupted save (best effort).
+fn clean_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(is_temp_name) {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {} left by an interrupted checkpoint save", path.display()),
+                Err(e) => log::warn!("could not remove stale temporary file {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+/// Makes the renames in `dir` durable where the platform supports syncing a directory.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        if let Err(e) = d.sync_all() {
+            log::debug!("could not sync directory {}: {e}", dir.display());
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+fn resolve(dir_or_file: &Path) -> PathBuf {
+    if dir_or_file.is_dir() {
+        dir_or_file.join(SAFETENSORS_FILE)
+    } else {
+        dir_or_file.to_path_buf()
+    }
+}
+
+fn data_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Data { path: path.display().to_string(), message: message.into() }
+}
+
+fn io_error(path: &Path, source: io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), source }
+}
+
+fn not_found(path: &Path) -> Error {
+    data_error(path, format!("no checkpoint here: the file does not exist (save writes <dir>/{SAFETENSORS_FILE})"))
+}
+
+fn too_short(path: &Path, len: u64) -> Error {
+    data_error(path, format!("truncated or not a safetensors file: {len} bytes, too short for the header length"))
+}
+
+/// Checks the header length field against the file size; returns it as usize.
+fn check_header_len(path: &Path, header_len: u64, file_len: u64) -> Result<usize> {
+    if header_len > MAX_HEADER_BYTES {
+        return Err(data_error(
+            path,
+            format!("not a safetensors file (or corrupt): the header length field reads {header_len} bytes"),
+        ));
+    }
+    let available = file_len.saturating_sub(LEN_FIELD as u64);
+    if header_len > available {
+        return Err(data_error(
+            path,
+            format!("truncated or not a safetensors file: the header needs {header_len} bytes but {available} follow"),
+        ));
+    }
+    // At most MAX_HEADER_BYTES, so it fits.
+    Ok(header_len as usize)
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
+    let file_len = bytes.len() as u64;
+    let Some(len_field) = bytes.get(..LEN_FIELD) else {
+        return Err(too_short(path, file_len));
+    };
+    let mut len_bytes = [0u8; LEN_FIELD];
+    len_bytes.copy_from_slice(len_field);
+    check_header_len(path, u64::from_le_bytes(len_bytes), file_len)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        SafeTensorError::MetadataIncompleteBuffer => {
+            data_error(path, "truncated or corrupt: the tensor data in the file does not match the sizes in its header")
+        }
+        SafeTensorError::InvalidHeader(_) | SafeTensorError::InvalidHeaderDeserialization(_) => {
+            data_error(path, format!("not a safetensors file (or corrupt): {e}"))
+        }
+        e => data_error(path, format!("corrupt safetensors file: {e}")),
+    })?;
+    let meta = parse_meta(path, metadata.metadata().as_ref())?;
+
+    let data_start = LEN_FIELD + header_len;
+    let names = metadata.offset_keys();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let Some(info) = metadata.info(&name) else {
+            return Err(data_error(path, format!("tensor `{name}` is listed but has no entry in the header")));
+        };
+        if info.dtype != Dtype::F32 {
+            return Err(data_error(
+                path,
+                format!("tensor `{name}` has dtype {}, but featreplay checkpoints hold F32 tensors only", info.dtype),
+            ));
+        }
+        let (start, end) = info.data_offsets;
+        let raw = data_start
+            .checked_add(start)
+            .zip(data_start.checked_add(end))
+            .and_then(|(s, e)| bytes.get(s..e))
+            .ok_or_else(|| data_error(path, format!("tensor `{name}` lies outside the file")))?;
+        let data = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.push(NamedTensor { name, shape: info.shape.clone(), data });
+    }
+    Ok(Checkpoint { meta, tensors })
+}
+
+/// Parses the featreplay metadata out of a safetensors header's `__metadata__` map.
+fn parse_meta(path: &Path, map: Option<&HashMap<String, String>>) -> Result<CheckpointMeta> {
+    let Some(map) = map else {
+        return Err(data_error(
+            path,
+            "not a featreplay checkpoint: the safetensors header has no __metadata__ (a plain weights file?)",
+        ));
+    };
+    let Some(json) = map.get(METADATA_KEY) else {
+        return Err(data_error(
+            path,
+            format!("not a featreplay checkpoint: the safetensors header's __metadata__ has no `{METADATA_KEY}` entry"),
+        ));
+    };
+    let value: Value = serde_json::from_str(json)
+        .map_err(|e| data_error(path, format!("the `{METADATA_KEY}` metadata is not valid JSON: {e}")))?;
+    let Some(version) = value.get("format_version").and_then(Value::as_u64) else {
+        return Err(data_error(path, format!("the `{METADATA_KEY}` metadata has no valid format_version")));
+    };
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(data_error(
+            path,
+            format!(
+                "unsupported checkpoint format_version {version}: featreplay {} reads version {FORMAT_VERSION} only",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| data_error(path, format!("the `{METADATA_KEY}` metadata is invalid: {e}")))
+}

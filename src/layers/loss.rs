@@ -1,0 +1,72 @@
+//! The training criterion: softmax cross-entropy averaged over the batch, with top-1/top-5
+//! correct counts, all kept on the device so a step needs no host round trip.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::kernels::cross_entropy;
+
+/// Device-side results of one batch.
+pub struct LossOutput {
+    /// `[1]`: mean loss over the batch.
+    pub loss: Tensor,
+    /// `[2]`: top-1 and top-5 correct counts.
+    pub correct: Tensor,
+}
+
+/// Uploads labels after checking their range.
+pub fn labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Tensor> {
+    cross_entropy::labels_tensor(gpu, labels, classes)
+}
+
+/// Loss, correct counts and the gradient with respect to the logits.
+pub fn forward_backward(logits: &Tensor, labels: &Tensor) -> Result<(LossOutput, Tensor)> {
+    let out = cross_entropy::forward_backward(logits, labels)?;
+    let dlogits = out
+        .dlogits
+        .ok_or(Error::Unsupported { op: "cross_entropy", detail: "forward_backward returned no gradient".into() })?;
+    Ok((LossOutput { loss: out.loss, correct: out.correct }, dlogits))
+}
+
+/// Loss and correct counts only (evaluation).
+pub fn forward(logits: &Tensor, labels: &Tensor) -> Result<LossOutput> {
+    let out = cross_entropy::forward(logits, labels)?;
+    Ok(LossOutput { loss: out.loss, correct: out.correct })
+}
+
+/// Sums of loss and correct counts over many batches, kept on the device until read.
+pub struct MetricsAccumulator {
+    loss_sum: Tensor,
+    correct: Tensor,
+    samples: usize,
+}
+
+/// Averages over the samples seen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub samples: usize,
+}
+
+impl MetricsAccumulator {
+    pub fn new(gpu: &Gpu) -> Result<MetricsAccumulator> {
+        Ok(MetricsAccumulator { loss_sum: gpu.zeros(&[1])?, correct: gpu.zeros(&[2])?, samples: 0 })
+    }
+
+    /// Adds one batch (its mean loss weighted by its size, so partial batches count right).
+    pub fn add(&mut self, out: &LossOutput, batch: usize) -> Result<()> {
+        crate::kernels::elementwise::axpy(batch as f32, &out.loss, &self.loss_sum)?;
+        crate::kernels::elementwise::axpy(1.0, &out.correct, &self.correct)?;
+        self.samples += batch;
+        Ok(())
+    }
+
+    /// Reads the averages (waits for the device).
+    pub fn read(&self) -> Result<Metrics> {
+        let l = self.loss_sum.to_vec()?;
+        let c = self.correct.to_vec()?;
+        let n = self.samples.max(1) as f64;
+        Ok(Metrics { loss: l[0] as f64 / n, top1: c[0] as f64 / n, top5: c[1] as f64 / n, samples: self.samples })
+    }
+}

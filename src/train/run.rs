@@ -1,0 +1,290 @@
+//! A whole training run: data, model, split over devices, epochs of training and
+//! evaluation, metrics, plots and checkpoints, with exact resume.
+//!
+//! Determinism: weights come from the seed (per layer), the data order and augmentation of
+//! each batch from (seed, epoch, batch), so a run is a function of its configuration, and a
+//! resumed run continues exactly where the checkpoint left off: same batches, same weights,
+//! same momentum, same BN statistics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Network, OptimConfig};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
+use crate::error::{Error, Result};
+use crate::gpu::{adapter, AdapterSelector, Gpu};
+use crate::layers::loss::{Metrics, MetricsAccumulator};
+use crate::model::resnet::{build, Arch, ResNetConfig};
+use crate::model::{split, ModelSpec, SplitPolicy};
+use crate::report::{EpochRecord, MetricsLog};
+
+/// Everything that defines a run (stored in its checkpoints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub dataset: String,
+    pub data_dir: Option<PathBuf>,
+    /// Side of folder images after resizing.
+    pub image_size: usize,
+    /// Use only the first N training images (after a seeded shuffle); None: all.
+    pub train_subset: Option<usize>,
+    pub arch: String,
+    pub depth: usize,
+    pub splits: usize,
+    pub split: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optim: OptimConfig,
+    pub seed: u64,
+    /// Adapter selectors, one per stage or one for all; stages in order.
+    pub devices: Vec<String>,
+    pub algo: String,
+}
+
+impl RunConfig {
+    /// The paper's setup on the embedded dataset with a ResNet-20 on one device.
+    pub fn default_for(epochs: usize) -> RunConfig {
+        RunConfig {
+            dataset: "embedded".into(),
+            data_dir: None,
+            image_size: 32,
+            train_subset: None,
+            arch: "resnet".into(),
+            depth: 20,
+            splits: 1,
+            split: "even".into(),
+            epochs,
+            batch_size: 128,
+            optim: OptimConfig::paper(epochs),
+            seed: 0,
+            devices: vec!["auto".into()],
+            algo: "bp".into(),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |detail: String| Error::Unsupported { op: "train", detail };
+        if self.epochs == 0 {
+            return Err(bad("--epochs must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(bad("--batch-size must be at least 1".into()));
+        }
+        if self.algo != "bp" {
+            return Err(bad(format!("--algo {}: only bp is implemented so far", self.algo)));
+        }
+        if self.devices.is_empty() || (self.devices.len() != 1 && self.devices.len() != self.splits) {
+            return Err(bad(format!(
+                "{} devices for {} stages: give one or one per stage",
+                self.devices.len(),
+                self.splits
+            )));
+        }
+        self.optim.validate()
+    }
+}
+
+/// The datasets, model description and split of a configuration.
+pub struct Prepared {
+    pub train: Arc<Dataset>,
+    pub test: Arc<Dataset>,
+    pub norm: Normalization,
+    pub spec: ModelSpec,
+    pub ranges: Vec<std::ops::Range<usize>>,
+}
+
+/// Loads the data and describes the model (no device needed).
+pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
+    cfg.check()?;
+    let kind: DatasetKind = cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })?;
+    let opts = LoadOptions { root: cfg.data_dir.clone(), image_size: (cfg.image_size as u32, cfg.image_size as u32) };
+    let (mut train, test) = kind.load_train_test(&opts)?;
+    if let Some(n) = cfg.train_subset {
+        if n == 0 || n > train.len() {
+            return Err(Error::Unsupported {
+                op: "data",
+                detail: format!("--train-subset {n}: the training set has {} images", train.len()),
+            });
+        }
+        let order = crate::data::epoch_order(train.len(), cfg.seed, u64::MAX);
+        train = train.subset(&order[..n], format!("{}-subset{n}", train.name()))?;
+    }
+    let norm = Normalization::for_kind(kind, &train);
+    let arch: Arch = cfg.arch.parse()?;
+    let spec = build(&ResNetConfig {
+        arch,
+        depth: cfg.depth,
+        input: train.image_shape().to_vec(),
+        classes: train.num_classes(),
+    })?;
+    let policy: SplitPolicy = cfg.split.parse()?;
+    let ranges = split(&spec, cfg.splits, policy)?;
+    Ok(Prepared { train: Arc::new(train), test: Arc::new(test), norm, spec, ranges })
+}
+
+/// Opens one device per stage on the adapters the selectors name (one selector: every stage
+/// on that adapter, each with its own device and queue).
+pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
+    let instance = adapter::new_instance();
+    (0..stages)
+        .map(|k| {
+            let s = if selectors.len() == 1 { &selectors[0] } else { &selectors[k] };
+            let sel: AdapterSelector = s.parse()?;
+            Gpu::open_on(&instance, &sel)
+        })
+        .collect()
+}
+
+/// Progress callbacks (the CLI draws a progress bar from them).
+pub trait Observer {
+    /// Before the first batch of an epoch (1-based) of `batches` batches.
+    fn epoch_start(&mut self, _epoch: usize, _batches: usize) {}
+    /// After each training batch; `images_per_second` since the epoch started.
+    fn batch(&mut self, _epoch: usize, _index: usize, _images_per_second: f64) {}
+    /// After each epoch's evaluation.
+    fn epoch_end(&mut self, _record: &EpochRecord) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub records: Vec<EpochRecord>,
+    pub best_test_top1: f64,
+    pub out: PathBuf,
+}
+
+/// Evaluates `net` on `data` (evaluation mode, no augmentation, every sample).
+pub fn evaluate(net: &Network, data: Arc<Dataset>, norm: &Normalization, batch_size: usize) -> Result<Metrics> {
+    let last = &net.stages[net.stages.len() - 1].gpu;
+    let mut acc = MetricsAccumulator::new(last)?;
+    for batch in Loader::new(data, norm.clone(), LoaderConfig::eval(batch_size), 0)? {
+        let out = net.eval_batch(&batch.images, &batch.labels)?;
+        acc.add(&out, batch.len())?;
+        net.sync()?;
+    }
+    acc.read()
+}
+
+/// Host copies of every state tensor, for a checkpoint.
+fn checkpoint_of(net: &Network, cfg: &RunConfig, epoch: usize, best: f64) -> Result<Checkpoint> {
+    let config =
+        serde_json::to_value(cfg).map_err(|e| Error::Data { path: "config".into(), message: e.to_string() })?;
+    let mut meta = CheckpointMeta::new(epoch, net.steps, cfg.seed, config);
+    meta.best_top1 = Some(best);
+    let mut ck = Checkpoint::new(meta);
+    for (name, t) in net.state() {
+        ck.push(name, t.shape(), t.to_vec()?)?;
+    }
+    Ok(ck)
+}
+
+/// Loads a checkpoint's tensors into `net` (every tensor must be there with its shape).
+pub fn restore(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    for (name, t) in net.state() {
+        let data = ck.take(&name, t.shape()).map_err(|e| Error::Data {
+            path: path.display().to_string(),
+            message: format!("does not fit this model: {e}"),
+        })?;
+        t.gpu().write(&t, &data)?;
+    }
+    if let Some(extra) = ck.names().next() {
+        return Err(Error::Data {
+            path: path.display().to_string(),
+            message: format!("holds tensor '{extra}' that this model does not have (another architecture?)"),
+        });
+    }
+    net.steps = ck.meta.iteration;
+    Ok(())
+}
+
+/// The configuration stored in a checkpoint.
+pub fn checkpoint_config(dir: &Path) -> Result<(RunConfig, CheckpointMeta)> {
+    let meta = checkpoint::load_meta(dir)?;
+    let cfg: RunConfig = serde_json::from_value(meta.config.clone()).map_err(|e| Error::Data {
+        path: dir.join(checkpoint::SAFETENSORS_FILE).display().to_string(),
+        message: format!("the stored run configuration is unreadable: {e}"),
+    })?;
+    Ok((cfg, meta))
+}
+
+/// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`. With
+/// `resume`, continues the run whose checkpoint is in `out` (its configuration wins, except
+/// `epochs`, which may be raised to train longer).
+pub fn train(cfg: &RunConfig, out: &Path, resume: bool, obs: &mut dyn Observer) -> Result<RunSummary> {
+    let (cfg, start_epoch, mut best, ck) = if resume {
+        let (mut stored, meta) = checkpoint_config(out)?;
+        stored.epochs = stored.epochs.max(cfg.epochs);
+        let ck = checkpoint::load(out)?;
+        (stored, meta.epoch, meta.best_top1.unwrap_or(0.0), Some(ck))
+    } else {
+        (cfg.clone(), 0, 0.0, None)
+    };
+    let p = prepare(&cfg)?;
+    let gpus = open_devices(&cfg.devices, p.ranges.len())?;
+    let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
+    if let Some(mut ck) = ck {
+        restore(&mut net, &mut ck, &out.join(checkpoint::SAFETENSORS_FILE))?;
+    }
+    let mut log = MetricsLog::open(out, start_epoch + 1)?;
+    let mut records = log.records().to_vec();
+    for epoch in start_epoch..cfg.epochs {
+        let lr = cfg.optim.lr_at(epoch);
+        for g in &gpus {
+            g.reset_peak_memory();
+        }
+        let loader =
+            Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
+        obs.epoch_start(epoch + 1, loader.num_batches());
+        let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
+        let t0 = Instant::now();
+        let mut seen = 0usize;
+        for batch in loader {
+            let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
+            acc.add(&out, batch.len())?;
+            // One iteration in flight at most: the host never races ahead of the devices.
+            net.sync()?;
+            seen += batch.len();
+            obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
+        }
+        let train_metrics = acc.read()?;
+        let epoch_seconds = t0.elapsed().as_secs_f64();
+        let peak_memory_bytes = gpus.iter().map(|g| g.memory().peak_bytes).collect();
+        let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
+        if !train_metrics.loss.is_finite() {
+            return Err(Error::Unsupported {
+                op: "train",
+                detail: format!(
+                    "training diverged at epoch {} (loss {}); try a lower --lr",
+                    epoch + 1,
+                    train_metrics.loss
+                ),
+            });
+        }
+        best = best.max(test.top1);
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            lr: lr as f64,
+            train_loss: train_metrics.loss,
+            train_top1: train_metrics.top1,
+            test_loss: test.loss,
+            test_top1: test.top1,
+            test_top5: test.top5,
+            best_test_top1: best,
+            epoch_seconds,
+            images_per_second: train_metrics.samples as f64 / epoch_seconds,
+            peak_memory_bytes,
+        };
+        checkpoint::save(out, &checkpoint_of(&net, &cfg, epoch + 1, best)?)?;
+        log.push(record.clone())?;
+        obs.epoch_end(&record);
+        records.push(record);
+    }
+    Ok(RunSummary { records, best_test_top1: best, out: out.to_path_buf() })
+}
