@@ -11,6 +11,7 @@
 //! - [`pipeline`]: moving tensors between stages' devices;
 //! - [`train`]: the training schedules (backprop for now) over a split network;
 //! - [`report`]: per-epoch metrics (JSONL, CSV) and curves (PNG);
+//! - [`trace`]: the pipeline's timeline as Chrome trace events;
 //! - [`data`]: datasets (CIFAR binary, IDX, image folders, the embedded default), augmentation
 //!   and a background loader;
 //! - [`checkpoint`]: safetensors checkpoints written atomically;
@@ -26,6 +27,7 @@ pub mod layers;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod trace;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -91,9 +91,12 @@ enum Command {
         /// Train on the first N images of a seeded shuffle of the training set.
         #[arg(long)]
         train_subset: Option<usize>,
-        /// bp (backprop). fr, ddg and dni come with the next issues.
+        /// bp (backprop; model-parallel when --splits > 1) or fr (Features Replay).
         #[arg(long, default_value = "bp")]
         algo: String,
+        /// Write the pipeline's timeline as Chrome trace events (open in ui.perfetto.dev).
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         /// Output directory: metrics.jsonl, metrics.csv, curves.png, checkpoint.*
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
@@ -244,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             quiet,
+            trace,
         } => {
             let mut optim = OptimConfig::paper(*epochs);
             optim.lr = *lr;
@@ -302,7 +306,7 @@ fn run(cli: Cli) -> Result<()> {
                 p.spec.params()?
             );
             let mut console = Console { bar: None, quiet: *quiet };
-            let summary = run::train(&cfg, &dir, resuming, &mut console)
+            let summary = run::train(&cfg, &dir, resuming, trace.as_deref(), &mut console)
                 .with_context(|| format!("training into {}", dir.display()))?;
             println!(
                 "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {}",

@@ -117,7 +117,7 @@ fn bad_input_is_a_one_line_error() {
         (vec!["train", "--arch", "vgg"], "unknown architecture 'vgg'"),
         (vec!["train", "--dataset", "cifar10", "--data-dir", empty], empty),
         (vec!["train", "--schedule", "1", "2", "--gammas", "0.1"], "one gamma per schedule step"),
-        (vec!["train", "--algo", "fr"], "only bp is implemented"),
+        (vec!["train", "--algo", "dni"], "choose bp or fr"),
         (vec!["train", "--resume", empty], "checkpoint"),
         (vec!["eval", garbage.to_str().unwrap()], "checkpoint.safetensors"),
         (vec!["plan", "--depth", "110", "--splits", "100"], "K must be between 1 and 59"),
@@ -129,5 +129,48 @@ fn bad_input_is_a_one_line_error() {
         assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: not one line: {e}");
         assert!(e.contains(expect), "{args:?}: {e} does not mention {expect}");
         assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn fr_trains_traces_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fr_args = |out: &Path, epochs: &str| {
+        let mut a = tiny(out, epochs);
+        a.extend(["--algo", "fr", "--splits", "3"].iter().map(|s| s.to_string()));
+        a
+    };
+    let full = tmp.path().join("full");
+    let trace = tmp.path().join("trace.json");
+    let mut args = fr_args(&full, "2");
+    args.extend(["--trace".to_string(), trace.to_str().unwrap().to_string()]);
+    let (ok, o, e) = featreplay(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{o}{e}");
+    let m = metrics(&full);
+    assert_eq!(m.len(), 2);
+    assert!(m.iter().all(|r| r["train_loss"].as_f64().unwrap().is_finite()));
+    assert_eq!(m[0]["peak_memory_bytes"].as_array().unwrap().len(), 3, "one peak per stage");
+
+    // The trace: valid JSON, spans of every stage, the FR phases present.
+    let events: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let spans: Vec<&Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    for tid in 0..3 {
+        assert!(spans.iter().any(|e| e["tid"] == tid), "no span of stage {tid}");
+    }
+    for phase in ["play", "replay", "backward", "update", "send", "receive", "forward", "loss"] {
+        assert!(spans.iter().any(|e| e["name"] == phase), "no '{phase}' span");
+    }
+    assert!(spans.iter().all(|e| e["dur"].as_f64().unwrap() >= 0.0 && e["ts"].as_f64().unwrap() >= 0.0));
+
+    // Stopped after one epoch and resumed: the same curve (the checkpoint holds the
+    // pipeline's input histories and the gradient in flight).
+    let part = tmp.path().join("part");
+    let (ok, o, e) = featreplay(&fr_args(&part, "1").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{o}{e}");
+    let (ok, o, e) = featreplay(&["train", "--resume", part.to_str().unwrap(), "--epochs", "2", "--quiet"]);
+    assert!(ok, "{o}{e}");
+    let resumed = metrics(&part);
+    for (a, b) in m.iter().zip(&resumed) {
+        assert_eq!(learning(a), learning(b), "resumed FR run differs from the uninterrupted one");
     }
 }

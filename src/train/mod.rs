@@ -5,6 +5,7 @@
 //! Schedules know stages and layers, never kernels; tensors cross devices only through the
 //! [`Transport`](crate::pipeline::Transport).
 
+pub mod fr;
 pub mod run;
 
 use crate::error::{Error, Result};
@@ -84,7 +85,7 @@ impl OptimConfig {
 pub struct Network {
     pub spec: ModelSpec,
     pub stages: Vec<Stage>,
-    transport: Box<dyn Transport>,
+    pub(crate) transport: Box<dyn Transport>,
     /// SGD steps taken (the first step initialises the momentum buffers).
     pub steps: u64,
 }

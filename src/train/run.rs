@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::fr::{self, FrState, HostBatch};
 use super::{Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
@@ -21,6 +22,7 @@ use crate::layers::loss::{Metrics, MetricsAccumulator};
 use crate::model::resnet::{build, Arch, ResNetConfig};
 use crate::model::{split, ModelSpec, SplitPolicy};
 use crate::report::{EpochRecord, MetricsLog};
+use crate::trace::Tracer;
 
 /// Everything that defines a run (stored in its checkpoints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,8 +75,8 @@ impl RunConfig {
         if self.batch_size == 0 {
             return Err(bad("--batch-size must be at least 1".into()));
         }
-        if self.algo != "bp" {
-            return Err(bad(format!("--algo {}: only bp is implemented so far", self.algo)));
+        if self.algo != "bp" && self.algo != "fr" {
+            return Err(bad(format!("--algo {}: choose bp or fr (ddg and dni come next)", self.algo)));
         }
         if self.devices.is_empty() || (self.devices.len() != 1 && self.devices.len() != self.splits) {
             return Err(bad(format!(
@@ -125,17 +127,47 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     Ok(Prepared { train: Arc::new(train), test: Arc::new(test), norm, spec, ranges })
 }
 
-/// Opens one device per stage on the adapters the selectors name (one selector: every stage
-/// on that adapter, each with its own device and queue).
+/// Opens one device per stage on the adapters the selectors name.
+///
+/// - One selector: every stage on that adapter, each stage with its own device and queue.
+///   `auto` with several real GPUs spreads the stages over them in contiguous blocks.
+/// - A list: stage k on the k-th adapter (several stages may name the same one).
+///
+/// On a CPU adapter (lavapipe), devices of one instance share one thread pool and do not
+/// run at the same time, so each stage gets its own wgpu instance with an equal share of
+/// the cores (`LP_NUM_THREADS`), as `../shared/spec/kernel-performance-facts.md` measured.
 pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
-    let instance = adapter::new_instance();
-    (0..stages)
-        .map(|k| {
-            let s = if selectors.len() == 1 { &selectors[0] } else { &selectors[k] };
-            let sel: AdapterSelector = s.parse()?;
-            Gpu::open_on(&instance, &sel)
-        })
-        .collect()
+    let mut chosen: Vec<AdapterSelector> = Vec::with_capacity(stages);
+    for k in 0..stages {
+        let s = if selectors.len() == 1 { &selectors[0] } else { &selectors[k] };
+        chosen.push(s.parse()?);
+    }
+    let list = adapter::list_adapters();
+    if selectors.len() == 1 && chosen[0] == AdapterSelector::Auto && stages > 1 {
+        let gpus: Vec<usize> = list.iter().filter(|a| !a.is_cpu()).map(|a| a.index).collect();
+        if gpus.len() > 1 {
+            let per = stages.div_ceil(gpus.len());
+            chosen = (0..stages).map(|k| AdapterSelector::Index(gpus[k / per])).collect();
+        }
+    }
+    let shared = adapter::new_instance();
+    let mut out = Vec::with_capacity(stages);
+    for sel in &chosen {
+        let probe = Gpu::open_on(&shared, sel)?;
+        if stages > 1 && probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
+            drop(probe);
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let threads = (cores / stages).max(1);
+            // Read by llvmpipe when the instance enumerates its devices; stages are opened
+            // one after the other before any worker thread exists.
+            std::env::set_var("LP_NUM_THREADS", threads.to_string());
+            let own = adapter::new_instance();
+            out.push(Gpu::open_on(&own, sel)?);
+        } else {
+            out.push(probe);
+        }
+    }
+    Ok(out)
 }
 
 /// Progress callbacks (the CLI draws a progress bar from them).
@@ -172,17 +204,75 @@ pub fn evaluate(net: &Network, data: Arc<Dataset>, norm: &Normalization, batch_s
     acc.read()
 }
 
-/// Host copies of every state tensor, for a checkpoint.
-fn checkpoint_of(net: &Network, cfg: &RunConfig, epoch: usize, best: f64) -> Result<Checkpoint> {
+/// Host copies of every state tensor, for a checkpoint. Under FR the pipeline's state (each
+/// stage's input history and the gradient in flight) is saved too, so a resumed run
+/// continues the same pipeline.
+fn checkpoint_of(
+    net: &Network,
+    fr_state: Option<&FrState>,
+    cfg: &RunConfig,
+    epoch: usize,
+    best: f64,
+) -> Result<Checkpoint> {
     let config =
         serde_json::to_value(cfg).map_err(|e| Error::Data { path: "config".into(), message: e.to_string() })?;
     let mut meta = CheckpointMeta::new(epoch, net.steps, cfg.seed, config);
     meta.best_top1 = Some(best);
+    if let Some(st) = fr_state {
+        meta.extra = serde_json::json!({
+            "fr": {
+                "iteration": st.iteration,
+                "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+                "history": st.stages.iter().map(|s| s.input_history.len()).collect::<Vec<_>>(),
+                "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
+            }
+        });
+    }
     let mut ck = Checkpoint::new(meta);
     for (name, t) in net.state() {
         ck.push(name, t.shape(), t.to_vec()?)?;
     }
+    if let Some(st) = fr_state {
+        for (k, s) in st.stages.iter().enumerate() {
+            for (i, t) in s.input_history.iter().enumerate() {
+                ck.push(format!("fr.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
+            }
+            if let Some(g) = &s.pending_grad {
+                ck.push(format!("fr.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
+            }
+        }
+    }
     Ok(ck)
+}
+
+/// Restores the FR pipeline state saved by [`checkpoint_of`].
+fn restore_fr(net: &Network, ck: &mut Checkpoint, path: &Path) -> Result<FrState> {
+    let bad = |message: String| Error::Data { path: path.display().to_string(), message };
+    let fr =
+        ck.meta.extra.get("fr").cloned().ok_or_else(|| bad("no Features Replay state (another --algo?)".into()))?;
+    let k = net.stages.len();
+    let mut st = FrState::new(k);
+    st.iteration = fr["iteration"].as_u64().ok_or_else(|| bad("FR state without iteration".into()))?;
+    for s in 0..k {
+        st.stages[s].steps =
+            fr["steps"][s].as_u64().ok_or_else(|| bad(format!("FR state without steps of stage {s}")))?;
+        let n = fr["history"][s].as_u64().ok_or_else(|| bad(format!("FR state without history of stage {s}")))?;
+        let mut names: Vec<(String, bool)> = (0..n).map(|i| (format!("fr.stage{s}.input_history.{i}"), true)).collect();
+        if fr["pending_grad"][s].as_bool().unwrap_or(false) {
+            names.push((format!("fr.stage{s}.pending_grad"), false));
+        }
+        for (name, is_input) in names {
+            let shape = ck.get(&name).ok_or_else(|| bad(format!("missing {name}")))?.shape.clone();
+            let data = ck.take(&name, &shape)?;
+            let t = net.stages[s].gpu.tensor(&shape, &data)?;
+            if is_input {
+                st.stages[s].input_history.push_back(t);
+            } else {
+                st.stages[s].pending_grad = Some(t);
+            }
+        }
+    }
+    Ok(st)
 }
 
 /// Loads a checkpoint's tensors into `net` (every tensor must be there with its shape).
@@ -217,7 +307,13 @@ pub fn checkpoint_config(dir: &Path) -> Result<(RunConfig, CheckpointMeta)> {
 /// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`. With
 /// `resume`, continues the run whose checkpoint is in `out` (its configuration wins, except
 /// `epochs`, which may be raised to train longer).
-pub fn train(cfg: &RunConfig, out: &Path, resume: bool, obs: &mut dyn Observer) -> Result<RunSummary> {
+pub fn train(
+    cfg: &RunConfig,
+    out: &Path,
+    resume: bool,
+    trace: Option<&Path>,
+    obs: &mut dyn Observer,
+) -> Result<RunSummary> {
     let (cfg, start_epoch, mut best, ck) = if resume {
         let (mut stored, meta) = checkpoint_config(out)?;
         stored.epochs = stored.epochs.max(cfg.epochs);
@@ -229,9 +325,16 @@ pub fn train(cfg: &RunConfig, out: &Path, resume: bool, obs: &mut dyn Observer) 
     let p = prepare(&cfg)?;
     let gpus = open_devices(&cfg.devices, p.ranges.len())?;
     let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
+    let is_fr = cfg.algo == "fr";
+    let mut fr_state = FrState::new(p.ranges.len());
     if let Some(mut ck) = ck {
-        restore(&mut net, &mut ck, &out.join(checkpoint::SAFETENSORS_FILE))?;
+        let file = out.join(checkpoint::SAFETENSORS_FILE);
+        if is_fr {
+            fr_state = restore_fr(&net, &mut ck, &file)?;
+        }
+        restore(&mut net, &mut ck, &file)?;
     }
+    let tracer = trace.map(Tracer::new);
     let mut log = MetricsLog::open(out, start_epoch + 1)?;
     let mut records = log.records().to_vec();
     for epoch in start_epoch..cfg.epochs {
@@ -242,18 +345,32 @@ pub fn train(cfg: &RunConfig, out: &Path, resume: bool, obs: &mut dyn Observer) 
         let loader =
             Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
         obs.epoch_start(epoch + 1, loader.num_batches());
-        let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
         let t0 = Instant::now();
-        let mut seen = 0usize;
-        for batch in loader {
-            let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
-            acc.add(&out, batch.len())?;
-            // One iteration in flight at most: the host never races ahead of the devices.
-            net.sync()?;
-            seen += batch.len();
-            obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
+        let train_metrics = if is_fr {
+            let n = loader.num_batches();
+            let mut seen = 0usize;
+            let feed = loader.map(|b| {
+                seen += b.len();
+                obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
+                HostBatch { images: b.images, labels: b.labels }
+            });
+            fr::run_epoch(&mut net, &mut fr_state, feed, n, &cfg.optim, lr, None, tracer.as_ref())?
+        } else {
+            let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
+            let mut seen = 0usize;
+            for batch in loader {
+                let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
+                acc.add(&out, batch.len())?;
+                // One iteration in flight at most: the host never races ahead of the devices.
+                net.sync()?;
+                seen += batch.len();
+                obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
+            }
+            acc.read()?
+        };
+        if let Some(tr) = &tracer {
+            tr.write()?;
         }
-        let train_metrics = acc.read()?;
         let epoch_seconds = t0.elapsed().as_secs_f64();
         let peak_memory_bytes = gpus.iter().map(|g| g.memory().peak_bytes).collect();
         let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
@@ -281,7 +398,7 @@ pub fn train(cfg: &RunConfig, out: &Path, resume: bool, obs: &mut dyn Observer) 
             images_per_second: train_metrics.samples as f64 / epoch_seconds,
             peak_memory_bytes,
         };
-        checkpoint::save(out, &checkpoint_of(&net, &cfg, epoch + 1, best)?)?;
+        checkpoint::save(out, &checkpoint_of(&net, is_fr.then_some(&fr_state), &cfg, epoch + 1, best)?)?;
         log.push(record.clone())?;
         obs.epoch_end(&record);
         records.push(record);
