@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use featreplay::model::resnet::{build, Arch, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
-use featreplay::train::fr::{self, FrState, HostBatch, InjectedFailure};
+use featreplay::train::fr::{self, EpochOptions, FrState, HostBatch, InjectedFailure};
 use featreplay::train::{Network, OptimConfig};
 use featreplay::Gpu;
 
@@ -60,8 +60,8 @@ fn fr_with_one_module_is_backprop_bit_for_bit() {
     let mut frn = Network::new(spec, &r1, &devices(1), 4).unwrap();
     let mut state = FrState::new(1);
     // Two "epochs" of 3 and 2 iterations: the pipeline state carries over.
-    let m1 = fr::run_epoch(&mut frn, &mut state, host(&data[..3]), 3, &opt, opt.lr, None, None).unwrap();
-    let m2 = fr::run_epoch(&mut frn, &mut state, host(&data[3..]), 2, &opt, opt.lr, None, None).unwrap();
+    let m1 = fr::run_epoch(&mut frn, &mut state, host(&data[..3]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    let m2 = fr::run_epoch(&mut frn, &mut state, host(&data[3..]), 2, &EpochOptions::new(&opt, opt.lr)).unwrap();
     let bp_mean = |r: std::ops::Range<usize>| losses[r.clone()].iter().sum::<f64>() / r.len() as f64;
     assert!((m1.loss - bp_mean(0..3)).abs() < 1e-6, "{} vs {}", m1.loss, bp_mean(0..3));
     assert!((m2.loss - bp_mean(3..5)).abs() < 1e-6);
@@ -81,7 +81,7 @@ fn stages_hold_exactly_their_delay_in_inputs() {
         let data = batches(6, 20);
         let opt = optim();
         for (e, chunk) in [&data[..1], &data[1..4], &data[4..]].iter().enumerate() {
-            fr::run_epoch(&mut net, &mut state, host(chunk), chunk.len(), &opt, opt.lr, None, None).unwrap();
+            fr::run_epoch(&mut net, &mut state, host(chunk), chunk.len(), &EpochOptions::new(&opt, opt.lr)).unwrap();
             let t = state.iteration;
             for s in 0..k {
                 let d = (k - 1 - s) as u64;
@@ -116,11 +116,69 @@ fn a_failing_stage_stops_the_run_with_its_error() {
         let data = batches(6, 30);
         let opt = optim();
         let fail = Some(InjectedFailure { stage: 1, iteration: 3 });
-        let r = fr::run_epoch(&mut net, &mut state, host(&data), 6, &opt, opt.lr, fail, None);
+        let r = fr::run_epoch(
+            &mut net,
+            &mut state,
+            host(&data),
+            6,
+            &EpochOptions { fail, ..EpochOptions::new(&opt, opt.lr) },
+        );
         let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
     });
     // A hang would be a failure too: the pipeline must stop within a minute.
     let r = rx.recv_timeout(Duration::from_secs(120)).expect("the pipeline hung after a stage failed");
     let e = r.unwrap_err();
     assert!(e.contains("injected failure in stage 1 at iteration 3"), "the root cause is reported: {e}");
+}
+
+/// FR on the GPU equals the candle simulation of the spec's schedule (written independently
+/// from the spec in tests/common/fr_sim.rs) for every tensor of every stage.
+fn check_against_simulation(k: usize) {
+    use common::fr_sim::{simulate_fr, BnUpdate, FrSimConfig};
+    let spec = resnet8();
+    let ranges = split(&spec, k, SplitPolicy::Even).unwrap();
+    let mut net = Network::new(spec.clone(), &ranges, &devices(k), 11).unwrap();
+    let init: Vec<(String, Vec<usize>, Vec<f32>)> =
+        net.state().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.to_vec().unwrap())).collect();
+    let data = batches(7, 40);
+    let opt = optim();
+    let mut state = FrState::new(k);
+    // Two calls, so the epoch boundary (a gradient in flight) is crossed too.
+    fr::run_epoch(&mut net, &mut state, host(&data[..4]), 4, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    fr::run_epoch(&mut net, &mut state, host(&data[4..]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    let cfg = FrSimConfig {
+        lr: opt.lr,
+        momentum: opt.momentum,
+        weight_decay: opt.weight_decay,
+        nesterov: opt.nesterov,
+        bn_update: BnUpdate::Play,
+    };
+    let want = simulate_fr(&spec, &ranges, &init, &data, &cfg);
+    let got: std::collections::HashMap<String, Vec<f32>> =
+        net.state().into_iter().map(|(n, t)| (n, t.to_vec().unwrap())).collect();
+    // Tolerance: 7 iterations of a ResNet-8 step (see tests/bp.rs for one step: 1e-3 relative,
+    // 5e-5 absolute), compounded through the SGD updates of up to 7 steps per module.
+    for (name, _, w) in &want {
+        let g = got.get(name).unwrap_or_else(|| panic!("GPU state lacks {name}"));
+        assert_close(&format!("K={k} {name} after 7 iterations"), g, w, 2e-3, 1e-4);
+    }
+    assert_eq!(got.len(), want.len());
+    // And FR is not backprop: the delayed modules' weights differ from BP's.
+    let mut bp = Network::new(spec.clone(), &ranges, &devices(k), 11).unwrap();
+    for (x, y) in &data {
+        bp.bp_step(x, y, &opt, opt.lr).unwrap();
+    }
+    let first = bp.stages[0].params()[0].value.to_vec().unwrap();
+    let fr_first = &got[&bp.stages[0].params()[0].name];
+    assert!(first.iter().zip(fr_first).any(|(a, b)| (a - b).abs() > 1e-4), "FR equals BP: the delay is missing");
+}
+
+#[test]
+fn fr_two_modules_matches_the_spec_simulation() {
+    check_against_simulation(2);
+}
+
+#[test]
+fn fr_three_modules_matches_the_spec_simulation() {
+    check_against_simulation(3);
 }

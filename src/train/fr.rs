@@ -255,6 +255,25 @@ impl Worker<'_> {
     }
 }
 
+/// How an epoch runs: the optimiser and learning rate, and optionally a timeline and an
+/// injected failure.
+#[derive(Clone, Copy)]
+pub struct EpochOptions<'a> {
+    pub optim: &'a OptimConfig,
+    pub lr: f32,
+    pub fail: Option<InjectedFailure>,
+    pub tracer: Option<&'a Tracer>,
+}
+
+impl<'a> EpochOptions<'a> {
+    pub fn new(optim: &'a OptimConfig, lr: f32) -> Self {
+        EpochOptions { optim, lr, fail: None, tracer: None }
+    }
+}
+
+/// Both ends of a bounded channel, taken by the two workers it links.
+type Link<T> = (Option<SyncSender<T>>, Option<Receiver<T>>);
+
 /// Where and when to inject a failure (tests of error propagation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InjectedFailure {
@@ -272,11 +291,9 @@ pub fn run_epoch(
     state: &mut FrState,
     batches: impl Iterator<Item = HostBatch>,
     iterations: usize,
-    optim: &OptimConfig,
-    lr: f32,
-    fail: Option<InjectedFailure>,
-    tracer: Option<&Tracer>,
+    opts: &EpochOptions,
 ) -> Result<crate::layers::loss::Metrics> {
+    let EpochOptions { optim, lr, fail, tracer } = *opts;
     let k_total = net.stages.len();
     if state.stages.len() != k_total {
         return Err(Error::Unsupported {
@@ -295,8 +312,8 @@ pub fn run_epoch(
     // Capacity 1: a stage may run one message ahead of its neighbour, no more, which bounds
     // the memory in flight.
     let (data_tx, data_rx) = sync_channel::<HostBatch>(2);
-    let mut up: Vec<(Option<SyncSender<Up>>, Option<Receiver<Up>>)> = Vec::new();
-    let mut down: Vec<(Option<SyncSender<Tensor>>, Option<Receiver<Tensor>>)> = Vec::new();
+    let mut up: Vec<Link<Up>> = Vec::new();
+    let mut down: Vec<Link<Tensor>> = Vec::new();
     for _ in 0..k_total.saturating_sub(1) {
         let (a, b) = sync_channel::<Up>(1);
         up.push((Some(a), Some(b)));

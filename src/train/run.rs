@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::fr::{self, FrState, HostBatch};
+use super::fr::{self, EpochOptions, FrState, HostBatch};
 use super::{Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
@@ -354,7 +354,13 @@ pub fn train(
                 obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
                 HostBatch { images: b.images, labels: b.labels }
             });
-            fr::run_epoch(&mut net, &mut fr_state, feed, n, &cfg.optim, lr, None, tracer.as_ref())?
+            fr::run_epoch(
+                &mut net,
+                &mut fr_state,
+                feed,
+                n,
+                &EpochOptions { tracer: tracer.as_ref(), ..EpochOptions::new(&cfg.optim, lr) },
+            )?
         } else {
             let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
             let mut seen = 0usize;

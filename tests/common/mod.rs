@@ -68,4 +68,5 @@ pub fn sum_atol(terms: usize, scale: f32) -> f32 {
     4.0 * f32::EPSILON * terms.max(1) as f32 * scale
 }
 
+pub mod fr_sim;
 pub mod reference;
