@@ -95,7 +95,7 @@ fn train_writes_everything_and_resume_is_exact() {
 fn plan_prints_every_module() {
     let (ok, o, e) = featreplay(&["plan", "--depth", "56", "--splits", "4", "--split", "balanced"]);
     assert!(ok, "{o}{e}");
-    assert!(o.starts_with("resnet56: 30 layers"), "{o}");
+    assert!(o.starts_with("resnet56: 32 layers"), "{o}");
     for m in 1..=4 {
         assert!(o.lines().any(|l| l.trim_start().starts_with(&format!("{m} "))), "module {m} missing:\n{o}");
     }

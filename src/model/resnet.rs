@@ -187,7 +187,7 @@ mod tests {
         }
         let e = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 20, input: vec![3, 32, 32], classes: 10 });
         assert!(e.is_ok(), "20 = 9*2+2 is a valid bottleneck depth");
-        let e = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 56, input: vec![3, 32, 32], classes: 10 })
+        let e = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 57, input: vec![3, 32, 32], classes: 10 })
             .unwrap_err();
         assert!(e.to_string().contains("9n+2"), "{e}");
         assert!(build(&ResNetConfig { arch: Arch::ResNet, depth: 20, input: vec![3, 32], classes: 10 }).is_err());
