@@ -201,3 +201,16 @@ fn no_adapter_is_a_typed_error_with_install_hint() {
     assert!(matches!(e, Error::NoAdapter { .. }), "{e}");
     assert!(e.to_string().contains("mesa-vulkan-drivers"), "{e}");
 }
+
+#[test]
+fn async_read_sees_the_tensor_at_its_place_in_the_stream() {
+    let g = gpu();
+    let x = g.tensor(&[4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let pending = g.read_async(&x).unwrap();
+    // Work submitted after the read does not change what it returns.
+    ew::scale(&x, 10.0).unwrap();
+    g.flush().unwrap();
+    assert_eq!(pending.wait().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(x.to_vec().unwrap(), vec![10.0, 20.0, 30.0, 40.0]);
+    g.sync().unwrap();
+}

@@ -27,6 +27,35 @@ pub const MAX_BATCH: usize = 256;
 /// Bytes of the per-batch uniform buffer that holds every dispatch's parameters.
 const PARAMS_CAPACITY: u64 = 64 * 1024;
 
+/// A copy to the host in flight (see [`Gpu::read_async`]).
+pub struct PendingRead {
+    gpu: Gpu,
+    staging: TrackedBuffer,
+    index: Option<wgpu::SubmissionIndex>,
+    rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    numel: usize,
+}
+
+impl PendingRead {
+    /// Waits for the copy's submission (not for work submitted after it) and returns the data.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        let g = &self.gpu;
+        g.inner
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: self.index, timeout: None })
+            .map_err(|e| Error::DeviceLost { adapter: g.inner.adapter.name.clone(), message: e.to_string() })?;
+        g.check_fault()?;
+        let mapped = self.rx.recv_timeout(Duration::from_secs(60)).map_err(|e| g.map_error(e))?;
+        mapped.map_err(|e| g.map_error(e))?;
+        let out = {
+            let view = self.staging.buffer.slice(..).get_mapped_range().map_err(|e| g.map_error(e))?;
+            bytemuck::cast_slice::<u8, f32>(&view)[..self.numel].to_vec()
+        };
+        self.staging.buffer.unmap();
+        Ok(out)
+    }
+}
+
 /// One argument of a kernel dispatch, bound at `binding = position + 1` (binding 0 always
 /// holds the dispatch's parameter struct).
 #[derive(Clone, Copy)]
@@ -460,7 +489,7 @@ impl Gpu {
         Ok(())
     }
 
-    fn submit_locked(&self, rec: &mut Recorder) {
+    fn submit_locked(&self, rec: &mut Recorder) -> Option<wgpu::SubmissionIndex> {
         if let Some(pb) = rec.params_buffer.take() {
             if !rec.params.is_empty() {
                 // The params length is a multiple of 16 and within the buffer: mapping succeeds.
@@ -474,9 +503,7 @@ impl Gpu {
         }
         rec.params.clear();
         rec.dispatches = 0;
-        if let Some(enc) = rec.encoder.take() {
-            self.inner.queue.submit([enc.finish()]);
-        }
+        rec.encoder.take().map(|enc| self.inner.queue.submit([enc.finish()]))
     }
 
     /// Submits recorded work without waiting for it.
@@ -542,6 +569,41 @@ impl Gpu {
         };
         staging.buffer.unmap();
         Ok(out)
+    }
+
+    /// Starts copying `tensor` to the host without waiting: records the copy into a staging
+    /// buffer of its own after all work recorded so far, submits, and returns. The device goes
+    /// on with whatever is submitted next while the copy is read with [`PendingRead::wait`],
+    /// which waits for this submission only. Each read has its own staging buffer, so any
+    /// number of transfers can be in flight.
+    pub fn read_async(&self, tensor: &Tensor) -> Result<PendingRead> {
+        self.check_owned(tensor, "read")?;
+        let bytes = (tensor.numel() as u64 * 4).max(4);
+        let staging = self.new_buffer(
+            BufferKind::Internal,
+            "read-back",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            false,
+        );
+        let index = {
+            let mut rec = self.inner.recorder.lock().unwrap();
+            if tensor.numel() > 0 {
+                Self::encoder(&self.inner.device, &mut rec).copy_buffer_to_buffer(
+                    &tensor.buf.buffer,
+                    0,
+                    &staging.buffer,
+                    0,
+                    bytes,
+                );
+            }
+            self.submit_locked(&mut rec)
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        Ok(PendingRead { gpu: self.clone(), staging, index, rx, numel: tensor.numel() })
     }
 
     /// Seconds `f` takes on the device, from an idle device to its completion.

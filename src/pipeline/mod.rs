@@ -4,24 +4,49 @@
 //! the in-process implementation by one that crosses processes or machines.
 
 use crate::error::Result;
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, PendingRead, Tensor};
+
+/// A transfer started by [`Transport::start`].
+pub enum InFlight {
+    /// Nothing to move (same device), or already moved.
+    Ready(Tensor),
+    /// A copy to the host in flight, to be uploaded to `to`.
+    Host { read: PendingRead, shape: Vec<usize>, to: Gpu },
+}
+
+impl InFlight {
+    /// Completes the transfer: the tensor on the destination device.
+    pub fn finish(self) -> Result<Tensor> {
+        match self {
+            InFlight::Ready(t) => Ok(t),
+            InFlight::Host { read, shape, to } => to.tensor(&shape, &read.wait()?),
+        }
+    }
+}
 
 /// Moves a tensor to another stage's device.
 pub trait Transport: Send + Sync {
-    /// `t` on `to`: the same tensor when `to` is `t`'s device (no copy), else a copy.
-    fn transfer(&self, t: &Tensor, to: &Gpu) -> Result<Tensor>;
+    /// Starts moving `t` to `to` without waiting, so the sending stage can submit more work
+    /// before the data must leave.
+    fn start(&self, t: &Tensor, to: &Gpu) -> Result<InFlight>;
+
+    /// `t` on `to`, waiting for it.
+    fn transfer(&self, t: &Tensor, to: &Gpu) -> Result<Tensor> {
+        self.start(t, to)?.finish()
+    }
 }
 
 /// Devices in one process: a host round trip through mapped staging buffers (wgpu devices
-/// cannot share memory), or nothing at all when both stages share a device.
+/// cannot share memory), or nothing at all when both stages share a device. Each transfer
+/// has its own staging buffer, so a stage's next transfer never waits for the previous one.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostTransport;
 
 impl Transport for HostTransport {
-    fn transfer(&self, t: &Tensor, to: &Gpu) -> Result<Tensor> {
+    fn start(&self, t: &Tensor, to: &Gpu) -> Result<InFlight> {
         if t.gpu().id() == to.id() {
-            return Ok(t.clone());
+            return Ok(InFlight::Ready(t.clone()));
         }
-        to.tensor(t.shape(), &t.to_vec()?)
+        Ok(InFlight::Host { read: t.gpu().read_async(t)?, shape: t.shape().to_vec(), to: to.clone() })
     }
 }

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
 use crate::model::Stage;
-use crate::pipeline::Transport;
+use crate::pipeline::{InFlight, Transport};
 use crate::trace::Tracer;
 
 /// What one stage carries from one iteration (and epoch) to the next.
@@ -146,12 +146,22 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn send_down(&self, dx: Tensor) -> Result<()> {
-        if let (Some(tx), Some(prev)) = (&self.down_out, &self.prev_gpu) {
-            let moved = self.transport.transfer(&dx, prev)?;
-            tx.send(moved).map_err(|_| stopped(self.k, "the stage below is gone"))?;
+    /// Starts moving a gradient to the stage below (module 0 has none).
+    fn start_down(&self, dx: Tensor) -> Result<Option<InFlight>> {
+        match &self.prev_gpu {
+            Some(prev) if self.down_out.is_some() => Ok(Some(self.transport.start(&dx, prev)?)),
+            _ => Ok(None),
         }
-        Ok(())
+    }
+
+    /// Completes a transfer started by [`Self::start_down`] and hands it to the stage below.
+    fn finish_down(&self, moving: InFlight) -> Result<()> {
+        let dx = moving.finish()?;
+        self.down_out
+            .as_ref()
+            .ok_or_else(|| stopped(self.k, "no stage below"))?
+            .send(dx)
+            .map_err(|_| stopped(self.k, "the stage below is gone"))
     }
 
     /// The input of this iteration: the batch for module 0, the features from below else.
@@ -177,36 +187,39 @@ impl Worker<'_> {
                 });
             }
             let (x, labels) = self.phase("receive", t, |w| w.receive_input())?;
+            // Transfers leave in two halves: a copy is submitted right after the work that
+            // produces its tensor, the stage records and submits its next work, and only then
+            // waits for the copy, so the device computes while the data travels.
             if self.k + 1 == self.stages {
                 // The last module: forward, loss, backward, update.
                 let y = loss::labels(&self.stage.gpu, &labels, self.classes)?;
                 let (out, acts) = self.phase("forward", t, |w| w.stage.forward_train(&x, true))?;
                 let (lo, dlogits) = self.phase("loss", t, |_| loss::forward_backward(&out, &y))?;
                 let dx = self.phase("backward", t, |w| w.stage.backward(acts, &dlogits, w.k > 0))?;
-                if let Some(dx) = dx {
-                    self.phase("send", t, |w| w.send_down(dx))?;
-                }
+                let down = match dx {
+                    Some(dx) => self.start_down(dx)?,
+                    None => None,
+                };
                 self.phase("update", t, |w| w.sgd())?;
                 if let Some(m) = metrics.as_mut() {
                     m.add(&lo, labels.len())?;
                 }
+                self.stage.gpu.flush()?;
+                if let Some(d) = down {
+                    self.phase("send", t, |w| w.finish_down(d))?;
+                }
                 self.stage.gpu.sync()?;
                 continue;
             }
-            // Play: keep the input, forward without activations, send the features up.
+            // Play: keep the input, forward without activations, start sending the features up.
             self.state.input_history.push_back(x.clone());
             let h = self.phase("play", t, |w| w.stage.forward_play(&x, true))?;
             drop(x);
-            self.phase("send", t, |w| {
-                let next = w.next_gpu.as_ref().ok_or_else(|| stopped(w.k, "no stage above"))?;
-                let h = w.transport.transfer(&h, next)?;
-                w.up_out
-                    .as_ref()
-                    .ok_or_else(|| stopped(w.k, "no stage above"))?
-                    .send(Up { h, labels })
-                    .map_err(|_| stopped(w.k, "the stage above is gone"))
-            })?;
+            let next = self.next_gpu.clone().ok_or_else(|| stopped(self.k, "no stage above"))?;
+            let up = self.transport.start(&h, &next)?;
+            drop(h);
             // Replay, once the warm-up of d_k iterations is over.
+            let mut down = None;
             if t >= self.delay() {
                 let g = match self.state.pending_grad.take() {
                     Some(g) => g,
@@ -227,9 +240,22 @@ impl Worker<'_> {
                 let dx = self.phase("backward", t, |w| w.stage.backward(acts, &g, w.k > 0))?;
                 drop(g);
                 if let Some(dx) = dx {
-                    self.phase("send", t, |w| w.send_down(dx))?;
+                    down = self.start_down(dx)?;
                 }
                 self.phase("update", t, |w| w.sgd())?;
+            }
+            // The replay is submitted; now the features can leave, then the gradient.
+            self.stage.gpu.flush()?;
+            self.phase("send", t, |w| {
+                let h = up.finish()?;
+                w.up_out
+                    .as_ref()
+                    .ok_or_else(|| stopped(w.k, "no stage above"))?
+                    .send(Up { h, labels })
+                    .map_err(|_| stopped(w.k, "the stage above is gone"))
+            })?;
+            if let Some(d) = down {
+                self.phase("send", t, |w| w.finish_down(d))?;
             }
             if self.state.input_history.len() > self.delay() as usize {
                 return Err(Error::Unsupported {
