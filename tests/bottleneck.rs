@@ -11,30 +11,8 @@ use featreplay::layers::bottleneck::{Bottleneck, EXPANSION};
 use featreplay::layers::BatchNorm2d;
 use rand::SeedableRng;
 
-const EPS: f64 = 1e-5;
+use common::reference::{bn_train, EPS};
 
-/// PyTorch training-mode batch norm from candle ops: batch mean and biased variance over
-/// (N, H, W). Returns y and (mean, unbiased var) for the running statistics.
-fn bn_train(x: &CTensor, gamma: &CTensor, beta: &CTensor) -> (CTensor, Vec<f32>, Vec<f32>) {
-    let (n, c, h, w) = x.dims4().unwrap();
-    let count = (n * h * w) as f64;
-    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
-    let xc = x.broadcast_sub(&mean).unwrap();
-    let var = xc.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
-    let inv = (var.clone() + EPS).unwrap().sqrt().unwrap().recip().unwrap();
-    let y = xc
-        .broadcast_mul(&inv)
-        .unwrap()
-        .broadcast_mul(&gamma.reshape((1, c, 1, 1)).unwrap())
-        .unwrap()
-        .broadcast_add(&beta.reshape((1, c, 1, 1)).unwrap())
-        .unwrap();
-    let unbiased = (var.clone() * (count / (count - 1.0))).unwrap();
-    (y, cvec(&mean), cvec(&unbiased))
-}
-
-/// Evaluation-mode batch norm from host running statistics: `gamma * (x - mean) /
-/// sqrt(var + eps) + beta`, written as one scale and one shift per channel.
 fn bn_eval(t: &CTensor, gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32]) -> CTensor {
     let c = gamma.len();
     let s = |v: Vec<f32>| ct(&v, &[1, c, 1, 1]);

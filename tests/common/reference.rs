@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Tensor as CTensor, Var};
-use featreplay::model::{LayerSpec, ModelSpec};
+use featreplay::model::ModelSpec;
 
 use super::{ct, cvec};
 
@@ -62,43 +62,8 @@ pub type BnStats = Vec<(String, Vec<f32>, Vec<f32>)>;
 /// Training-mode forward of a basic-block ResNet `spec` whose parameters are `vars`
 /// (PyTorch names). Returns the logits and every BN layer's batch statistics.
 pub fn resnet_forward(spec: &ModelSpec, vars: &HashMap<String, Var>, x: &CTensor) -> (CTensor, BnStats) {
-    let v = |n: &str| vars.get(n).unwrap_or_else(|| panic!("no parameter {n}")).as_tensor().clone();
-    let mut stats = Vec::new();
-    let bn = |name: &str, t: &CTensor, stats: &mut BnStats| {
-        let (y, m, var) = bn_train(t, &v(&format!("{name}.weight")), &v(&format!("{name}.bias")));
-        stats.push((name.to_string(), m, var));
-        y
-    };
-    let mut h = x.clone();
-    for l in &spec.layers {
-        h = match l {
-            LayerSpec::Conv { name, stride, pad, .. } => {
-                h.conv2d(&v(&format!("{name}.weight")), *pad, *stride, 1, 1).unwrap()
-            }
-            LayerSpec::BatchNorm { name, .. } => bn(name, &h, &mut stats),
-            LayerSpec::Relu => h.relu().unwrap(),
-            LayerSpec::Basic { name, in_channels, out_channels, stride } => {
-                let c1 = h.conv2d(&v(&format!("{name}.conv1.weight")), 1, *stride, 1, 1).unwrap();
-                let a1 = bn(&format!("{name}.bn1"), &c1, &mut stats).relu().unwrap();
-                let c2 = a1.conv2d(&v(&format!("{name}.conv2.weight")), 1, 1, 1, 1).unwrap();
-                let b2 = bn(&format!("{name}.bn2"), &c2, &mut stats);
-                let short = if *stride == 1 && in_channels == out_channels {
-                    h.clone()
-                } else {
-                    shortcut_a(&h, *out_channels, *stride)
-                };
-                (b2 + short).unwrap().relu().unwrap()
-            }
-            LayerSpec::GlobalAvgPool => h.mean(3).unwrap().mean(2).unwrap(),
-            LayerSpec::Linear { name, .. } => h
-                .matmul(&v(&format!("{name}.weight")).t().unwrap())
-                .unwrap()
-                .broadcast_add(&v(&format!("{name}.bias")))
-                .unwrap(),
-            LayerSpec::Bottleneck { .. } => unimplemented!("the candle reference covers basic-block ResNets"),
-        };
-    }
-    (h, stats)
+    let params: HashMap<String, CTensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    super::fr_sim::forward_range(spec, 0..spec.layers.len(), &params, x)
 }
 
 /// Candle variables holding the given host tensors.
