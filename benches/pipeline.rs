@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use featreplay::model::resnet::{build, Arch, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
-use featreplay::train::fr::{self, EpochOptions, FrState, HostBatch};
 use featreplay::train::run::open_devices;
+use featreplay::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
 use featreplay::train::{Network, OptimConfig};
 use rand::{Rng, SeedableRng};
 
@@ -65,15 +65,27 @@ fn speed(spec: &ModelSpec, k: usize, policy: SplitPolicy, batch: usize, iters: u
     drop(bp);
 
     let mut net = Network::new(spec.clone(), &ranges, &gpus, 0).expect("network");
-    let mut state = FrState::new(k);
+    let mut state = PipelineState::fr(k);
     let copy = |r: &[HostBatch]| -> Vec<HostBatch> {
         r.iter().map(|b| HostBatch { images: b.images.clone(), labels: b.labels.clone() }).collect()
     };
-    fr::run_epoch(&mut net, &mut state, copy(&data[..warmup]).into_iter(), warmup, &EpochOptions::new(&opt, opt.lr))
-        .expect("fr warm-up");
+    schedule::run_epoch(
+        &mut net,
+        &mut state,
+        copy(&data[..warmup]).into_iter(),
+        warmup,
+        &EpochOptions::new(&opt, opt.lr),
+    )
+    .expect("fr warm-up");
     let t0 = Instant::now();
-    fr::run_epoch(&mut net, &mut state, copy(&data[warmup..]).into_iter(), iters, &EpochOptions::new(&opt, opt.lr))
-        .expect("fr");
+    schedule::run_epoch(
+        &mut net,
+        &mut state,
+        copy(&data[warmup..]).into_iter(),
+        iters,
+        &EpochOptions::new(&opt, opt.lr),
+    )
+    .expect("fr");
     let fr_s = t0.elapsed().as_secs_f64() / iters as f64;
     (bp_s, fr_s)
 }
@@ -98,15 +110,16 @@ fn memory(spec: &ModelSpec, k: usize, batch: usize) -> (Vec<u64>, Vec<u64>) {
     drop(bp);
 
     let mut net = Network::new(spec.clone(), &ranges, &gpus, 0).expect("network");
-    let mut state = FrState::new(k);
+    let mut state = PipelineState::fr(k);
     let it = data.iter().map(|b| HostBatch { images: b.images.clone(), labels: b.labels.clone() });
     // Warm-up fills the histories; the peak is taken over the steady-state iterations.
     let mut it = it.collect::<Vec<_>>().into_iter();
-    fr::run_epoch(&mut net, &mut state, it.by_ref().take(k), k, &EpochOptions::new(&opt, opt.lr)).expect("fr warm-up");
+    schedule::run_epoch(&mut net, &mut state, it.by_ref().take(k), k, &EpochOptions::new(&opt, opt.lr))
+        .expect("fr warm-up");
     for g in &gpus {
         g.reset_peak_memory();
     }
-    fr::run_epoch(&mut net, &mut state, it, 2, &EpochOptions::new(&opt, opt.lr)).expect("fr");
+    schedule::run_epoch(&mut net, &mut state, it, 2, &EpochOptions::new(&opt, opt.lr)).expect("fr");
     (bp_peak, peaks(&gpus))
 }
 

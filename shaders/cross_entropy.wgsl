@@ -54,7 +54,9 @@ fn row_stats(n: u32) -> Row {
     for (var c = 0u; c < p.classes; c++) {
         let z = logits[base + c];
         m = max(m, z);
-        greater += select(0u, 1u, z > zl);
+        // !(z <= zl) rather than z > zl: a NaN logit (a diverged net) ranks above the label,
+        // so a row with NaN logits never counts as correct.
+        greater += select(0u, 1u, !(z <= zl));
     }
     var s = 0.0;
     for (var c = 0u; c < p.classes; c++) {

@@ -65,6 +65,10 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 
+    /// Training produced a NaN or infinite loss.
+    #[error("training diverged at epoch {epoch} (loss {loss}); try a lower --lr")]
+    Diverged { epoch: usize, loss: f64 },
+
     /// Reading a buffer back to the host failed.
     #[error("reading back a buffer from '{adapter}' failed: {message}")]
     ReadBack { adapter: String, message: String },

@@ -18,6 +18,7 @@
 //! - [`demo`]: the foundation's demo job (a small residual net on random data).
 
 pub mod checkpoint;
+pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod error;

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use featreplay::compare::{self, CompareConfig};
 use featreplay::demo::{self, DemoConfig};
 use featreplay::gpu::{list_adapters, AdapterSelector};
 use featreplay::kernels::conv2d;
+use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
 use featreplay::report::EpochRecord;
 use featreplay::train::run::{self, Observer, RunConfig};
@@ -60,38 +62,102 @@ struct ModelArgs {
     image_size: usize,
 }
 
+/// Optimisation and run flags shared by `train` and `compare`.
+#[derive(Args, Clone)]
+struct TrainArgs {
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    decay: f32,
+    /// Epochs at which the learning rate is multiplied by the matching --gammas
+    /// (default: 50% and 75% of --epochs).
+    #[arg(long, num_args = 0.., value_delimiter = ' ')]
+    schedule: Option<Vec<usize>>,
+    #[arg(long, num_args = 0.., value_delimiter = ' ')]
+    gammas: Option<Vec<f32>>,
+    /// Learning-rate factor of the first module (the reference FR code uses 2).
+    #[arg(long, default_value_t = 1.0)]
+    first_module_lr_scale: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train on the first N images of a seeded shuffle of the training set.
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// Evaluate on the first N images of the test set.
+    #[arg(long)]
+    test_subset: Option<usize>,
+    /// Every N iterations, measure sigma_k = <g_k, g_BP_k> / ||g_BP_k||^2 per stage on the
+    /// same batch (into sigma.jsonl; the training trajectory is unchanged).
+    #[arg(long, value_name = "N")]
+    measure_sigma: Option<usize>,
+    /// DNI: conv layers of each gradient predictor (the last one zero-initialised).
+    #[arg(long, default_value_t = 3)]
+    dni_depth: usize,
+    /// DNI: channels of the predictor's hidden layers (0: as many as the features).
+    #[arg(long, default_value_t = 0)]
+    dni_width: usize,
+    /// No progress bar (one line per epoch only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    fn optim(&self) -> OptimConfig {
+        let mut optim = OptimConfig::paper(self.epochs);
+        optim.lr = self.lr;
+        optim.momentum = self.momentum;
+        optim.weight_decay = self.decay;
+        optim.first_stage_lr_scale = self.first_module_lr_scale;
+        if let Some(s) = &self.schedule {
+            optim.schedule = s.clone();
+            optim.gammas = self.gammas.clone().unwrap_or_else(|| vec![0.1; s.len()]);
+        } else if let Some(g) = &self.gammas {
+            optim.gammas = g.clone();
+        }
+        optim
+    }
+
+    fn run_config(&self, model: &ModelArgs, devices: Vec<String>, algo: &str) -> RunConfig {
+        RunConfig {
+            dataset: model.dataset.clone(),
+            data_dir: model.data_dir.clone(),
+            image_size: model.image_size,
+            train_subset: self.train_subset,
+            test_subset: self.test_subset,
+            arch: model.arch.clone(),
+            depth: model.depth,
+            splits: model.splits,
+            split: model.split.clone(),
+            epochs: self.epochs,
+            batch_size: model.batch_size,
+            optim: self.optim(),
+            seed: self.seed,
+            devices,
+            algo: algo.to_string(),
+            measure_sigma: self.measure_sigma,
+            dni: PredictorConfig { depth: self.dni_depth, width: self.dni_width },
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List every GPU adapter wgpu can reach.
     Devices,
-    /// Train a ResNet (backprop, on one device or model-parallel over --splits devices).
+    /// Train a ResNet with backprop (on one device or model-parallel over --splits devices),
+    /// Features Replay, delayed gradients (DDG) or synthetic gradients (DNI).
     Train {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long, default_value_t = 3)]
-        epochs: usize,
-        #[arg(long, default_value_t = 0.1)]
-        lr: f32,
-        #[arg(long, default_value_t = 0.9)]
-        momentum: f32,
-        /// Weight decay.
-        #[arg(long, default_value_t = 5e-4)]
-        decay: f32,
-        /// Epochs at which the learning rate is multiplied by the matching --gammas
-        /// (default: 50% and 75% of --epochs).
-        #[arg(long, num_args = 0.., value_delimiter = ' ')]
-        schedule: Option<Vec<usize>>,
-        #[arg(long, num_args = 0.., value_delimiter = ' ')]
-        gammas: Option<Vec<f32>>,
-        /// Learning-rate factor of the first module (the reference FR code uses 2).
-        #[arg(long, default_value_t = 1.0)]
-        first_module_lr_scale: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Train on the first N images of a seeded shuffle of the training set.
-        #[arg(long)]
-        train_subset: Option<usize>,
-        /// bp (backprop; model-parallel when --splits > 1) or fr (Features Replay).
+        #[command(flatten)]
+        train: TrainArgs,
+        /// bp (backprop; model-parallel when --splits > 1), fr (Features Replay), ddg
+        /// (delayed gradients) or dni (synthetic gradients).
         #[arg(long, default_value = "bp")]
         algo: String,
         /// Write the pipeline's timeline as Chrome trace events (open in ui.perfetto.dev).
@@ -103,9 +169,24 @@ enum Command {
         /// Continue the run whose checkpoint is in DIR (writes there too).
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
-        /// No progress bar (one line per epoch only).
-        #[arg(long)]
-        quiet: bool,
+    },
+    /// Run BP, FR, DDG and DNI with the same model, data, seed and K and write metrics,
+    /// plots (curves, memory, speed, sigma) and a markdown summary (the paper's comparison).
+    Compare {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        train: TrainArgs,
+        /// Methods to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "bp,fr,ddg,dni")]
+        methods: Vec<String>,
+        /// Module counts K, comma-separated (the largest also gets the sigma measurements;
+        /// --splits is ignored).
+        #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+        k: Vec<usize>,
+        /// Output directory: summary.md, summary.json, *.png and one directory per run.
+        #[arg(long, default_value = "runs/compare")]
+        out: PathBuf,
     },
     /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir).
     Eval {
@@ -217,6 +298,11 @@ impl Observer for Console {
             r.epoch_seconds,
             r.images_per_second,
         );
+        if !r.sigma.is_empty() {
+            let s =
+                r.sigma.iter().map(|v| if v.is_finite() { format!("{v:.3}") } else { "-".into() }).collect::<Vec<_>>();
+            println!("           mean sigma per stage {}", s.join(" / "));
+        }
     }
 }
 
@@ -232,50 +318,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("default: [0] (override with --device or FEATREPLAY_ADAPTER)");
         }
-        Command::Train {
-            model,
-            epochs,
-            lr,
-            momentum,
-            decay,
-            schedule,
-            gammas,
-            first_module_lr_scale,
-            seed,
-            train_subset,
-            algo,
-            out,
-            resume,
-            quiet,
-            trace,
-        } => {
-            let mut optim = OptimConfig::paper(*epochs);
-            optim.lr = *lr;
-            optim.momentum = *momentum;
-            optim.weight_decay = *decay;
-            optim.first_stage_lr_scale = *first_module_lr_scale;
-            if let Some(s) = schedule {
-                optim.schedule = s.clone();
-                optim.gammas = gammas.clone().unwrap_or_else(|| vec![0.1; s.len()]);
-            } else if let Some(g) = gammas {
-                optim.gammas = g.clone();
-            }
-            let cfg = RunConfig {
-                dataset: model.dataset.clone(),
-                data_dir: model.data_dir.clone(),
-                image_size: model.image_size,
-                train_subset: *train_subset,
-                arch: model.arch.clone(),
-                depth: model.depth,
-                splits: model.splits,
-                split: model.split.clone(),
-                epochs: *epochs,
-                batch_size: model.batch_size,
-                optim,
-                seed: *seed,
-                devices: selectors(&cli.device),
-                algo: algo.clone(),
-            };
+        Command::Train { model, train, algo, out, resume, trace } => {
+            let quiet = &train.quiet;
+            let cfg = train.run_config(model, selectors(&cli.device), algo);
             if let Some(v) = &cli.conv_variant {
                 std::env::set_var(conv2d::VARIANT_ENV, v);
                 apply_conv_variant(&cli.conv_variant, &[])?;
@@ -288,7 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             let shown = if resuming {
                 let (mut stored, _) =
                     run::checkpoint_config(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
-                stored.epochs = stored.epochs.max(*epochs);
+                stored.epochs = stored.epochs.max(train.epochs);
                 stored
             } else {
                 cfg.clone()
@@ -313,6 +358,25 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * summary.best_test_top1,
                 summary.out.display()
             );
+        }
+        Command::Compare { model, train, methods, k, out } => {
+            let base = train.run_config(model, selectors(&cli.device), "bp");
+            if let Some(v) = &cli.conv_variant {
+                std::env::set_var(conv2d::VARIANT_ENV, v);
+                apply_conv_variant(&cli.conv_variant, &[])?;
+            }
+            let cfg = CompareConfig { base, methods: methods.clone(), ks: k.clone(), out: out.clone() };
+            let mut console = Console { bar: None, quiet: train.quiet };
+            let summary =
+                compare::compare(&cfg, |m, k, dir| println!("== {m} with K = {k} -> {}", dir.display()), &mut console)
+                    .with_context(|| format!("comparing into {}", out.display()))?;
+            for r in &summary.runs {
+                if let compare::Outcome::Diverged { epoch, loss } = r.outcome {
+                    println!("{} with K = {}: diverged at epoch {epoch} (loss {loss})", r.method, r.k);
+                }
+            }
+            print!("{}", compare::summary_markdown(&cfg, &summary));
+            println!("summary.md, summary.json, curves/memory/speed/sigma plots in {}", out.display());
         }
         Command::Eval { checkpoint, dataset, data_dir, batch_size } => {
             let (mut cfg, meta) = run::checkpoint_config(checkpoint)

@@ -27,11 +27,128 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     /// Peak bytes per stage device during the epoch (tensors and runtime buffers).
     pub peak_memory_bytes: Vec<u64>,
+    /// Mean sigma per stage over the epoch's measurements (empty when not measured).
+    #[serde(default, with = "nan_as_null")]
+    pub sigma: Vec<f64>,
+}
+
+/// One measurement of sigma per stage (see `train::sigma`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SigmaRecord {
+    pub epoch: usize,
+    /// Iterations trained before the measurement.
+    pub iteration: u64,
+    /// Per stage; NaN (null in JSON) for a module still warming up.
+    #[serde(with = "nan_as_null")]
+    pub sigma: Vec<f64>,
+}
+
+impl SigmaRecord {
+    /// Mean per stage over `records`, skipping NaN; empty when there are none.
+    pub fn mean(records: &[SigmaRecord], stages: usize) -> Vec<f64> {
+        if records.is_empty() {
+            return vec![];
+        }
+        (0..stages)
+            .map(|k| {
+                let v: Vec<f64> =
+                    records.iter().filter_map(|r| r.sigma.get(k).copied()).filter(|x| x.is_finite()).collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }
+            })
+            .collect()
+    }
+}
+
+/// JSON has no NaN: a not-measured value is written as null.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| if x.is_finite() { Some(*x) } else { None }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let v: Vec<Option<f64>> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+    }
+}
+
+const SIGMA_JSONL: &str = "sigma.jsonl";
+
+/// Appends sigma measurements to `sigma.jsonl` (one line per measurement).
+pub struct SigmaLog {
+    path: PathBuf,
+    records: Vec<SigmaRecord>,
+}
+
+impl SigmaLog {
+    /// Starts the log in `dir`, keeping the measurements of epochs before `first_epoch`.
+    pub fn open(dir: &Path, first_epoch: usize) -> Result<SigmaLog> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(SIGMA_JSONL);
+        let records = if first_epoch > 1 && path.exists() {
+            read_sigma(&path)?.into_iter().filter(|r| r.epoch < first_epoch).collect()
+        } else {
+            vec![]
+        };
+        let mut f = File::create(&path).map_err(io(&path))?;
+        for r in &records {
+            let line = serde_json::to_string(r)
+                .map_err(|e| Error::Data { path: path.display().to_string(), message: e.to_string() })?;
+            writeln!(f, "{line}").map_err(io(&path))?;
+        }
+        Ok(SigmaLog { path, records })
+    }
+
+    pub fn push(&mut self, r: SigmaRecord) -> Result<()> {
+        let mut f = OpenOptions::new().append(true).open(&self.path).map_err(io(&self.path))?;
+        let line = serde_json::to_string(&r)
+            .map_err(|e| Error::Data { path: self.path.display().to_string(), message: e.to_string() })?;
+        writeln!(f, "{line}").map_err(io(&self.path))?;
+        self.records.push(r);
+        Ok(())
+    }
+
+    pub fn records(&self) -> &[SigmaRecord] {
+        &self.records
+    }
+}
+
+/// Reads a `sigma.jsonl` file.
+pub fn read_sigma(path: &Path) -> Result<Vec<SigmaRecord>> {
+    read_jsonl(path)
+}
+
+/// Reads a `metrics.jsonl` file.
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochRecord>> {
+    read_jsonl(path)
+}
+
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let f = File::open(path).map_err(io(path))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(&line).map_err(|e| Error::Data {
+                path: path.display().to_string(),
+                message: format!("line {}: {e}", i + 1),
+            })?,
+        );
+    }
+    Ok(out)
 }
 
 const JSONL: &str = "metrics.jsonl";
 const CSV: &str = "metrics.csv";
-const CSV_HEADER: &str = "epoch,lr,train_loss,train_top1,test_loss,test_top1,test_top5,best_test_top1,epoch_seconds,images_per_second,peak_memory_bytes";
+const CSV_HEADER: &str = "epoch,lr,train_loss,train_top1,test_loss,test_top1,test_top5,best_test_top1,epoch_seconds,images_per_second,peak_memory_bytes,sigma";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
@@ -89,9 +206,10 @@ impl MetricsLog {
             .map_err(|e| Error::Data { path: jp.display().to_string(), message: e.to_string() })?;
         writeln!(j, "{line}").map_err(io(jp))?;
         let mem = r.peak_memory_bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(";");
+        let sigma = r.sigma.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(";");
         writeln!(
             c,
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.epoch,
             r.lr,
             r.train_loss,
@@ -102,7 +220,8 @@ impl MetricsLog {
             r.best_test_top1,
             r.epoch_seconds,
             r.images_per_second,
-            mem
+            mem,
+            sigma
         )
         .map_err(io(cp))
     }
@@ -186,6 +305,82 @@ pub fn plot(records: &[EpochRecord], path: &Path) -> Result<()> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// One chart of a multi-panel figure: named series of (x, y) points.
+pub struct Panel {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Draws `panels` side by side (two per row) into a PNG: every series as a line with its
+/// points marked, non-finite points left out, a legend per panel.
+pub fn plot_panels(panels: &[Panel], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    register_font();
+    let err =
+        |e: &dyn std::fmt::Display| Error::Data { path: path.display().to_string(), message: format!("plot: {e}") };
+    let cols = panels.len().clamp(1, 2);
+    let rows = panels.len().div_ceil(2).max(1);
+    let root = BitMapBackend::new(path, (560 * cols as u32, 420 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let areas = root.split_evenly((rows, cols));
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let pts: Vec<(f64, f64)> = panel
+            .series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+        let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
+        if pts.is_empty() {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        if x1 - x0 < 1e-9 {
+            x0 -= 0.5;
+            x1 += 0.5;
+        }
+        let pad = ((y1 - y0) * 0.08).max(1e-6 + y1.abs() * 0.05);
+        y0 = if y0 >= 0.0 && y0 - pad < 0.0 { 0.0 } else { y0 - pad };
+        y1 += pad;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(34)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(panel.x_desc.as_str())
+            .y_desc(panel.y_desc.as_str())
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (name, data)) in panel.series.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let data: Vec<(f64, f64)> = data.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            chart
+                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart.draw_series(data.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| err(&e))?;
+        }
+        if !panel.series.is_empty() {
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE.mix(0.8))
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+    }
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

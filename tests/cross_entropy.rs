@@ -191,3 +191,24 @@ fn bad_shapes_are_errors() {
     assert_close("uniform loss", &[loss], &[3f32.ln()], 4.0 * EPS, 0.0);
     assert_eq!((top1, top5), (4.0, 4.0));
 }
+
+#[test]
+fn nan_logits_never_count_as_correct() {
+    // A diverged net: row 0 all NaN, row 1 NaN at the label, row 2 one NaN elsewhere (the
+    // label drops out of the top-1 but stays in the top-5), row 3 finite and right.
+    let c = 6;
+    let nan = f32::NAN;
+    #[rustfmt::skip]
+    let z = [
+        nan, nan, nan, nan, nan, nan,
+        0.0, nan, 0.0, 0.0, 0.0, 0.0,
+        nan, 5.0, 0.0, 0.0, 0.0, 0.0,
+        0.0, 0.0, 7.0, 0.0, 0.0, 0.0,
+    ];
+    let labels = [0u32, 1, 1, 2];
+    let gz = gpu().tensor(&[4, c], &z).unwrap();
+    let gl = ce::labels_tensor(gpu(), &labels, c).unwrap();
+    let (loss, top1, top5) = read(&ce::forward(&gz, &gl).unwrap());
+    assert!(loss.is_nan(), "the loss of NaN logits is NaN, got {loss}");
+    assert_eq!((top1, top5), (1.0, 2.0), "only the finite right row is top-1; row 2 is top-5");
+}

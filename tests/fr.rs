@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use featreplay::model::resnet::{build, Arch, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
-use featreplay::train::fr::{self, EpochOptions, FrState, HostBatch, InjectedFailure};
+use featreplay::train::schedule::{self, EpochOptions, HostBatch, InjectedFailure, PipelineState};
 use featreplay::train::{Network, OptimConfig};
 use featreplay::Gpu;
 
@@ -58,10 +58,10 @@ fn fr_with_one_module_is_backprop_bit_for_bit() {
         losses.push(bp.bp_step(x, y, &opt, opt.lr).unwrap().loss.to_vec().unwrap()[0] as f64);
     }
     let mut frn = Network::new(spec, &r1, &devices(1), 4).unwrap();
-    let mut state = FrState::new(1);
+    let mut state = PipelineState::fr(1);
     // Two "epochs" of 3 and 2 iterations: the pipeline state carries over.
-    let m1 = fr::run_epoch(&mut frn, &mut state, host(&data[..3]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
-    let m2 = fr::run_epoch(&mut frn, &mut state, host(&data[3..]), 2, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    let m1 = schedule::run_epoch(&mut frn, &mut state, host(&data[..3]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    let m2 = schedule::run_epoch(&mut frn, &mut state, host(&data[3..]), 2, &EpochOptions::new(&opt, opt.lr)).unwrap();
     let bp_mean = |r: std::ops::Range<usize>| losses[r.clone()].iter().sum::<f64>() / r.len() as f64;
     assert!((m1.loss - bp_mean(0..3)).abs() < 1e-6, "{} vs {}", m1.loss, bp_mean(0..3));
     assert!((m2.loss - bp_mean(3..5)).abs() < 1e-6);
@@ -77,11 +77,12 @@ fn stages_hold_exactly_their_delay_in_inputs() {
         let mut net = Network::new(spec.clone(), &ranges, &gpus, 9).unwrap();
         // Parameters, gradients, momentum and running statistics: what every method holds.
         let baseline: Vec<u64> = gpus.iter().map(|g| g.memory().live_tensor_bytes).collect();
-        let mut state = FrState::new(k);
+        let mut state = PipelineState::fr(k);
         let data = batches(6, 20);
         let opt = optim();
         for (e, chunk) in [&data[..1], &data[1..4], &data[4..]].iter().enumerate() {
-            fr::run_epoch(&mut net, &mut state, host(chunk), chunk.len(), &EpochOptions::new(&opt, opt.lr)).unwrap();
+            schedule::run_epoch(&mut net, &mut state, host(chunk), chunk.len(), &EpochOptions::new(&opt, opt.lr))
+                .unwrap();
             let t = state.iteration;
             for s in 0..k {
                 let d = (k - 1 - s) as u64;
@@ -112,11 +113,11 @@ fn a_failing_stage_stops_the_run_with_its_error() {
         let spec = resnet8();
         let ranges = split(&spec, 3, SplitPolicy::Even).unwrap();
         let mut net = Network::new(spec, &ranges, &devices(3), 1).unwrap();
-        let mut state = FrState::new(3);
+        let mut state = PipelineState::fr(3);
         let data = batches(6, 30);
         let opt = optim();
         let fail = Some(InjectedFailure { stage: 1, iteration: 3 });
-        let r = fr::run_epoch(
+        let r = schedule::run_epoch(
             &mut net,
             &mut state,
             host(&data),
@@ -142,10 +143,10 @@ fn check_against_simulation(k: usize) {
         net.state().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.to_vec().unwrap())).collect();
     let data = batches(7, 40);
     let opt = optim();
-    let mut state = FrState::new(k);
+    let mut state = PipelineState::fr(k);
     // Two calls, so the epoch boundary (a gradient in flight) is crossed too.
-    fr::run_epoch(&mut net, &mut state, host(&data[..4]), 4, &EpochOptions::new(&opt, opt.lr)).unwrap();
-    fr::run_epoch(&mut net, &mut state, host(&data[4..]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    schedule::run_epoch(&mut net, &mut state, host(&data[..4]), 4, &EpochOptions::new(&opt, opt.lr)).unwrap();
+    schedule::run_epoch(&mut net, &mut state, host(&data[4..]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
     let cfg = FrSimConfig {
         lr: opt.lr,
         momentum: opt.momentum,

@@ -117,7 +117,11 @@ fn bad_input_is_a_one_line_error() {
         (vec!["train", "--arch", "vgg"], "unknown architecture 'vgg'"),
         (vec!["train", "--dataset", "cifar10", "--data-dir", empty], empty),
         (vec!["train", "--schedule", "1", "2", "--gammas", "0.1"], "one gamma per schedule step"),
-        (vec!["train", "--algo", "dni"], "choose bp or fr"),
+        (vec!["train", "--algo", "kfac"], "choose bp, fr, ddg or dni"),
+        (vec!["train", "--measure-sigma", "0"], "--measure-sigma must be at least 1"),
+        (vec!["train", "--algo", "dni", "--dni-depth", "0"], "--dni-depth must be at least 1"),
+        (vec!["compare", "--methods", "bp,sgd"], "unknown method 'sgd'"),
+        (vec!["compare", "--k", "0"], "--k needs"),
         (vec!["train", "--resume", empty], "checkpoint"),
         (vec!["eval", garbage.to_str().unwrap()], "checkpoint.safetensors"),
         (vec!["plan", "--depth", "110", "--splits", "100"], "K must be between 1 and 59"),
@@ -173,4 +177,97 @@ fn fr_trains_traces_and_resumes_exactly() {
     for (a, b) in m.iter().zip(&resumed) {
         assert_eq!(learning(a), learning(b), "resumed FR run differs from the uninterrupted one");
     }
+}
+
+#[test]
+fn compare_writes_every_file_and_records_divergence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cmp");
+    let common = ["--depth", "8", "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--quiet"];
+    let mut args = vec!["compare", "--epochs", "2", "--k", "2", "--measure-sigma", "1", "--out", out.to_str().unwrap()];
+    args.extend(common);
+    let (ok, o, e) = featreplay(&args);
+    assert!(ok, "{o}{e}");
+    for f in ["summary.md", "summary.json", "curves-k2.png", "memory.png", "speed.png", "sigma.png"] {
+        let p = out.join(f);
+        assert!(p.exists() && std::fs::metadata(&p).unwrap().len() > 0, "{f} missing or empty");
+    }
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    for m in ["bp", "fr", "ddg", "dni"] {
+        let dir = out.join(format!("{m}-k2"));
+        for f in ["metrics.jsonl", "metrics.csv", "sigma.jsonl", "curves.png", "checkpoint.safetensors"] {
+            assert!(dir.join(f).exists(), "{m}: {f} missing");
+        }
+        assert_eq!(metrics(&dir).len(), 2, "{m}: two epochs");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {m} | 2 | completed |")))
+            .unwrap_or_else(|| panic!("{m} row: {md}"));
+        assert!(row.contains('%') && row.contains('x'), "{m}: error and speedup in {row}");
+        // Two iterations per epoch, a measurement after each: four lines per run.
+        let sigma = std::fs::read_to_string(dir.join("sigma.jsonl")).unwrap();
+        assert_eq!(sigma.lines().count(), 4, "{m}: {sigma}");
+    }
+    let bp_sigma = std::fs::read_to_string(out.join("bp-k2/sigma.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(bp_sigma.lines().next().unwrap()).unwrap();
+    assert!(first["sigma"].as_array().unwrap().iter().all(|v| (v.as_f64().unwrap() - 1.0).abs() < 1e-9), "{first}");
+    // DNI keeps a predictor per module below the last, in its checkpoint.
+    let ck = std::fs::read(out.join("dni-k2/checkpoint.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(ck[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&ck[8..8 + header_len]);
+    assert!(header.contains("\"dni.stage0.out.conv.weight\""), "{header}");
+
+    // A learning rate that overflows the weights: every run is recorded as diverged and the
+    // command still succeeds with its summary.
+    let bad = tmp.path().join("bad");
+    let mut args = vec![
+        "compare",
+        "--epochs",
+        "1",
+        "--k",
+        "1",
+        "--methods",
+        "bp,fr",
+        "--lr",
+        "1e30",
+        "--out",
+        bad.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let (ok, o, e) = featreplay(&args);
+    assert!(ok, "{o}{e}");
+    let md = std::fs::read_to_string(bad.join("summary.md")).unwrap();
+    for m in ["bp", "fr"] {
+        assert!(md.lines().any(|l| l.starts_with(&format!("| {m} | 1 | **diverged** at epoch 1"))), "{m}: {md}");
+    }
+}
+
+#[test]
+fn dni_resumes_exactly_and_ddg_refuses_to_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path, epochs: &str, algo: &str| {
+        let mut a = tiny(out, epochs);
+        a.extend(["--algo", algo, "--splits", "2"].iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| featreplay(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let full = tmp.path().join("full");
+    let (ok, o, e) = run(args(&full, "2", "dni"));
+    assert!(ok, "{o}{e}");
+    let part = tmp.path().join("part");
+    let (ok, o, e) = run(args(&part, "1", "dni"));
+    assert!(ok, "{o}{e}");
+    let (ok, o, e) = featreplay(&["train", "--resume", part.to_str().unwrap(), "--epochs", "2", "--quiet"]);
+    assert!(ok, "{o}{e}");
+    for (a, b) in metrics(&full).iter().zip(&metrics(&part)) {
+        assert_eq!(learning(a), learning(b), "resumed DNI run differs from the uninterrupted one");
+    }
+
+    let ddg = tmp.path().join("ddg");
+    let (ok, o, e) = run(args(&ddg, "1", "ddg"));
+    assert!(ok, "{o}{e}");
+    let before = std::fs::read(ddg.join("checkpoint.safetensors")).unwrap();
+    let (ok, _, e) = featreplay(&["train", "--resume", ddg.to_str().unwrap(), "--epochs", "2", "--quiet"]);
+    assert!(!ok && e.contains("a DDG run cannot be resumed") && e.trim_end().lines().count() == 1, "{e}");
+    assert_eq!(std::fs::read(ddg.join("checkpoint.safetensors")).unwrap(), before, "the checkpoint is untouched");
 }

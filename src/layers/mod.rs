@@ -8,6 +8,7 @@ pub mod conv;
 pub mod linear;
 pub mod loss;
 pub mod pooling;
+pub mod predictor;
 pub mod relu;
 
 pub use basic_block::{BasicBlock, BasicBlockActivations};

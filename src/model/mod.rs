@@ -483,11 +483,67 @@ impl Stage {
         Ok(Some(grad))
     }
 
+    /// Like [`Self::backward`], but leaves `acts` intact (a measurement may backpropagate a
+    /// stored graph without consuming it).
+    pub fn backward_keeping(&mut self, acts: &StageActivations, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+        if acts.layers.len() != self.layers.len() {
+            return Err(Error::ShapeMismatch {
+                op: "stage",
+                detail: format!(
+                    "stage {} has {} layers but {} activations",
+                    self.index,
+                    self.layers.len(),
+                    acts.layers.len()
+                ),
+            });
+        }
+        let mut grad = dy.clone();
+        for i in (0..self.layers.len()).rev() {
+            match self.layers[i].backward(&acts.layers[i], &grad, need_dx || i > 0)? {
+                Some(g) => grad = g,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(grad))
+    }
+
     pub fn params(&self) -> Vec<&Param> {
         self.layers.iter().flat_map(|l| l.params()).collect()
     }
 
     pub fn buffers(&self) -> Vec<(String, &Tensor)> {
         self.layers.iter().flat_map(|l| l.buffers()).collect()
+    }
+
+    /// Device copies of the current parameter values (in [`Self::params`] order).
+    pub fn snapshot_weights(&self) -> Result<Vec<Tensor>> {
+        self.params()
+            .iter()
+            .map(|p| {
+                let t = self.gpu.zeros(p.value.shape())?;
+                self.gpu.copy(&p.value, &t)?;
+                Ok(t)
+            })
+            .collect()
+    }
+
+    /// Copies `values` (from [`Self::snapshot_weights`]) into the parameters.
+    pub fn load_weights(&self, values: &[Tensor]) -> Result<()> {
+        let params = self.params();
+        if params.len() != values.len() {
+            return Err(Error::ShapeMismatch {
+                op: "stage",
+                detail: format!("{} weight tensors for {} parameters", values.len(), params.len()),
+            });
+        }
+        for (p, v) in params.iter().zip(values) {
+            self.gpu.copy(v, &p.value)?;
+        }
+        Ok(())
+    }
+
+    /// Device bytes of this stage's parameter values.
+    pub fn weight_bytes(&self) -> u64 {
+        self.params().iter().map(|p| p.value.buffer_bytes()).sum()
     }
 }

@@ -5,8 +5,12 @@
 //! Schedules know stages and layers, never kernels; tensors cross devices only through the
 //! [`Transport`](crate::pipeline::Transport).
 
+pub mod ddg;
+pub mod dni;
 pub mod fr;
 pub mod run;
+pub mod schedule;
+pub mod sigma;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};

@@ -12,16 +12,17 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::fr::{self, EpochOptions, FrState, HostBatch};
-use super::{Network, OptimConfig};
+use super::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
+use super::{sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
 use crate::error::{Error, Result};
 use crate::gpu::{adapter, AdapterSelector, Gpu};
 use crate::layers::loss::{Metrics, MetricsAccumulator};
+use crate::layers::predictor::PredictorConfig;
 use crate::model::resnet::{build, Arch, ResNetConfig};
 use crate::model::{split, ModelSpec, SplitPolicy};
-use crate::report::{EpochRecord, MetricsLog};
+use crate::report::{EpochRecord, MetricsLog, SigmaLog, SigmaRecord};
 use crate::trace::Tracer;
 
 /// Everything that defines a run (stored in its checkpoints).
@@ -33,6 +34,9 @@ pub struct RunConfig {
     pub image_size: usize,
     /// Use only the first N training images (after a seeded shuffle); None: all.
     pub train_subset: Option<usize>,
+    /// Evaluate on the first N test images only (None: all).
+    #[serde(default)]
+    pub test_subset: Option<usize>,
     pub arch: String,
     pub depth: usize,
     pub splits: usize,
@@ -43,7 +47,14 @@ pub struct RunConfig {
     pub seed: u64,
     /// Adapter selectors, one per stage or one for all; stages in order.
     pub devices: Vec<String>,
+    /// bp, fr, ddg or dni.
     pub algo: String,
+    /// Measure sigma every N iterations (None: never).
+    #[serde(default)]
+    pub measure_sigma: Option<usize>,
+    /// DNI's gradient predictors.
+    #[serde(default)]
+    pub dni: PredictorConfig,
 }
 
 impl RunConfig {
@@ -54,6 +65,7 @@ impl RunConfig {
             data_dir: None,
             image_size: 32,
             train_subset: None,
+            test_subset: None,
             arch: "resnet".into(),
             depth: 20,
             splits: 1,
@@ -64,7 +76,25 @@ impl RunConfig {
             seed: 0,
             devices: vec!["auto".into()],
             algo: "bp".into(),
+            measure_sigma: None,
+            dni: PredictorConfig::default(),
         }
+    }
+
+    /// The decoupled method of `algo` (None for backprop).
+    pub fn method(&self) -> Result<Option<Method>> {
+        Ok(match self.algo.as_str() {
+            "bp" => None,
+            "fr" => Some(Method::Fr),
+            "ddg" => Some(Method::Ddg),
+            "dni" => Some(Method::Dni(self.dni)),
+            other => {
+                return Err(Error::Unsupported {
+                    op: "train",
+                    detail: format!("--algo {other}: choose bp, fr, ddg or dni"),
+                })
+            }
+        })
     }
 
     fn check(&self) -> Result<()> {
@@ -75,8 +105,12 @@ impl RunConfig {
         if self.batch_size == 0 {
             return Err(bad("--batch-size must be at least 1".into()));
         }
-        if self.algo != "bp" && self.algo != "fr" {
-            return Err(bad(format!("--algo {}: choose bp or fr (ddg and dni come next)", self.algo)));
+        self.method()?;
+        if self.measure_sigma == Some(0) {
+            return Err(bad("--measure-sigma must be at least 1 (iterations between measurements)".into()));
+        }
+        if self.dni.depth == 0 {
+            return Err(bad("--dni-depth must be at least 1 (the output conv)".into()));
         }
         if self.devices.is_empty() || (self.devices.len() != 1 && self.devices.len() != self.splits) {
             return Err(bad(format!(
@@ -103,7 +137,17 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     cfg.check()?;
     let kind: DatasetKind = cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })?;
     let opts = LoadOptions { root: cfg.data_dir.clone(), image_size: (cfg.image_size as u32, cfg.image_size as u32) };
-    let (mut train, test) = kind.load_train_test(&opts)?;
+    let (mut train, mut test) = kind.load_train_test(&opts)?;
+    if let Some(n) = cfg.test_subset {
+        if n == 0 || n > test.len() {
+            return Err(Error::Unsupported {
+                op: "data",
+                detail: format!("--test-subset {n}: the test set has {} images", test.len()),
+            });
+        }
+        let first: Vec<usize> = (0..n).collect();
+        test = test.subset(&first, format!("{}-first{n}", test.name()))?;
+    }
     if let Some(n) = cfg.train_subset {
         if n == 0 || n > train.len() {
             return Err(Error::Unsupported {
@@ -204,12 +248,28 @@ pub fn evaluate(net: &Network, data: Arc<Dataset>, norm: &Normalization, batch_s
     acc.read()
 }
 
+/// The DNI predictors' tensors with checkpoint names: `<predictor param>` and
+/// `optimizer.momentum.<predictor param>`.
+fn predictor_tensors(st: &PipelineState) -> Vec<(String, crate::gpu::Tensor)> {
+    let mut out = Vec::new();
+    for s in &st.stages {
+        if let Some(p) = &s.predictor {
+            for p in p.params() {
+                out.push((p.name.clone(), p.value.clone()));
+                out.push((format!("optimizer.momentum.{}", p.name), p.momentum.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// Host copies of every state tensor, for a checkpoint. Under FR the pipeline's state (each
 /// stage's input history and the gradient in flight) is saved too, so a resumed run
-/// continues the same pipeline.
+/// continues the same pipeline; under DNI the predictors (the epoch boundary leaves no
+/// prediction in flight). DDG's stored graphs are not saved (see [`train`]).
 fn checkpoint_of(
     net: &Network,
-    fr_state: Option<&FrState>,
+    pipeline: Option<&PipelineState>,
     cfg: &RunConfig,
     epoch: usize,
     best: f64,
@@ -218,11 +278,13 @@ fn checkpoint_of(
         serde_json::to_value(cfg).map_err(|e| Error::Data { path: "config".into(), message: e.to_string() })?;
     let mut meta = CheckpointMeta::new(epoch, net.steps, cfg.seed, config);
     meta.best_top1 = Some(best);
-    if let Some(st) = fr_state {
+    if let Some(st) = pipeline {
         meta.extra = serde_json::json!({
-            "fr": {
+            "pipeline": {
+                "method": st.method.name(),
                 "iteration": st.iteration,
                 "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+                "predictor_steps": st.stages.iter().map(|s| s.predictor_steps).collect::<Vec<_>>(),
                 "history": st.stages.iter().map(|s| s.input_history.len()).collect::<Vec<_>>(),
                 "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
             }
@@ -232,47 +294,62 @@ fn checkpoint_of(
     for (name, t) in net.state() {
         ck.push(name, t.shape(), t.to_vec()?)?;
     }
-    if let Some(st) = fr_state {
+    if let Some(st) = pipeline {
         for (k, s) in st.stages.iter().enumerate() {
             for (i, t) in s.input_history.iter().enumerate() {
-                ck.push(format!("fr.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
+                ck.push(format!("pipeline.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
             }
             if let Some(g) = &s.pending_grad {
-                ck.push(format!("fr.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
+                ck.push(format!("pipeline.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
             }
+        }
+        for (name, t) in predictor_tensors(st) {
+            ck.push(name, t.shape(), t.to_vec()?)?;
         }
     }
     Ok(ck)
 }
 
-/// Restores the FR pipeline state saved by [`checkpoint_of`].
-fn restore_fr(net: &Network, ck: &mut Checkpoint, path: &Path) -> Result<FrState> {
+/// Restores the pipeline state saved by [`checkpoint_of`] into `st` (fresh, with its
+/// predictors built).
+fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, path: &Path) -> Result<()> {
     let bad = |message: String| Error::Data { path: path.display().to_string(), message };
-    let fr =
-        ck.meta.extra.get("fr").cloned().ok_or_else(|| bad("no Features Replay state (another --algo?)".into()))?;
-    let k = net.stages.len();
-    let mut st = FrState::new(k);
-    st.iteration = fr["iteration"].as_u64().ok_or_else(|| bad("FR state without iteration".into()))?;
-    for s in 0..k {
-        st.stages[s].steps =
-            fr["steps"][s].as_u64().ok_or_else(|| bad(format!("FR state without steps of stage {s}")))?;
-        let n = fr["history"][s].as_u64().ok_or_else(|| bad(format!("FR state without history of stage {s}")))?;
-        let mut names: Vec<(String, bool)> = (0..n).map(|i| (format!("fr.stage{s}.input_history.{i}"), true)).collect();
-        if fr["pending_grad"][s].as_bool().unwrap_or(false) {
-            names.push((format!("fr.stage{s}.pending_grad"), false));
+    let saved = ck
+        .meta
+        .extra
+        .get("pipeline")
+        .cloned()
+        .ok_or_else(|| bad("no pipeline state in the checkpoint (another --algo?)".into()))?;
+    if saved["method"].as_str() != Some(st.method.name()) {
+        return Err(bad(format!("the checkpoint's pipeline runs {}, not {}", saved["method"], st.method.name())));
+    }
+    st.iteration = saved["iteration"].as_u64().ok_or_else(|| bad("pipeline state without iteration".into()))?;
+    for (s, stage) in st.stages.iter_mut().enumerate() {
+        stage.steps =
+            saved["steps"][s].as_u64().ok_or_else(|| bad(format!("pipeline state without steps of stage {s}")))?;
+        stage.predictor_steps = saved["predictor_steps"][s].as_u64().unwrap_or(0);
+        let n = saved["history"][s].as_u64().unwrap_or(0);
+        let mut names: Vec<(String, bool)> =
+            (0..n).map(|i| (format!("pipeline.stage{s}.input_history.{i}"), true)).collect();
+        if saved["pending_grad"][s].as_bool().unwrap_or(false) {
+            names.push((format!("pipeline.stage{s}.pending_grad"), false));
         }
         for (name, is_input) in names {
             let shape = ck.get(&name).ok_or_else(|| bad(format!("missing {name}")))?.shape.clone();
             let data = ck.take(&name, &shape)?;
             let t = net.stages[s].gpu.tensor(&shape, &data)?;
             if is_input {
-                st.stages[s].input_history.push_back(t);
+                stage.input_history.push_back(t);
             } else {
-                st.stages[s].pending_grad = Some(t);
+                stage.pending_grad = Some(t);
             }
         }
     }
-    Ok(st)
+    for (name, t) in predictor_tensors(st) {
+        let data = ck.take(&name, t.shape()).map_err(|e| bad(format!("DNI predictor: {e}")))?;
+        t.gpu().write(&t, &data)?;
+    }
+    Ok(())
 }
 
 /// Loads a checkpoint's tensors into `net` (every tensor must be there with its shape).
@@ -306,7 +383,13 @@ pub fn checkpoint_config(dir: &Path) -> Result<(RunConfig, CheckpointMeta)> {
 
 /// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`. With
 /// `resume`, continues the run whose checkpoint is in `out` (its configuration wins, except
-/// `epochs`, which may be raised to train longer).
+/// `epochs`, which may be raised to train longer). A DDG run cannot be resumed: its stored
+/// graphs (d_k activation sets per module) are not checkpointed.
+///
+/// With `measure_sigma = Some(n)`, sigma is measured every n iterations (see
+/// [`super::sigma`]) into `sigma.jsonl`, and each epoch record holds the epoch's mean per
+/// stage. The measurements change nothing in the trajectory; their time is left out of the
+/// epoch time and their memory out of the peak memory.
 pub fn train(
     cfg: &RunConfig,
     out: &Path,
@@ -316,6 +399,15 @@ pub fn train(
 ) -> Result<RunSummary> {
     let (cfg, start_epoch, mut best, ck) = if resume {
         let (mut stored, meta) = checkpoint_config(out)?;
+        if stored.algo == "ddg" {
+            return Err(Error::Unsupported {
+                op: "resume",
+                detail: format!(
+                    "{}: a DDG run cannot be resumed (its stored graphs are not checkpointed); the checkpoint is left as it is: start a new run or evaluate it",
+                    out.display()
+                ),
+            });
+        }
         stored.epochs = stored.epochs.max(cfg.epochs);
         let ck = checkpoint::load(out)?;
         (stored, meta.epoch, meta.best_top1.unwrap_or(0.0), Some(ck))
@@ -323,47 +415,82 @@ pub fn train(
         (cfg.clone(), 0, 0.0, None)
     };
     let p = prepare(&cfg)?;
+    let method = cfg.method()?;
     let gpus = open_devices(&cfg.devices, p.ranges.len())?;
     let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
-    let is_fr = cfg.algo == "fr";
-    let mut fr_state = FrState::new(p.ranges.len());
+    let mut pipeline = match method {
+        Some(m) => Some(PipelineState::new(m, &net, cfg.seed)?),
+        None => None,
+    };
     if let Some(mut ck) = ck {
         let file = out.join(checkpoint::SAFETENSORS_FILE);
-        if is_fr {
-            fr_state = restore_fr(&net, &mut ck, &file)?;
+        if let Some(st) = pipeline.as_mut() {
+            restore_pipeline(&net, st, &mut ck, &file)?;
         }
         restore(&mut net, &mut ck, &file)?;
     }
     let tracer = trace.map(Tracer::new);
     let mut log = MetricsLog::open(out, start_epoch + 1)?;
+    let mut sigma_log = SigmaLog::open(out, start_epoch + 1)?;
     let mut records = log.records().to_vec();
     for epoch in start_epoch..cfg.epochs {
         let lr = cfg.optim.lr_at(epoch);
-        for g in &gpus {
-            g.reset_peak_memory();
-        }
         let loader =
             Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
-        obs.epoch_start(epoch + 1, loader.num_batches());
+        let n = loader.num_batches();
+        obs.epoch_start(epoch + 1, n);
+        let mut peak = vec![0u64; gpus.len()];
+        let note_peak = |peak: &mut Vec<u64>| {
+            for (p, g) in peak.iter_mut().zip(&gpus) {
+                *p = (*p).max(g.memory().peak_bytes);
+            }
+        };
+        let mut sigmas: Vec<SigmaRecord> = Vec::new();
+        let mut measuring = 0.0f64;
         let t0 = Instant::now();
-        let train_metrics = if is_fr {
-            let n = loader.num_batches();
-            let mut seen = 0usize;
-            let feed = loader.map(|b| {
+        let mut seen = 0usize;
+        // Iterations until the next measurement (None: no measurements).
+        let until_measure = |iteration: u64| cfg.measure_sigma.map(|m| m - (iteration % m as u64) as usize);
+        let train_metrics = if let Some(st) = pipeline.as_mut() {
+            let mut feed = loader.map(|b| {
                 seen += b.len();
                 obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
                 HostBatch { images: b.images, labels: b.labels }
             });
-            fr::run_epoch(
-                &mut net,
-                &mut fr_state,
-                feed,
-                n,
-                &EpochOptions { tracer: tracer.as_ref(), ..EpochOptions::new(&cfg.optim, lr) },
-            )?
+            let mut done = 0usize;
+            let mut total = crate::layers::loss::Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
+            while done < n {
+                let chunk = until_measure(st.iteration).unwrap_or(n).min(n - done);
+                for g in &gpus {
+                    g.reset_peak_memory();
+                }
+                let m = schedule::run_epoch(
+                    &mut net,
+                    st,
+                    feed.by_ref().take(chunk),
+                    chunk,
+                    &EpochOptions {
+                        tracer: tracer.as_ref(),
+                        end_of_epoch: done + chunk == n,
+                        ..EpochOptions::new(&cfg.optim, lr)
+                    },
+                )?;
+                note_peak(&mut peak);
+                total = combine(total, m);
+                done += chunk;
+                if cfg.measure_sigma.is_some() && st.iteration % cfg.measure_sigma.unwrap_or(1) as u64 == 0 {
+                    let t = Instant::now();
+                    let sigma = sigma::measure(&mut net, st)?;
+                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: st.iteration, sigma });
+                    measuring += t.elapsed().as_secs_f64();
+                }
+            }
+            total
         } else {
             let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
-            let mut seen = 0usize;
+            for g in &gpus {
+                g.reset_peak_memory();
+            }
             for batch in loader {
                 let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
                 acc.add(&out, batch.len())?;
@@ -371,24 +498,35 @@ pub fn train(
                 net.sync()?;
                 seen += batch.len();
                 obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
+                if let Some(m) = cfg.measure_sigma {
+                    if net.steps.is_multiple_of(m as u64) {
+                        note_peak(&mut peak);
+                        let t = Instant::now();
+                        let hb = HostBatch { images: batch.images, labels: batch.labels };
+                        let sigma = sigma::measure_bp(&mut net, &hb)?;
+                        sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: net.steps, sigma });
+                        measuring += t.elapsed().as_secs_f64();
+                        for g in &gpus {
+                            g.reset_peak_memory();
+                        }
+                    }
+                }
             }
+            note_peak(&mut peak);
             acc.read()?
         };
         if let Some(tr) = &tracer {
             tr.write()?;
         }
-        let epoch_seconds = t0.elapsed().as_secs_f64();
-        let peak_memory_bytes = gpus.iter().map(|g| g.memory().peak_bytes).collect();
-        let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
+        let epoch_seconds = t0.elapsed().as_secs_f64() - measuring;
         if !train_metrics.loss.is_finite() {
-            return Err(Error::Unsupported {
-                op: "train",
-                detail: format!(
-                    "training diverged at epoch {} (loss {}); try a lower --lr",
-                    epoch + 1,
-                    train_metrics.loss
-                ),
-            });
+            return Err(Error::Diverged { epoch: epoch + 1, loss: train_metrics.loss });
+        }
+        let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
+        // Weights that overflowed give a finite training loss on the last batch but NaN on
+        // the test set: diverged too (and nothing NaN reaches the metrics or the checkpoint).
+        if !test.loss.is_finite() {
+            return Err(Error::Diverged { epoch: epoch + 1, loss: test.loss });
         }
         best = best.max(test.top1);
         let record = EpochRecord {
@@ -402,12 +540,26 @@ pub fn train(
             best_test_top1: best,
             epoch_seconds,
             images_per_second: train_metrics.samples as f64 / epoch_seconds,
-            peak_memory_bytes,
+            peak_memory_bytes: peak,
+            sigma: SigmaRecord::mean(&sigmas, gpus.len()),
         };
-        checkpoint::save(out, &checkpoint_of(&net, is_fr.then_some(&fr_state), &cfg, epoch + 1, best)?)?;
+        checkpoint::save(out, &checkpoint_of(&net, pipeline.as_ref(), &cfg, epoch + 1, best)?)?;
+        for s in sigmas {
+            sigma_log.push(s)?;
+        }
         log.push(record.clone())?;
         obs.epoch_end(&record);
         records.push(record);
     }
     Ok(RunSummary { records, best_test_top1: best, out: out.to_path_buf() })
+}
+
+/// Metrics of two parts of an epoch, weighted by their samples.
+fn combine(a: Metrics, b: Metrics) -> Metrics {
+    let n = a.samples + b.samples;
+    if n == 0 {
+        return a;
+    }
+    let w = |x: f64, y: f64| (x * a.samples as f64 + y * b.samples as f64) / n as f64;
+    Metrics { loss: w(a.loss, b.loss), top1: w(a.top1, b.top1), top5: w(a.top5, b.top5), samples: n }
 }

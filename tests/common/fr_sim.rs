@@ -433,3 +433,63 @@ pub fn simulate_bp(
     }
     sim.finish(init)
 }
+
+/// Delayed gradients (DDG) over `ranges`, one iteration per batch, from `init`, written from
+/// the spec: iteration t, for 0-based module i < K-1 with delay d = K-1-i:
+/// 1. forward on the fresh input with the current weights, keeping the whole graph (the
+///    weights as they are now, the input, the output), running statistics updated;
+/// 2. module K: forward, cross-entropy, backward, SGD step; dL/d(input) sent down;
+/// 3. when t >= d: backpropagate the graph built at t - d (its stale weights) with the
+///    gradient module i+1 sent during iteration t-1, SGD step on the CURRENT weights with
+///    that gradient, send dL/d(input of that graph) down;
+/// 4. the gradients sent during t become the stored ones for t + 1.
+pub fn simulate_ddg(
+    spec: &ModelSpec,
+    ranges: &[Range<usize>],
+    init: &[HostTensor],
+    batches: &[(Vec<f32>, Vec<u32>)],
+    cfg: &FrSimConfig,
+) -> Vec<HostTensor> {
+    let k_count = ranges.len();
+    assert!(k_count >= 1 && ranges[0].start == 0 && ranges[k_count - 1].end == spec.layers.len());
+    let last = k_count - 1;
+    let delay = |i: usize| k_count - 1 - i;
+    let mut sim = Sim::new(spec, init, cfg);
+    type Graph = (HashMap<String, Var>, Option<Var>, CTensor);
+    let mut graphs: Vec<VecDeque<Graph>> = (0..last).map(|_| VecDeque::new()).collect();
+    let mut stored: Vec<Option<CTensor>> = vec![None; last];
+    for (t, (x, labels)) in batches.iter().enumerate() {
+        let mut sent: Vec<Option<CTensor>> = vec![None; last];
+        let mut h = images(spec, x);
+        for i in 0..last {
+            let vars = sim.vars(ranges[i].clone());
+            let tensors: HashMap<String, CTensor> =
+                vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let input = (i > 0).then(|| Var::from_tensor(&h).unwrap());
+            let x_used = input.as_ref().map_or_else(|| h.clone(), |v| v.as_tensor().clone());
+            let (y, stats) = forward_range(spec, ranges[i].clone(), &tensors, &x_used);
+            sim.update_running(&stats);
+            h = y.detach();
+            graphs[i].push_back((vars, input, y));
+            assert!(graphs[i].len() <= delay(i) + 1, "module {} holds more than d_k + 1 graphs", i + 1);
+        }
+        let dx = sim.train(ranges[last].clone(), &h, |logits| cross_entropy(logits, labels), true, last > 0);
+        if last > 0 {
+            sent[last - 1] = dx;
+        }
+        for i in (0..last).rev() {
+            if t < delay(i) {
+                continue;
+            }
+            let (vars, input, y) = graphs[i].pop_front().unwrap();
+            let g = stored[i].take().unwrap_or_else(|| panic!("module {} has no gradient at iteration {t}", i + 1));
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            sim.sgd(ranges[i].clone(), &vars, &grads);
+            if i > 0 {
+                sent[i - 1] = input.map(|v| grads.get(v.as_tensor()).expect("no input gradient").detach());
+            }
+        }
+        stored = sent;
+    }
+    sim.finish(init)
+}

@@ -1,0 +1,328 @@
+//! `featreplay compare`: the paper's comparison in one command. BP, FR, DDG and DNI are
+//! trained with the same model, data, seed and optimiser for every K asked for; each run
+//! writes its own directory (`<method>-k<K>/`: metrics, sigma, curves, checkpoint) and the
+//! comparison adds, in the output directory:
+//! - `curves-k<K>.png`: training loss and test error per epoch, every method;
+//! - `memory.png`: peak memory per stage, every method, one panel per K;
+//! - `speed.png`: time per epoch and speedup over BP (same K) per method against K;
+//! - `sigma.png`: sigma per stage over training for each decoupled method (largest K);
+//! - `summary.md` and `summary.json`: best test error, peak memory per stage, time per
+//!   epoch and speedup, per method and K.
+//!
+//! A run that diverges (NaN or infinite loss) is recorded as diverged with the epochs it
+//! completed, and the others go on; any other error stops the comparison.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::report::{self, plot_panels, EpochRecord, Panel, SigmaRecord};
+use crate::train::run::{self, Observer, RunConfig};
+
+/// The methods `compare` knows, in the order it runs them.
+pub const METHODS: [&str; 4] = ["bp", "fr", "ddg", "dni"];
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// Model, data, optimiser, seed, epochs (its `algo` and `splits` are replaced per run).
+    pub base: RunConfig,
+    pub methods: Vec<String>,
+    pub ks: Vec<usize>,
+    pub out: PathBuf,
+}
+
+/// How one run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Outcome {
+    Completed,
+    Diverged { epoch: usize, loss: f64 },
+}
+
+/// One method at one K.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodRun {
+    pub method: String,
+    pub k: usize,
+    pub dir: PathBuf,
+    pub outcome: Outcome,
+    pub records: Vec<EpochRecord>,
+    #[serde(skip)]
+    pub sigma: Vec<SigmaRecord>,
+}
+
+impl MethodRun {
+    /// Lowest test error (1 - top-1) over the completed epochs.
+    pub fn best_test_error(&self) -> Option<f64> {
+        self.records.iter().map(|r| 1.0 - r.test_top1).reduce(f64::min)
+    }
+
+    /// Mean training time per epoch (measurements excluded). With two epochs or more the
+    /// first is left out: it includes compiling every pipeline (0.2-1.8 s each on lavapipe).
+    pub fn seconds_per_epoch(&self) -> Option<f64> {
+        let timed = if self.records.len() >= 2 { &self.records[1..] } else { &self.records[..] };
+        (!timed.is_empty()).then(|| timed.iter().map(|r| r.epoch_seconds).sum::<f64>() / timed.len() as f64)
+    }
+
+    /// Peak bytes per stage over all epochs.
+    pub fn peak_memory(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for r in &self.records {
+            out.resize(out.len().max(r.peak_memory_bytes.len()), 0);
+            for (o, b) in out.iter_mut().zip(&r.peak_memory_bytes) {
+                *o = (*o).max(*b);
+            }
+        }
+        out
+    }
+}
+
+/// Everything a comparison produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareSummary {
+    pub runs: Vec<MethodRun>,
+}
+
+impl CompareSummary {
+    pub fn get(&self, method: &str, k: usize) -> Option<&MethodRun> {
+        self.runs.iter().find(|r| r.method == method && r.k == k)
+    }
+
+    /// Time per epoch of BP over that of `run` at the same K.
+    pub fn speedup(&self, run: &MethodRun) -> Option<f64> {
+        let bp = self.get("bp", run.k)?.seconds_per_epoch()?;
+        Some(bp / run.seconds_per_epoch()?)
+    }
+}
+
+impl CompareConfig {
+    fn check(&self) -> Result<()> {
+        let bad = |detail: String| Error::Unsupported { op: "compare", detail };
+        if self.methods.is_empty() {
+            return Err(bad("--methods is empty: name at least one of bp, fr, ddg, dni".into()));
+        }
+        for m in &self.methods {
+            if !METHODS.contains(&m.as_str()) {
+                return Err(bad(format!("unknown method '{m}': choose from bp, fr, ddg, dni")));
+            }
+        }
+        if self.ks.is_empty() || self.ks.contains(&0) {
+            return Err(bad("--k needs one or more module counts of at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Runs every method at every K (K in the order given, methods in [`METHODS`] order) and
+/// writes the plots and the summary. `observer` is told about each run before it starts.
+pub fn compare(
+    cfg: &CompareConfig,
+    mut on_run: impl FnMut(&str, usize, &Path),
+    obs: &mut dyn Observer,
+) -> Result<CompareSummary> {
+    cfg.check()?;
+    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io { path: cfg.out.display().to_string(), source })?;
+    let main_k = *cfg.ks.iter().max().unwrap_or(&1);
+    let mut runs = Vec::new();
+    for &k in &cfg.ks {
+        for method in METHODS.iter().filter(|m| cfg.methods.iter().any(|c| c == *m)) {
+            let mut rc = cfg.base.clone();
+            rc.algo = method.to_string();
+            rc.splits = k;
+            if k != main_k {
+                // Runs at other K serve the memory and speed comparison only.
+                rc.measure_sigma = None;
+            }
+            let dir = cfg.out.join(format!("{method}-k{k}"));
+            on_run(method, k, &dir);
+            let outcome = match run::train(&rc, &dir, false, None, obs) {
+                Ok(_) => Outcome::Completed,
+                Err(Error::Diverged { epoch, loss }) => Outcome::Diverged { epoch, loss },
+                Err(e) => return Err(e),
+            };
+            let records = report::read_metrics(&dir.join("metrics.jsonl"))?;
+            let sigma_path = dir.join("sigma.jsonl");
+            let sigma = if sigma_path.exists() { report::read_sigma(&sigma_path)? } else { vec![] };
+            runs.push(MethodRun { method: method.to_string(), k, dir, outcome, records, sigma });
+        }
+    }
+    let summary = CompareSummary { runs };
+    write_outputs(cfg, &summary)?;
+    Ok(summary)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// The summary table in markdown.
+pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
+    let b = &cfg.base;
+    let mut md = String::new();
+    let _ = writeln!(md, "# featreplay compare\n");
+    let _ = writeln!(
+        md,
+        "{} depth {} on {}{}, {} epoch(s), batch {}, lr {} (steps {:?} x {:?}), momentum {}, weight decay {}, seed {}, split {}{}.\n",
+        b.arch,
+        b.depth,
+        b.dataset,
+        b.train_subset.map(|n| format!(" (training subset of {n} images)")).unwrap_or_default(),
+        b.epochs,
+        b.batch_size,
+        b.optim.lr,
+        b.optim.schedule,
+        b.optim.gammas,
+        b.optim.momentum,
+        b.optim.weight_decay,
+        b.seed,
+        b.split,
+        b.test_subset.map(|n| format!(", test on the first {n} test images")).unwrap_or_default(),
+    );
+    let _ = writeln!(
+        md,
+        "| method | K | status | best test error | final train loss | time/epoch (s) | speedup over BP | peak memory per stage (MiB) | mean sigma per stage |"
+    );
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---|---|");
+    for r in &s.runs {
+        let status = match &r.outcome {
+            Outcome::Completed => "completed".to_string(),
+            Outcome::Diverged { epoch, loss } => format!("**diverged** at epoch {epoch} (loss {loss})"),
+        };
+        let fmt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
+        let mem = r.peak_memory().iter().map(|b| format!("{:.1}", mib(*b))).collect::<Vec<_>>().join(" / ");
+        let sig = SigmaRecord::mean(&r.sigma, r.k);
+        let sig = if sig.is_empty() {
+            "-".to_string()
+        } else {
+            sig.iter()
+                .map(|v| if v.is_finite() { format!("{v:.3}") } else { "-".into() })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.method,
+            r.k,
+            status,
+            fmt(r.best_test_error(), &|v| format!("{:.2}%", 100.0 * v)),
+            fmt(r.records.last().map(|x| x.train_loss), &|v| format!("{v:.4}")),
+            fmt(r.seconds_per_epoch(), &|v| format!("{v:.1}")),
+            fmt(s.speedup(r), &|v| format!("{v:.2}x")),
+            if mem.is_empty() { "-".into() } else { mem },
+            sig
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nTime per epoch excludes evaluation and sigma measurements, and the first epoch when there are more (it compiles the pipelines). Speedup: BP's time per epoch at the same K (model-parallel BP on the same devices) over the method's. Peak memory: bytes allocated on each stage's device during training (tensors and runtime buffers). Plots: curves-k<K>.png, memory.png, speed.png, sigma.png; per-run metrics in <method>-k<K>/."
+    );
+    md
+}
+
+fn write_outputs(cfg: &CompareConfig, s: &CompareSummary) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| Error::Io { path: p, source }
+    };
+    let md = cfg.out.join("summary.md");
+    std::fs::write(&md, summary_markdown(cfg, s)).map_err(io(&md))?;
+    let js = cfg.out.join("summary.json");
+    let json = serde_json::to_string_pretty(s)
+        .map_err(|e| Error::Data { path: js.display().to_string(), message: e.to_string() })?;
+    std::fs::write(&js, json).map_err(io(&js))?;
+    let mut ks = cfg.ks.clone();
+    ks.sort_unstable();
+    ks.dedup();
+    let name = |r: &MethodRun| match r.outcome {
+        Outcome::Completed => r.method.to_uppercase(),
+        Outcome::Diverged { .. } => format!("{} (diverged)", r.method.to_uppercase()),
+    };
+    for &k in &ks {
+        let runs: Vec<&MethodRun> = s.runs.iter().filter(|r| r.k == k).collect();
+        let per_epoch = |f: &dyn Fn(&EpochRecord) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+            runs.iter().map(|r| (name(r), r.records.iter().map(|e| (e.epoch as f64, f(e))).collect())).collect()
+        };
+        let panels = [
+            Panel {
+                title: format!("training loss, K = {k}"),
+                x_desc: "epoch".into(),
+                y_desc: "loss".into(),
+                series: per_epoch(&|e| e.train_loss),
+            },
+            Panel {
+                title: format!("test error, K = {k}"),
+                x_desc: "epoch".into(),
+                y_desc: "test error (%)".into(),
+                series: per_epoch(&|e| 100.0 * (1.0 - e.test_top1)),
+            },
+        ];
+        plot_panels(&panels, &cfg.out.join(format!("curves-k{k}.png")))?;
+    }
+    let memory: Vec<Panel> = ks
+        .iter()
+        .map(|&k| Panel {
+            title: format!("peak memory per stage, K = {k}"),
+            x_desc: "stage".into(),
+            y_desc: "MiB".into(),
+            series: s
+                .runs
+                .iter()
+                .filter(|r| r.k == k)
+                .map(|r| {
+                    (name(r), r.peak_memory().iter().enumerate().map(|(i, b)| ((i + 1) as f64, mib(*b))).collect())
+                })
+                .collect(),
+        })
+        .collect();
+    plot_panels(&memory, &cfg.out.join("memory.png"))?;
+    let methods: Vec<&str> = METHODS.iter().copied().filter(|m| cfg.methods.iter().any(|c| c == m)).collect();
+    let by_k = |f: &dyn Fn(&MethodRun) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+        methods
+            .iter()
+            .map(|m| {
+                let pts =
+                    s.runs.iter().filter(|r| r.method == *m).filter_map(|r| f(r).map(|v| (r.k as f64, v))).collect();
+                (m.to_uppercase(), pts)
+            })
+            .collect()
+    };
+    let speed = [
+        Panel {
+            title: "time per epoch".into(),
+            x_desc: "K (modules / devices)".into(),
+            y_desc: "seconds".into(),
+            series: by_k(&|r| r.seconds_per_epoch()),
+        },
+        Panel {
+            title: "speedup over model-parallel BP".into(),
+            x_desc: "K (modules / devices)".into(),
+            y_desc: "x".into(),
+            series: by_k(&|r| s.speedup(r)),
+        },
+    ];
+    plot_panels(&speed, &cfg.out.join("speed.png"))?;
+    let main_k = ks.last().copied().unwrap_or(1);
+    let sigma: Vec<Panel> = s
+        .runs
+        .iter()
+        .filter(|r| r.k == main_k && !r.sigma.is_empty())
+        .map(|r| Panel {
+            title: format!("sigma per stage, {}, K = {main_k}", name(r)),
+            x_desc: "iteration".into(),
+            y_desc: "sigma".into(),
+            series: (0..main_k)
+                .map(|st| {
+                    let pts =
+                        r.sigma.iter().filter_map(|m| m.sigma.get(st).map(|v| (m.iteration as f64, *v))).collect();
+                    (format!("stage {}", st + 1), pts)
+                })
+                .collect(),
+        })
+        .collect();
+    plot_panels(&sigma, &cfg.out.join("sigma.png"))?;
+    Ok(())
+}
