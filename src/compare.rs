@@ -323,6 +323,16 @@ fn write_outputs(cfg: &CompareConfig, s: &CompareSummary) -> Result<()> {
                 .collect(),
         })
         .collect();
+    let sigma = if sigma.is_empty() {
+        vec![Panel {
+            title: "sigma not measured (give --measure-sigma N)".into(),
+            x_desc: "iteration".into(),
+            y_desc: "sigma".into(),
+            series: vec![],
+        }]
+    } else {
+        sigma
+    };
     plot_panels(&sigma, &cfg.out.join("sigma.png"))?;
     Ok(())
 }

@@ -180,8 +180,8 @@ enum Command {
         /// Methods to run, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "bp,fr,ddg,dni")]
         methods: Vec<String>,
-        /// Module counts K, comma-separated (the largest also gets the sigma measurements;
-        /// --splits is ignored).
+        /// Module counts K, comma-separated (runs at the largest K measure sigma, every
+        /// --measure-sigma iterations, default 50; --splits is ignored).
         #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
         k: Vec<usize>,
         /// Output directory: summary.md, summary.json, *.png and one directory per run.
@@ -360,7 +360,9 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Compare { model, train, methods, k, out } => {
-            let base = train.run_config(model, selectors(&cli.device), "bp");
+            let mut base = train.run_config(model, selectors(&cli.device), "bp");
+            // The comparison includes sigma: measured every 50 iterations unless told otherwise.
+            base.measure_sigma = base.measure_sigma.or(Some(50));
             if let Some(v) = &cli.conv_variant {
                 std::env::set_var(conv2d::VARIANT_ENV, v);
                 apply_conv_variant(&cli.conv_variant, &[])?;

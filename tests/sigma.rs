@@ -26,11 +26,17 @@ fn batches(n: usize, seed: u64) -> Vec<HostBatch> {
         .collect()
 }
 
+/// Three devices shared by every test here (lavapipe compiles each pipeline once per
+/// device; these tests check numbers, not memory, so sharing is harmless).
+fn devices(k: usize) -> Vec<Gpu> {
+    static DEVICES: std::sync::OnceLock<Vec<Gpu>> = std::sync::OnceLock::new();
+    DEVICES.get_or_init(|| (0..3).map(|_| Gpu::open_default().unwrap()).collect())[..k].to_vec()
+}
+
 fn network(k: usize, seed: u64) -> Network {
     let spec = resnet8();
     let ranges = split(&spec, k, SplitPolicy::Even).unwrap();
-    let gpus: Vec<Gpu> = (0..k).map(|_| Gpu::open_default().unwrap()).collect();
-    Network::new(spec, &ranges, &gpus, seed).unwrap()
+    Network::new(spec, &ranges, &devices(k), seed).unwrap()
 }
 
 #[test]

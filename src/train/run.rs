@@ -314,12 +314,15 @@ fn checkpoint_of(
 /// predictors built).
 fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, path: &Path) -> Result<()> {
     let bad = |message: String| Error::Data { path: path.display().to_string(), message };
-    let saved = ck
-        .meta
-        .extra
-        .get("pipeline")
-        .cloned()
-        .ok_or_else(|| bad("no pipeline state in the checkpoint (another --algo?)".into()))?;
+    // Checkpoints written before DDG and DNI existed hold an FR pipeline under "fr".
+    let (mut saved, prefix) = match (ck.meta.extra.get("pipeline"), ck.meta.extra.get("fr")) {
+        (Some(p), _) => (p.clone(), "pipeline"),
+        (None, Some(f)) => (f.clone(), "fr"),
+        _ => return Err(bad("no pipeline state in the checkpoint (another --algo?)".into())),
+    };
+    if prefix == "fr" {
+        saved["method"] = serde_json::json!("fr");
+    }
     if saved["method"].as_str() != Some(st.method.name()) {
         return Err(bad(format!("the checkpoint's pipeline runs {}, not {}", saved["method"], st.method.name())));
     }
@@ -330,9 +333,9 @@ fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, 
         stage.predictor_steps = saved["predictor_steps"][s].as_u64().unwrap_or(0);
         let n = saved["history"][s].as_u64().unwrap_or(0);
         let mut names: Vec<(String, bool)> =
-            (0..n).map(|i| (format!("pipeline.stage{s}.input_history.{i}"), true)).collect();
+            (0..n).map(|i| (format!("{prefix}.stage{s}.input_history.{i}"), true)).collect();
         if saved["pending_grad"][s].as_bool().unwrap_or(false) {
-            names.push((format!("pipeline.stage{s}.pending_grad"), false));
+            names.push((format!("{prefix}.stage{s}.pending_grad"), false));
         }
         for (name, is_input) in names {
             let shape = ck.get(&name).ok_or_else(|| bad(format!("missing {name}")))?.shape.clone();
