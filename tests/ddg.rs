@@ -5,38 +5,11 @@
 mod common;
 
 use common::fr_sim::{simulate_ddg, simulate_fr, BnUpdate, FrSimConfig};
+use common::pipeline::*;
 use common::*;
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
-use featreplay::model::{split, ModelSpec, SplitPolicy};
-use featreplay::train::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
-use featreplay::train::{Network, OptimConfig};
-use featreplay::Gpu;
-
-fn resnet8() -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, 8, 8], classes: 5 }).unwrap()
-}
-
-fn optim() -> OptimConfig {
-    OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
-}
-
-fn batches(n: usize, seed: u64) -> Vec<(Vec<f32>, Vec<u32>)> {
-    (0..n as u64)
-        .map(|i| {
-            let x = random(4 * 3 * 8 * 8, seed + 2 * i);
-            let y = random(4, seed + 2 * i + 1).iter().map(|v| ((v + 1.0) * 2.5) as u32 % 5).collect();
-            (x, y)
-        })
-        .collect()
-}
-
-fn host(b: &[(Vec<f32>, Vec<u32>)]) -> impl Iterator<Item = HostBatch> + '_ {
-    b.iter().map(|(x, y)| HostBatch { images: x.clone(), labels: y.clone() })
-}
-
-fn devices(k: usize) -> Vec<Gpu> {
-    (0..k).map(|_| Gpu::open_default().unwrap()).collect()
-}
+use featreplay::model::{split, SplitPolicy};
+use featreplay::train::schedule::{self, EpochOptions, Method, PipelineState};
+use featreplay::train::Network;
 
 fn check_against_simulation(k: usize) {
     let spec = resnet8();

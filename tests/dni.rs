@@ -4,29 +4,15 @@
 
 mod common;
 
+use common::pipeline::{devices, host, optim, resnet8};
 use common::*;
 use featreplay::layers::predictor::{GradientPredictor, PredictorConfig};
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
-use featreplay::model::{split, ModelSpec, SplitPolicy};
+use featreplay::model::{split, SplitPolicy};
 use featreplay::train::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
 use featreplay::train::{Network, OptimConfig};
-use featreplay::Gpu;
-
-fn resnet8() -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, 8, 8], classes: 5 }).unwrap()
-}
-
-fn optim() -> OptimConfig {
-    OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
-}
 
 fn batches(n: usize, seed: u64) -> Vec<HostBatch> {
-    (0..n as u64)
-        .map(|i| HostBatch {
-            images: random(4 * 3 * 8 * 8, seed + 2 * i),
-            labels: random(4, seed + 2 * i + 1).iter().map(|v| ((v + 1.0) * 2.5) as u32 % 5).collect(),
-        })
-        .collect()
+    host(&common::pipeline::batches(n, seed)).collect()
 }
 
 #[test]
@@ -63,7 +49,7 @@ fn the_predictor_learns_a_fixed_target() {
 fn a_zero_initialised_predictor_moves_its_module_only_by_weight_decay_at_the_first_step() {
     let spec = resnet8();
     let ranges = split(&spec, 2, SplitPolicy::Even).unwrap();
-    let gpus: Vec<Gpu> = (0..2).map(|_| Gpu::open_default().unwrap()).collect();
+    let gpus = devices(2);
     let mut net = Network::new(spec, &ranges, &gpus, 5).unwrap();
     let before: Vec<Vec<f32>> = net.stages[0].params().iter().map(|p| p.value.to_vec().unwrap()).collect();
     let top_before: Vec<Vec<f32>> = net.stages[1].params().iter().map(|p| p.value.to_vec().unwrap()).collect();
@@ -97,7 +83,7 @@ fn a_zero_initialised_predictor_moves_its_module_only_by_weight_decay_at_the_fir
 fn dni_trains_every_module_and_keeps_one_prediction_in_flight_within_an_epoch() {
     let spec = resnet8();
     let ranges = split(&spec, 3, SplitPolicy::Even).unwrap();
-    let gpus: Vec<Gpu> = (0..3).map(|_| Gpu::open_default().unwrap()).collect();
+    let gpus = devices(3);
     let mut net = Network::new(spec, &ranges, &gpus, 6).unwrap();
     let mut state = PipelineState::new(Method::Dni(PredictorConfig { depth: 2, width: 4 }), &net, 6).unwrap();
     let opt = optim();

@@ -5,25 +5,17 @@
 
 mod common;
 
-use common::*;
+use common::pipeline::{host, optim, resnet8};
 use featreplay::layers::predictor::PredictorConfig;
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
-use featreplay::model::{split, ModelSpec, SplitPolicy};
+use featreplay::model::{split, SplitPolicy};
 use featreplay::train::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
 use featreplay::train::{sigma, Network, OptimConfig};
 use featreplay::Gpu;
 
-fn resnet8() -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, 8, 8], classes: 5 }).unwrap()
-}
-
+/// Batches of 8 (more samples per batch than elsewhere, so gradients of different batches
+/// differ clearly).
 fn batches(n: usize, seed: u64) -> Vec<HostBatch> {
-    (0..n as u64)
-        .map(|i| HostBatch {
-            images: random(8 * 3 * 8 * 8, seed + 2 * i),
-            labels: random(8, seed + 2 * i + 1).iter().map(|v| ((v + 1.0) * 2.5) as u32 % 5).collect(),
-        })
-        .collect()
+    host(&common::pipeline::batches_of(n, 8, seed)).collect()
 }
 
 /// Three devices shared by every test here (lavapipe compiles each pipeline once per
@@ -43,7 +35,7 @@ fn network(k: usize, seed: u64) -> Network {
 fn sigma_is_one_for_backprop_itself() {
     let mut net = network(2, 1);
     let data = batches(3, 7);
-    let opt = OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) };
+    let opt = optim();
     for b in &data[..2] {
         net.bp_step(&b.images, &b.labels, &opt, opt.lr).unwrap();
     }
@@ -82,7 +74,7 @@ fn fr_and_ddg_sigma_is_one_when_the_weights_barely_move() {
 
 #[test]
 fn dni_sigma_is_zero_for_an_untrained_predictor_and_nan_during_warm_up() {
-    let opt = OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) };
+    let opt = optim();
     let mut net = network(3, 3);
     let mut state = PipelineState::new(Method::Dni(PredictorConfig::default()), &net, 3).unwrap();
     let s = sigma::measure(&mut net, &state).unwrap();
@@ -110,7 +102,7 @@ fn snapshot(net: &Network, state: &PipelineState) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn measuring_sigma_leaves_every_method_on_the_same_trajectory() {
-    let opt = OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) };
+    let opt = optim();
     for method in [Method::Fr, Method::Ddg, Method::Dni(PredictorConfig { depth: 2, width: 4 })] {
         let data = batches(6, 40);
         let mut plain = network(3, 4);

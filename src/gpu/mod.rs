@@ -527,48 +527,10 @@ impl Gpu {
     /// Copies `tensor` to the host, after all work recorded before.
     pub fn read(&self, tensor: &Tensor) -> Result<Vec<f32>> {
         self.check_owned(tensor, "read")?;
-        let n = tensor.numel();
-        if n == 0 {
+        if tensor.numel() == 0 {
             return Ok(Vec::new());
         }
-        let bytes = (n as u64) * 4;
-        let staging = self.new_buffer(
-            BufferKind::Internal,
-            "read-back",
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            false,
-        );
-        {
-            let mut rec = self.inner.recorder.lock().unwrap();
-            Self::encoder(&self.inner.device, &mut rec).copy_buffer_to_buffer(
-                &tensor.buf.buffer,
-                0,
-                &staging.buffer,
-                0,
-                bytes,
-            );
-            self.submit_locked(&mut rec);
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.inner
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::DeviceLost { adapter: self.inner.adapter.name.clone(), message: e.to_string() })?;
-        self.check_fault()?;
-        let mapped = rx
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|e| Error::ReadBack { adapter: self.inner.adapter.name.clone(), message: e.to_string() })?;
-        mapped.map_err(|e| Error::ReadBack { adapter: self.inner.adapter.name.clone(), message: e.to_string() })?;
-        let out = {
-            let view = staging.buffer.slice(..).get_mapped_range().map_err(|e| self.map_error(e))?;
-            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
-        };
-        staging.buffer.unmap();
-        Ok(out)
+        self.read_async(tensor)?.wait()
     }
 
     /// Starts copying `tensor` to the host without waiting: records the copy into a staging

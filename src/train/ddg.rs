@@ -38,16 +38,6 @@ impl Worker<'_> {
             self.send_down(dx, t)?;
             self.phase("update", t, |w| w.sgd())?;
         }
-        if self.state.graph_history.len() > self.delay() as usize {
-            return Err(Error::Unsupported {
-                op: "pipeline",
-                detail: format!(
-                    "stage {} holds {} graphs after iteration {t}, more than its delay",
-                    self.k,
-                    self.state.graph_history.len()
-                ),
-            });
-        }
-        Ok(())
+        self.check_held(self.state.graph_history.len(), "graphs", t)
     }
 }

@@ -41,16 +41,6 @@ impl Worker<'_> {
             self.send_down(dx, t)?;
             self.phase("update", t, |w| w.sgd())?;
         }
-        if self.state.input_history.len() > self.delay() as usize {
-            return Err(Error::Unsupported {
-                op: "pipeline",
-                detail: format!(
-                    "stage {} holds {} inputs after iteration {t}, more than its delay",
-                    self.k,
-                    self.state.input_history.len()
-                ),
-            });
-        }
-        Ok(())
+        self.check_held(self.state.input_history.len(), "inputs", t)
     }
 }

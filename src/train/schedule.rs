@@ -204,6 +204,18 @@ impl Worker<'_> {
         (self.stages - 1 - self.k) as u64
     }
 
+    /// Between iterations a module holds at most d_k stored inputs or graphs: more means the
+    /// schedule lost track of the gradients it owes.
+    pub(super) fn check_held(&self, held: usize, what: &str, t: u64) -> Result<()> {
+        if held > self.delay() as usize {
+            return Err(Error::Unsupported {
+                op: "pipeline",
+                detail: format!("stage {} holds {held} {what} after iteration {t}, more than its delay", self.k),
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn step_lr(&self) -> f32 {
         if self.k == 0 {
             self.lr * self.optim.first_stage_lr_scale

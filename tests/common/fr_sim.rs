@@ -361,14 +361,8 @@ pub fn simulate_fr(
     batches: &[(Vec<f32>, Vec<u32>)],
     cfg: &FrSimConfig,
 ) -> Vec<HostTensor> {
+    check_modules(spec, ranges);
     let k_count = ranges.len();
-    assert!(k_count >= 1, "no modules");
-    assert_eq!(ranges[0].start, 0, "the first module must start at layer 0");
-    assert_eq!(ranges[k_count - 1].end, spec.layers.len(), "the last module must end with the last layer");
-    for w in ranges.windows(2) {
-        assert_eq!(w[0].end, w[1].start, "modules must be consecutive: {ranges:?}");
-    }
-    assert!(ranges.iter().all(|r| !r.is_empty()), "empty module in {ranges:?}");
     let last = k_count - 1; // 0-based index of module K
     let delay = |i: usize| k_count - 1 - i; // d_k for 0-based i
     let play_updates = matches!(cfg.bn_update, BnUpdate::Play | BnUpdate::Both);
@@ -418,6 +412,18 @@ pub fn simulate_fr(
     sim.finish(init)
 }
 
+/// Asserts `ranges` are K >= 1 non-empty consecutive modules covering the whole layer list.
+fn check_modules(spec: &ModelSpec, ranges: &[Range<usize>]) {
+    let k_count = ranges.len();
+    assert!(k_count >= 1, "no modules");
+    assert_eq!(ranges[0].start, 0, "the first module must start at layer 0");
+    assert_eq!(ranges[k_count - 1].end, spec.layers.len(), "the last module must end with the last layer");
+    for w in ranges.windows(2) {
+        assert_eq!(w[0].end, w[1].start, "modules must be consecutive: {ranges:?}");
+    }
+    assert!(ranges.iter().all(|r| !r.is_empty()), "empty module in {ranges:?}");
+}
+
 /// Plain backprop from `init`, one SGD step per batch (running statistics updated by each
 /// forward); returns the final state with the names and order of `init`.
 /// `cfg.bn_update` is ignored.
@@ -450,8 +456,8 @@ pub fn simulate_ddg(
     batches: &[(Vec<f32>, Vec<u32>)],
     cfg: &FrSimConfig,
 ) -> Vec<HostTensor> {
+    check_modules(spec, ranges);
     let k_count = ranges.len();
-    assert!(k_count >= 1 && ranges[0].start == 0 && ranges[k_count - 1].end == spec.layers.len());
     let last = k_count - 1;
     let delay = |i: usize| k_count - 1 - i;
     let mut sim = Sim::new(spec, init, cfg);

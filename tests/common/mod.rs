@@ -69,4 +69,5 @@ pub fn sum_atol(terms: usize, scale: f32) -> f32 {
 }
 
 pub mod fr_sim;
+pub mod pipeline;
 pub mod reference;
