@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use featreplay::data::cifar::{load_cifar10, load_cifar100};
 use featreplay::data::embedded::load_embedded;
 use featreplay::data::folder::load_folder;
-use featreplay::data::idx::{encode_idx, load_fashion_mnist, load_idx_pair, load_mnist, read_idx};
+use featreplay::data::idx::{
+    dataset_from_idx, encode_idx, load_fashion_mnist, load_idx_pair, load_mnist, read_idx, read_idx_limited, IdxArray,
+};
 use featreplay::data::{
-    augment_params, epoch_order, make_batch, num_batches, transform_image, Augment, CropFlip, Dataset, DatasetKind,
-    LoadOptions, Loader, LoaderConfig, Normalization, Split,
+    augment_params, default_max_host_bytes, epoch_order, make_batch, num_batches, parse_mem_available, transform_image,
+    Augment, CropFlip, Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization, Split,
+    FALLBACK_MAX_HOST_BYTES,
 };
 use featreplay::Error;
 
@@ -400,8 +403,9 @@ fn image_folder_png_and_jpeg_resized() {
     // val/ instead of test/
     std::fs::rename(root.join("test"), root.join("val")).unwrap();
     assert_eq!(load_folder(&root, Split::Test, 12, 16).unwrap().len(), 1);
-    let (tr, te) =
-        DatasetKind::Folder.load_train_test(&LoadOptions { root: Some(root.clone()), image_size: (8, 8) }).unwrap();
+    let (tr, te) = DatasetKind::Folder
+        .load_train_test(&LoadOptions { root: Some(root.clone()), image_size: (8, 8), ..Default::default() })
+        .unwrap();
     assert_eq!((tr.len(), te.len(), tr.image_shape(), te.image_shape()), (4, 1, [3, 8, 8], [3, 8, 8]));
 }
 
@@ -801,4 +805,200 @@ fn real_fashion_mnist_if_installed() {
     // the well-known statistics of the training set (mean 0.2860, std 0.3530)
     let norm = Normalization::from_dataset(&train);
     assert!((norm.mean()[0] - 0.2860).abs() < 5e-4 && (norm.std()[0] - 0.3530).abs() < 5e-4, "{norm:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// hostile input: sizes, limits, special files, odd names
+
+/// `LoadOptions` for `root` with a host-memory limit of `max_host_bytes`.
+fn limited(root: &Path, max_host_bytes: u64) -> LoadOptions {
+    LoadOptions { max_host_bytes, ..LoadOptions::with_root(root) }
+}
+
+/// A file of `len` bytes that starts with `prefix` and is a hole after it: a huge file that
+/// takes no disk space, and that a loader must refuse from its size alone.
+fn sparse_file(path: &Path, prefix: &[u8], len: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(prefix).unwrap();
+    f.set_len(len).unwrap();
+}
+
+/// Runs `f` on another thread and returns its result, failing the test if it takes more
+/// than 10 s: a loader that opens a FIFO blocks forever, and must not hang the suite.
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} did not return within 10 s: blocked on a FIFO?"))
+}
+
+/// Makes a FIFO (named pipe) at `path` with `mkfifo`.
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
+#[test]
+fn default_host_limit_is_mem_available() {
+    let meminfo = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   23716932 kB\n";
+    assert_eq!(parse_mem_available(meminfo), Some(23716932 * 1024));
+    assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+    assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+    assert_eq!(parse_mem_available("MemAvailable: 5 pages\n"), None);
+    let default = default_max_host_bytes();
+    match std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| parse_mem_available(&t)) {
+        // MemAvailable moves between two reads; it does not halve or double.
+        Some(now) => assert!(default / 2 < now && now < default.saturating_mul(2), "{default} vs {now}"),
+        None => assert_eq!(default, FALLBACK_MAX_HOST_BYTES),
+    }
+    assert_eq!(FALLBACK_MAX_HOST_BYTES, 8 << 30);
+    assert!(LoadOptions::default().max_host_bytes > 0);
+    assert!(LoadOptions::with_root("x").max_host_bytes > 0);
+}
+
+#[test]
+fn gzip_idx_is_read_only_as_far_as_its_header_declares() {
+    let t = tmp();
+    // A labels header (8 bytes) declaring 10 bytes, then 64 MiB of zeros: the gzip file is a few
+    // dozen KiB. Truncated to half, it would fail the gzip checks if it were decompressed
+    // to the end; read as far as its header declares (and one byte more), it is refused
+    // for its trailing data instead, without the rest ever being inflated.
+    let mut raw = idx_bytes(8, &[10], &[1; 10]);
+    raw.resize(raw.len() + (64 << 20), 0);
+    let p = t.path().join("bomb-labels-idx1-ubyte.gz");
+    write_gz(&p, &raw);
+    let gz = std::fs::read(&p).unwrap();
+    assert!(gz.len() < 1 << 20, "{} bytes", gz.len());
+    std::fs::write(&p, &gz[..gz.len() / 2]).unwrap();
+    let msg = assert_err(
+        read_idx(&p),
+        &["bomb-labels-idx1-ubyte.gz", "trailing data: decompresses to more than the 18 bytes its header declares"],
+    );
+    assert!(!msg.contains("gzip"), "{msg}");
+    // The same, whole, through the images/labels pair.
+    write_gz(&p, &raw);
+    let ip = t.path().join("i-idx3-ubyte.gz");
+    write_gz(&ip, &idx_bytes(8, &[10, 1, 1], &[0; 10]));
+    assert_err(load_idx_pair(&ip, &p, "x", 10, None), &["bomb-labels-idx1-ubyte.gz", "more than the 18 bytes"]);
+    // Plain: the file's size is compared with the header before the data is read.
+    let plain = t.path().join("plain-idx1-ubyte");
+    std::fs::write(&plain, &raw[..(1 << 20) + 18]).unwrap();
+    assert_err(
+        read_idx(&plain),
+        &["plain-idx1-ubyte", "trailing data: 1048594 bytes, more than the 18 bytes its header declares"],
+    );
+    // An exact file still reads.
+    write_gz(&p, &raw[..18]);
+    assert_eq!(read_idx(&p).unwrap().data, vec![1; 10]);
+}
+
+#[test]
+fn idx_sizes_are_checked_before_reading() {
+    let t = tmp();
+    // An 8 TiB sparse file with a valid header: refused from its size, not read.
+    let huge = t.path().join("huge-idx3-ubyte");
+    sparse_file(&huge, &idx_bytes(8, &[3, 2, 2], &[]), 8 << 40);
+    let limit = default_max_host_bytes();
+    assert_err(
+        read_idx(&huge),
+        &["huge-idx3-ubyte", "8.0 TiB (8796093022208 bytes)", "more than an IDX file", &limit.to_string()],
+    );
+    assert_err(
+        read_idx_limited(&huge, 1 << 30),
+        &["huge-idx3-ubyte", "host-memory limit of 1.0 GiB (1073741824 bytes)"],
+    );
+
+    // A gzip header announcing the real Fashion-MNIST size, against a 1 MiB limit: refused
+    // from the header alone (the file holds no pixels at all).
+    let dir = t.path().join("fm");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_gz(&dir.join("train-images-idx3-ubyte.gz"), &idx_bytes(8, &[60000, 28, 28], &[]));
+    write_gz(&dir.join("train-labels-idx1-ubyte.gz"), &idx_bytes(8, &[60000], &[]));
+    assert_err(
+        DatasetKind::FashionMnist.load(Split::Train, &limited(&dir, 1 << 20)),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "the 60000x28x28 bytes its header declares need 44.9 MiB (47040000 bytes) of host memory",
+            "more than the limit of 1.0 MiB (1048576 bytes)",
+        ],
+    );
+    // A header whose product overflows.
+    let p = t.path().join("overflow-idx3-ubyte.gz");
+    write_gz(&p, &idx_bytes(8, &[u32::MAX, u32::MAX, u32::MAX], &[]));
+    assert_err(read_idx(&p), &["overflow-idx3-ubyte.gz", "more than 2^64 bytes"]);
+
+    // The limit is inclusive: 13 images of 5x4 take 260 bytes.
+    let ok = t.path().join("ok");
+    std::fs::create_dir_all(&ok).unwrap();
+    write_mnist_split(&ok, "train", 13, true);
+    assert_eq!(DatasetKind::Mnist.load(Split::Train, &limited(&ok, 260)).unwrap().len(), 13);
+    assert_err(DatasetKind::Mnist.load(Split::Train, &limited(&ok, 259)), &["need 260 bytes", "limit of 259 bytes"]);
+}
+
+#[test]
+fn idx_errors_stay_short_for_many_dimensions() {
+    let t = tmp();
+    let ip = t.path().join("many-idx3-ubyte");
+    let lp = t.path().join("labels-idx1-ubyte");
+    std::fs::write(&lp, idx_bytes(8, &[1], &[0])).unwrap();
+    // 250 dimensions of 2^32 - 1: an images file is refused right after its magic number.
+    std::fs::write(&ip, idx_bytes(8, &[u32::MAX; 250], &[])).unwrap();
+    let msg = assert_err(
+        load_idx_pair(&ip, &lp, "x", 10, None),
+        &["many-idx3-ubyte", "an images file must have 3 dimensions (N x H x W), this one has 250"],
+    );
+    assert!(msg.len() < 200, "{} characters: {msg}", msg.len());
+    // A labels file with 2.
+    std::fs::write(&ip, idx_bytes(8, &[1, 1, 1], &[0])).unwrap();
+    std::fs::write(&lp, idx_bytes(8, &[1, 1], &[0])).unwrap();
+    assert_err(load_idx_pair(&ip, &lp, "x", 10, None), &["labels-idx1-ubyte", "1 dimension (N), this one has 2"]);
+    // Read as any IDX array, the dimensions listed are capped at 8.
+    let p = t.path().join("any-idx");
+    std::fs::write(&p, idx_bytes(8, &[1; 255], &[])).unwrap();
+    let msg = assert_err(read_idx(&p), &["any-idx", "truncated", "1x1x1x1x1x1x1x1 ... and 247 more"]);
+    assert!(msg.len() < 250, "{} characters: {msg}", msg.len());
+    let msg = assert_err(read_idx(&p.with_file_name("nope")), &["nope"]);
+    assert!(msg.len() < 200, "{msg}");
+    std::fs::write(&p, idx_bytes(8, &[u32::MAX; 255], &[])).unwrap();
+    let msg = assert_err(read_idx(&p), &["any-idx", "4294967295x4294967295", "... and 247 more"]);
+    assert!(msg.len() < 300, "{} characters: {msg}", msg.len());
+    // Arrays made elsewhere are capped too.
+    let many = IdxArray { dims: vec![1; 200], data: vec![0] };
+    let one = IdxArray { dims: vec![1], data: vec![0] };
+    let msg = assert_err(
+        dataset_from_idx("x", many, &ip, one, &lp, 10, None),
+        &["this one has 200 (1x1x1x1x1x1x1x1 ... and 192 more)"],
+    );
+    assert!(msg.len() < 200, "{} characters: {msg}", msg.len());
+}
+
+#[test]
+fn idx_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    let d = t.path().to_path_buf();
+    // A FIFO given as the labels file, read directly and through a directory.
+    let ip = d.join("imgs-idx3-ubyte");
+    let lp = d.join("labs-idx1-ubyte");
+    std::fs::write(&ip, idx_bytes(8, &[1, 2, 2], &[0; 4])).unwrap();
+    mkfifo(&lp);
+    let (i, l) = (ip.clone(), lp.clone());
+    let r = within_10s("load_idx_pair", move || load_idx_pair(&i, &l, "x", 10, None));
+    assert_err(r, &["labs-idx1-ubyte: is not a regular file (a FIFO (named pipe))"]);
+    let l = lp.clone();
+    assert_err(within_10s("read_idx", move || read_idx(&l)), &["labs-idx1-ubyte", "not a regular file"]);
+    let m = d.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    write_mnist_split(&m, "train", 2, false);
+    std::fs::remove_file(m.join("train-images-idx3-ubyte")).unwrap();
+    mkfifo(&m.join("train-images-idx3-ubyte"));
+    let dir = m.clone();
+    let r = within_10s("load_mnist", move || load_mnist(&dir, Split::Train));
+    assert_err(r, &["train-images-idx3-ubyte", "not a regular file"]);
+    // A symlink to a regular file is fine.
+    std::fs::remove_file(&lp).unwrap();
+    std::fs::write(d.join("real-labels"), idx_bytes(8, &[1], &[3])).unwrap();
+    std::os::unix::fs::symlink(d.join("real-labels"), &lp).unwrap();
+    assert_eq!(load_idx_pair(&ip, &lp, "x", 10, None).unwrap().labels(), &[3]);
 }

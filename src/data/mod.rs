@@ -138,11 +138,12 @@ impl DatasetKind {
                 })
             }
         };
+        let limit = options.max_host_bytes;
         match self {
             DatasetKind::Cifar10 => cifar::load_cifar10(&root, split),
             DatasetKind::Cifar100 => cifar::load_cifar100(&root, split),
-            DatasetKind::FashionMnist => idx::load_fashion_mnist(&root, split),
-            DatasetKind::Mnist => idx::load_mnist(&root, split),
+            DatasetKind::FashionMnist => idx::load_fashion_mnist_limited(&root, split, limit),
+            DatasetKind::Mnist => idx::load_mnist_limited(&root, split, limit),
             DatasetKind::Folder => {
                 let (h, w) = options.image_size;
                 folder::load_folder(&root, split, h, w)
@@ -246,19 +247,83 @@ pub struct LoadOptions {
     pub root: Option<PathBuf>,
     /// `(height, width)` that folder images are resized to; other kinds have a fixed size.
     pub image_size: (u32, u32),
+    /// The most host memory, in bytes, that one split's decoded pixels may take
+    /// (`N x C x H x W`). The IDX loaders check it against the size that the headers
+    /// announce, before they allocate or decode anything, so a hostile
+    /// or mistaken input is refused with an error instead of exhausting memory. Default:
+    /// [`default_max_host_bytes`], read when the options are made.
+    pub max_host_bytes: u64,
 }
 
 impl Default for LoadOptions {
-    /// No directory, 32x32 folder images.
+    /// No directory, 32x32 folder images, [`default_max_host_bytes`].
     fn default() -> Self {
-        LoadOptions { root: None, image_size: (32, 32) }
+        LoadOptions { root: None, image_size: (32, 32), max_host_bytes: default_max_host_bytes() }
     }
 }
 
 impl LoadOptions {
-    /// Options with this data directory and 32x32 folder images.
+    /// Options with this data directory, 32x32 folder images and the default host-memory
+    /// limit.
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
         LoadOptions { root: Some(root.into()), ..Default::default() }
+    }
+}
+
+/// The host-memory limit used where `/proc/meminfo` cannot be read (not Linux, say): 8 GiB.
+pub const FALLBACK_MAX_HOST_BYTES: u64 = 8 << 30;
+
+/// The default of [`LoadOptions::max_host_bytes`]: the memory available now
+/// (`MemAvailable` of `/proc/meminfo`), or [`FALLBACK_MAX_HOST_BYTES`] where that cannot be
+/// read. Loading more than is available would only end in swapping or the OOM killer.
+pub fn default_max_host_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_available(&text))
+        .unwrap_or(FALLBACK_MAX_HOST_BYTES)
+}
+
+/// The `MemAvailable:` line of a `/proc/meminfo` text, in bytes (the file gives kB, i.e.
+/// KiB). `None` if the line is missing or malformed.
+pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let mut words = line.split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// `bytes` for people: `"44.9 MiB (47040000 bytes)"`; plain `"999 bytes"` below 1 KiB.
+pub(crate) fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
+}
+
+/// Refuses, naming `path`, a split whose decoded pixels (`needed` bytes; `None` when the
+/// count overflows u64) would exceed `limit`. `what` says what needs them, e.g. "the 30
+/// images of 3x64x64 of the train split". Called before anything is allocated or decoded.
+pub(crate) fn check_host_bytes(path: &Path, what: &str, needed: Option<u64>, limit: u64) -> Result<()> {
+    match needed {
+        Some(n) if n <= limit => Ok(()),
+        _ => Err(data_err(
+            path,
+            format!(
+                "{what} need {} of host memory, more than the limit of {}",
+                needed.map(fmt_bytes).unwrap_or_else(|| "more than 2^64 bytes".into()),
+                fmt_bytes(limit)
+            ),
+        )),
     }
 }
 
@@ -479,6 +544,62 @@ pub(crate) fn data_err(path: &Path, message: impl Into<String>) -> Error {
 /// `Error::Io` naming `path`.
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
+}
+
+/// `len` zero bytes, or an error naming `path` if the allocator cannot provide them (the
+/// limit may have been set above what the machine really has): an error, not an abort.
+pub(crate) fn alloc_zeroed(len: u64, path: &Path) -> Result<Vec<u8>> {
+    let fail = || data_err(path, format!("cannot allocate {} of host memory for its data", fmt_bytes(len)));
+    let len = usize::try_from(len).map_err(|_| fail())?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| fail())?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
+/// What a path is when it is not a regular file, for the error message.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+    }
+    "not a plain file"
+}
+
+/// Refuses `path` unless it is a regular file (following symlinks), returning its size.
+/// Opening a FIFO blocks until someone writes to it and reading a device may never end, so
+/// this runs before a data file is opened.
+pub(crate) fn regular_file_len(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(data_err(path, format!("is not a regular file ({})", file_kind(&meta))));
+    }
+    Ok(meta.len())
+}
+
+/// Opens a data file after [`regular_file_len`] accepted it; returns it with its size as
+/// seen on the open file (the one that counts, should the path have changed meanwhile).
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
+    regular_file_len(path)?;
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(data_err(path, format!("is not a regular file ({})", file_kind(&meta))));
+    }
+    Ok((file, meta.len()))
 }
 
 /// Reads a whole file, naming it in the error.
