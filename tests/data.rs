@@ -975,6 +975,42 @@ fn idx_errors_stay_short_for_many_dimensions() {
 }
 
 #[test]
+fn cifar_sizes_are_checked_before_reading() {
+    let t = tmp();
+    let dir = t.path().join("c");
+    cifar10_dir(&dir);
+    // 15 training records of 3072 pixel bytes: 46080 bytes; the limit is inclusive.
+    assert_eq!(DatasetKind::Cifar10.load(Split::Train, &limited(&dir, 46080)).unwrap().len(), 15);
+    assert_err(
+        DatasetKind::Cifar10.load(Split::Train, &limited(&dir, 10000)),
+        &[
+            "the 15 CIFAR-10 images of 3x32x32 of the train split need 45.0 KiB (46080 bytes) of host memory",
+            "more than the limit of 9.8 KiB (10000 bytes)",
+        ],
+    );
+    // A sparse 768 GiB data_batch_1.bin of whole records (and the 12 of the other files):
+    // refused from its size.
+    let records = 1u64 << 28;
+    sparse_file(&dir.join("data_batch_1.bin"), &[], records * 3073);
+    assert_err(load_cifar10(&dir, Split::Train), &["the 268435468 CIFAR-10 images", "768.0 GiB (824633757696 bytes)"]);
+    // One of 1 TiB, not whole records: refused from its size as truncated.
+    sparse_file(&dir.join("data_batch_1.bin"), &[], 1 << 40);
+    assert_err(load_cifar10(&dir, Split::Train), &["data_batch_1.bin", "truncated: 1099511627776 bytes"]);
+    // CIFAR-100's single file is named.
+    let c100 = t.path().join("c100");
+    std::fs::create_dir_all(&c100).unwrap();
+    std::fs::write(c100.join("test.bin"), vec![0u8; 3074 * 4]).unwrap();
+    assert_err(
+        DatasetKind::Cifar100.load(Split::Test, &limited(&c100, 3 * 3072)),
+        &["test.bin", "the 4 CIFAR-100 images", "limit of 9.0 KiB (9216 bytes)"],
+    );
+    // A class-names file larger than any list of names is refused, not read.
+    cifar10_dir(&dir);
+    sparse_file(&dir.join("batches.meta.txt"), b"cat\n", 1 << 40);
+    assert_err(load_cifar10(&dir, Split::Test), &["batches.meta.txt", "more than a class-names file can be (1.0 MiB"]);
+}
+
+#[test]
 fn idx_fifos_are_refused_not_waited_on() {
     let t = tmp();
     let d = t.path().to_path_buf();
@@ -1001,4 +1037,21 @@ fn idx_fifos_are_refused_not_waited_on() {
     std::fs::write(d.join("real-labels"), idx_bytes(8, &[1], &[3])).unwrap();
     std::os::unix::fs::symlink(d.join("real-labels"), &lp).unwrap();
     assert_eq!(load_idx_pair(&ip, &lp, "x", 10, None).unwrap().labels(), &[3]);
+}
+
+#[test]
+fn cifar_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    // A FIFO among the training batches, and as the class-names file.
+    let c = t.path().join("c");
+    cifar10_dir(&c);
+    std::fs::remove_file(c.join("data_batch_3.bin")).unwrap();
+    mkfifo(&c.join("data_batch_3.bin"));
+    let dir = c.clone();
+    let r = within_10s("load_cifar10", move || load_cifar10(&dir, Split::Train));
+    assert_err(r, &["data_batch_3.bin", "not a regular file"]);
+    mkfifo(&c.join("batches.meta.txt"));
+    let dir = c.clone();
+    let r = within_10s("load_cifar10", move || load_cifar10(&dir, Split::Test));
+    assert_err(r, &["batches.meta.txt", "not a regular file"]);
 }

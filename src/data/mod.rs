@@ -140,8 +140,8 @@ impl DatasetKind {
         };
         let limit = options.max_host_bytes;
         match self {
-            DatasetKind::Cifar10 => cifar::load_cifar10(&root, split),
-            DatasetKind::Cifar100 => cifar::load_cifar100(&root, split),
+            DatasetKind::Cifar10 => cifar::load_cifar10_limited(&root, split, limit),
+            DatasetKind::Cifar100 => cifar::load_cifar100_limited(&root, split, limit),
             DatasetKind::FashionMnist => idx::load_fashion_mnist_limited(&root, split, limit),
             DatasetKind::Mnist => idx::load_mnist_limited(&root, split, limit),
             DatasetKind::Folder => {
@@ -248,8 +248,8 @@ pub struct LoadOptions {
     /// `(height, width)` that folder images are resized to; other kinds have a fixed size.
     pub image_size: (u32, u32),
     /// The most host memory, in bytes, that one split's decoded pixels may take
-    /// (`N x C x H x W`). The IDX loaders check it against the size that the headers
-    /// announce, before they allocate or decode anything, so a hostile
+    /// (`N x C x H x W`). The IDX and CIFAR loaders check it against the size that the
+    /// headers or file sizes announce, before they allocate or decode anything, so a hostile
     /// or mistaken input is refused with an error instead of exhausting memory. Default:
     /// [`default_max_host_bytes`], read when the options are made.
     pub max_host_bytes: u64,
@@ -602,7 +602,24 @@ pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
     Ok((file, meta.len()))
 }
 
-/// Reads a whole file, naming it in the error.
-pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_err(path, e))
+/// Reads a whole regular file of at most `max_len` bytes, naming it in the errors. The
+/// size is checked before anything is read or allocated (`what` names the limit in the
+/// message, e.g. "a CIFAR-10 file within the host-memory limit"), and at most `max_len + 1`
+/// bytes are read, so a file that grows meanwhile cannot take more memory either.
+pub(crate) fn read_file(path: &Path, max_len: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    let too_big = |found: String| data_err(path, format!("{found}, more than {what} can be ({})", fmt_bytes(max_len)));
+    if len > max_len {
+        return Err(too_big(format!("is {}", fmt_bytes(len))));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| data_err(path, format!("cannot allocate {} of host memory to read it", fmt_bytes(len))))?;
+    file.take(max_len.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
+    if bytes.len() as u64 > max_len {
+        return Err(too_big("grew while being read".into()));
+    }
+    Ok(bytes)
 }
