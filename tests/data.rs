@@ -1011,6 +1011,48 @@ fn cifar_sizes_are_checked_before_reading() {
 }
 
 #[test]
+fn folder_image_size_and_memory_are_checked_before_decoding() {
+    let t = tmp();
+    let root = t.path().join("r");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    for i in 0..15 {
+        save_rgb(&root.join(format!("a/{i}.png")), 2, 2, |_, _| [1, 2, 3]);
+        save_gray(&root.join(format!("b/{i}.png")), 2, 2, 9);
+    }
+    for size in [(0, 8), (8, 0), (4097, 32), (32, 1 << 20), (u32::MAX, u32::MAX)] {
+        let (h, w) = size;
+        let opts = LoadOptions { image_size: size, ..LoadOptions::with_root(&root) };
+        let want = format!("image size {h}x{w}: each side must be 1 to 4096 pixels");
+        assert_err(DatasetKind::Folder.load(Split::Train, &opts), &["r", &want]);
+        assert_err(load_folder(&root, Split::Train, h, w), &[&want]);
+    }
+    // 30 files at 4096x4096 take 1.4 GiB decoded: over a 1 GiB limit, refused at once
+    // (decoding and resizing them would take many seconds).
+    let start = Instant::now();
+    let opts = LoadOptions { image_size: (4096, 4096), ..limited(&root, 1 << 30) };
+    assert_err(
+        DatasetKind::Folder.load(Split::Train, &opts),
+        &[
+            "the 30 images of 3x4096x4096 of the train split need 1.4 GiB (1509949440 bytes) of host memory",
+            "more than the limit of 1.0 GiB (1073741824 bytes)",
+        ],
+    );
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // The limit is inclusive and counts 3 channels while decoding: 30 x 3 x 4 x 4 = 1440.
+    let opts = LoadOptions { image_size: (4, 4), ..limited(&root, 1440) };
+    let d = DatasetKind::Folder.load(Split::Train, &opts).unwrap();
+    assert_eq!((d.len(), d.image_shape()), (30, [3, 4, 4]));
+    assert!(d.image(0).chunks(16).zip([1, 2, 3]).all(|(plane, v)| plane.iter().all(|&p| p == v)));
+    assert!(d.image(29).iter().all(|&p| p == 9));
+    let opts = LoadOptions { image_size: (4, 4), ..limited(&root, 1439) };
+    assert_err(DatasetKind::Folder.load(Split::Train, &opts), &["need 1.4 KiB (1440 bytes)"]);
+    // An image file larger than the decoder could ever decode: refused from its size.
+    sparse_file(&root.join("b/huge.png"), b"\x89PNG\r\n\x1a\n", 1 << 40);
+    assert_err(load_folder(&root, Split::Train, 4, 4), &["huge.png", "is 1.0 TiB", "more than an image file may be"]);
+}
+
+#[test]
 fn idx_fifos_are_refused_not_waited_on() {
     let t = tmp();
     let d = t.path().to_path_buf();
@@ -1054,4 +1096,22 @@ fn cifar_fifos_are_refused_not_waited_on() {
     let dir = c.clone();
     let r = within_10s("load_cifar10", move || load_cifar10(&dir, Split::Test));
     assert_err(r, &["batches.meta.txt", "not a regular file"]);
+}
+
+#[test]
+fn folder_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    // A FIFO named like an image is refused, not skipped in silence.
+    let f = t.path().join("f");
+    std::fs::create_dir_all(f.join("cat")).unwrap();
+    save_rgb(&f.join("cat/a.png"), 2, 2, |_, _| [1, 2, 3]);
+    mkfifo(&f.join("cat/b.png"));
+    let dir = f.clone();
+    let r = within_10s("load_folder", move || load_folder(&dir, Split::Train, 2, 2));
+    assert_err(r, &["b.png", "not a regular file"]);
+    // A symlink to a regular file is fine; a directory named like an image is skipped.
+    std::fs::remove_file(f.join("cat/b.png")).unwrap();
+    std::os::unix::fs::symlink(f.join("cat/a.png"), f.join("cat/b.png")).unwrap();
+    std::fs::create_dir_all(f.join("cat/c.png")).unwrap();
+    assert_eq!(load_folder(&f, Split::Train, 2, 2).unwrap().len(), 2);
 }

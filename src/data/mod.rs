@@ -146,7 +146,7 @@ impl DatasetKind {
             DatasetKind::Mnist => idx::load_mnist_limited(&root, split, limit),
             DatasetKind::Folder => {
                 let (h, w) = options.image_size;
-                folder::load_folder(&root, split, h, w)
+                folder::load_folder_limited(&root, split, h, w, limit)
             }
             DatasetKind::Embedded => unreachable!("handled above"),
         }
@@ -246,10 +246,11 @@ pub struct LoadOptions {
     /// [`default_root`](DatasetKind::default_root), if any.
     pub root: Option<PathBuf>,
     /// `(height, width)` that folder images are resized to; other kinds have a fixed size.
+    /// Each side must be `1..=`[`MAX_IMAGE_SIZE`].
     pub image_size: (u32, u32),
     /// The most host memory, in bytes, that one split's decoded pixels may take
-    /// (`N x C x H x W`). The IDX and CIFAR loaders check it against the size that the
-    /// headers or file sizes announce, before they allocate or decode anything, so a hostile
+    /// (`N x C x H x W`). Every loader checks it against the size that the headers, file
+    /// sizes or file count announce, before it allocates or decodes anything, so a hostile
     /// or mistaken input is refused with an error instead of exhausting memory. Default:
     /// [`default_max_host_bytes`], read when the options are made.
     pub max_host_bytes: u64,
@@ -269,6 +270,11 @@ impl LoadOptions {
         LoadOptions { root: Some(root.into()), ..Default::default() }
     }
 }
+
+/// The largest side, in pixels, that folder images may be resized to. Far beyond any
+/// network featreplay trains (CIFAR is 32, ImageNet crops 224); a larger value is a typo,
+/// and one such image already takes 48 MiB.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
 
 /// The host-memory limit used where `/proc/meminfo` cannot be read (not Linux, say): 8 GiB.
 pub const FALLBACK_MAX_HOST_BYTES: u64 = 8 << 30;
