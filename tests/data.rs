@@ -1053,6 +1053,37 @@ fn folder_image_size_and_memory_are_checked_before_decoding() {
 }
 
 #[test]
+fn non_utf8_class_folders_stay_distinct() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let t = tmp();
+    let root = t.path().join("odd");
+    // Two class names that differ only in a byte that is not UTF-8: lossy conversion makes
+    // both "a\u{fffd}", but they are two classes.
+    let fe = OsStr::from_bytes(b"a\xfe");
+    let ff = OsStr::from_bytes(b"a\xff");
+    for (split, class, v) in [("train", fe, 10u8), ("train", ff, 20), ("test", ff, 30)] {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        save_gray(&dir.join("x.png"), 3, 3, v);
+    }
+    let train = load_folder(&root, Split::Train, 3, 3).unwrap();
+    assert_eq!(train.num_classes(), 2);
+    assert_eq!(train.labels(), &[0, 1]);
+    assert_eq!(train.class_names().unwrap(), &["a\\xfe".to_string(), "a\\xff".to_string()]);
+    assert!(train.image(0).iter().all(|&p| p == 10) && train.image(1).iter().all(|&p| p == 20));
+    // The test split's class is matched by its raw name.
+    let test = load_folder(&root, Split::Test, 3, 3).unwrap();
+    assert_eq!(test.labels(), &[1]);
+    // One that training does not have is named readably.
+    std::fs::create_dir_all(root.join("test").join(OsStr::from_bytes(b"a\xfd"))).unwrap();
+    assert_err(
+        load_folder(&root, Split::Test, 3, 3),
+        &["class 'a\\xfd' is not among the training classes (a\\xfe, a\\xff)"],
+    );
+}
+
+#[test]
 fn idx_fifos_are_refused_not_waited_on() {
     let t = tmp();
     let d = t.path().to_path_buf();

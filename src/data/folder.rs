@@ -1,5 +1,7 @@
 //! Image folders: `root/<class_name>/*.png|jpg|jpeg`, one directory per class, classes
-//! sorted by name (label = position), files sorted by name within a class.
+//! sorted by name (label = position), files sorted by name within a class. Names are
+//! compared as raw bytes: class directories whose names are not UTF-8 stay distinct
+//! classes, shown with their invalid bytes as `\xNN`.
 //!
 //! If `root/train/` exists the dataset is split: the training split is `root/train/<class>/`
 //! and the test split `root/test/<class>/` (or `root/val/<class>/`); the classes are those
@@ -16,6 +18,7 @@
 //! any image is decoded, and so is a split whose decoded size exceeds the host-memory limit.
 //! Decoding runs on all cores, into one buffer allocated up front.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use image::imageops::{self, FilterType};
@@ -37,10 +40,11 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 pub const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
 
 fn is_hidden(p: &Path) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    p.file_name().is_some_and(|n| n.as_encoded_bytes().first() == Some(&b'.'))
 }
 
-/// The sorted, non-hidden entries of `dir` that satisfy `keep`.
+/// The sorted, non-hidden entries of `dir` that satisfy `keep`. Sorting compares the raw
+/// names (bytes on Unix), so it is a total order even for names that are not UTF-8.
 fn list(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
     let mut out = Vec::new();
@@ -80,17 +84,33 @@ fn images_of(class_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(candidates)
 }
 
-fn dir_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+/// The raw name of a directory: the identity of a class. Two names that are not UTF-8 may
+/// read the same once made lossy (both `a\u{fffd}`), yet be two classes.
+fn raw_name(p: &Path) -> OsString {
+    p.file_name().map(OsStr::to_os_string).unwrap_or_default()
 }
 
-/// Class names of a split directory: its subdirectories, sorted.
-fn classes_of(dir: &Path) -> Result<Vec<String>> {
-    let classes: Vec<String> = list(dir, |p| p.is_dir())?.iter().map(|p| dir_name(p)).collect();
-    if classes.is_empty() {
+/// A name for people: the UTF-8 parts as they are, every byte that is not UTF-8 as `\xNN`,
+/// so names that differ only there still read differently (`a\xfe`, `a\xff`).
+fn display_name(name: &OsStr) -> String {
+    let mut out = String::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Class directories of a split directory, sorted by raw name: `(raw names, display names)`.
+fn classes_of(dir: &Path) -> Result<(Vec<OsString>, Vec<String>)> {
+    let raw: Vec<OsString> = list(dir, |p| p.is_dir())?.iter().map(|p| raw_name(p)).collect();
+    if raw.is_empty() {
         return Err(data_err(dir, "no class directories: expected <class_name>/*.png|jpg|jpeg inside"));
     }
-    Ok(classes)
+    let shown = raw.iter().map(|n| display_name(n)).collect();
+    Ok((raw, shown))
 }
 
 /// Decodes one image, resizes it to `h x w` RGB and writes it CHW into `out`
@@ -166,7 +186,7 @@ pub fn load_folder_limited(root: &Path, split: Split, height: u32, width: u32, m
         return Err(io_err(root, std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory")));
     }
     let train_dir = root.join("train");
-    let (classes, dir) = if train_dir.is_dir() {
+    let ((classes, class_names), dir) = if train_dir.is_dir() {
         let classes = classes_of(&train_dir)?;
         let dir = match split {
             Split::Train => train_dir,
@@ -188,15 +208,19 @@ pub fn load_folder_limited(root: &Path, split: Split, height: u32, width: u32, m
         (classes_of(root)?, root.to_path_buf())
     };
 
-    // Class directories of this split; each must be a known class.
+    // Class directories of this split; each must be a known class, matched by raw name.
     let mut files = Vec::new();
     let mut labels = Vec::new();
     for class_dir in list(&dir, |p| p.is_dir())? {
-        let name = dir_name(&class_dir);
+        let name = raw_name(&class_dir);
         let Some(label) = classes.iter().position(|c| *c == name) else {
             return Err(data_err(
                 &class_dir,
-                format!("class '{name}' is not among the training classes ({})", classes.join(", ")),
+                format!(
+                    "class '{}' is not among the training classes ({})",
+                    display_name(&name),
+                    class_names.join(", ")
+                ),
             ));
         };
         let images = images_of(&class_dir)?;
@@ -230,7 +254,7 @@ pub fn load_folder_limited(root: &Path, split: Split, height: u32, width: u32, m
     } else {
         3
     };
-    let name = format!("folder:{}-{split}", dir_name(root));
+    let name = format!("folder:{}-{split}", root.file_name().map(display_name).unwrap_or_default());
     let num_classes = classes.len();
-    Dataset::new(name, pixels, labels, channels, h, w, num_classes, Some(classes))
+    Dataset::new(name, pixels, labels, channels, h, w, num_classes, Some(class_names))
 }
