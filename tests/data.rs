@@ -975,6 +975,45 @@ fn idx_errors_stay_short_for_many_dimensions() {
 }
 
 #[test]
+fn empty_splits_are_refused() {
+    let t = tmp();
+    // Headers that declare no images: valid IDX files, but nothing to train on.
+    let dir = t.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_mnist_split(&dir, "train", 0, true);
+    write_mnist_split(&dir, "t10k", 3, false);
+    assert_err(
+        load_mnist(&dir, Split::Train),
+        &["train-images-idx3-ubyte.gz", "holds no images (its header declares 0x5x4)"],
+    );
+    assert_err(
+        DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)),
+        &["train-images-idx3-ubyte.gz", "no images"],
+    );
+    write_mnist_split(&dir, "train", 3, true);
+    write_mnist_split(&dir, "t10k", 0, false);
+    assert_err(
+        DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)),
+        &["t10k-images-idx3-ubyte", "no images"],
+    );
+    write_mnist_split(&dir, "t10k", 2, false);
+    let (train, test) = DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)).unwrap();
+    assert_eq!((train.len(), test.len()), (3, 2));
+
+    // A folder whose test classes hold no image, and a CIFAR test file with no record.
+    let root = t.path().join("f");
+    std::fs::create_dir_all(root.join("train/a")).unwrap();
+    std::fs::create_dir_all(root.join("test/a")).unwrap();
+    save_rgb(&root.join("train/a/1.png"), 4, 4, |_, _| [1, 2, 3]);
+    let opts = LoadOptions { image_size: (4, 4), ..LoadOptions::with_root(&root) };
+    assert_err(DatasetKind::Folder.load_train_test(&opts), &["test", "no .png/.jpg/.jpeg images"]);
+    let c = t.path().join("c");
+    cifar10_dir(&c);
+    std::fs::write(c.join("test_batch.bin"), b"").unwrap();
+    assert_err(DatasetKind::Cifar10.load_train_test(&LoadOptions::with_root(&c)), &["test_batch.bin", "empty"]);
+}
+
+#[test]
 fn cifar_sizes_are_checked_before_reading() {
     let t = tmp();
     let dir = t.path().join("c");

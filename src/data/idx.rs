@@ -295,7 +295,8 @@ pub fn write_idx(path: &Path, dims: &[usize], data: &[u8], gzip: bool) -> Result
 }
 
 /// A dataset from an images IDX array (`N x H x W`) and a labels IDX array (`N`), checking
-/// their shapes, that their counts agree and every label is `< num_classes`. The paths name the files in errors.
+/// their shapes, that their counts agree, that there is at least one image and every label
+/// is `< num_classes`. The paths name the files in errors.
 #[allow(clippy::too_many_arguments)]
 pub fn dataset_from_idx(
     name: impl Into<String>,
@@ -329,6 +330,10 @@ pub fn dataset_from_idx(
     let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
     if h == 0 || w == 0 {
         return Err(data_err(images_path, format!("images of size {h}x{w}")));
+    }
+    // A dataset of no images would be "trained" for zero steps or evaluated to 0/0.
+    if n == 0 {
+        return Err(data_err(images_path, format!("holds no images (its header declares 0x{h}x{w})")));
     }
     if labels.dims[0] != n {
         return Err(data_err(

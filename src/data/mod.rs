@@ -139,7 +139,7 @@ impl DatasetKind {
             }
         };
         let limit = options.max_host_bytes;
-        match self {
+        let data = match self {
             DatasetKind::Cifar10 => cifar::load_cifar10_limited(&root, split, limit),
             DatasetKind::Cifar100 => cifar::load_cifar100_limited(&root, split, limit),
             DatasetKind::FashionMnist => idx::load_fashion_mnist_limited(&root, split, limit),
@@ -149,7 +149,14 @@ impl DatasetKind {
                 folder::load_folder_limited(&root, split, h, w, limit)
             }
             DatasetKind::Embedded => unreachable!("handled above"),
+        }?;
+        // Each loader already refuses an empty file or directory with a precise message;
+        // this is the backstop for all of them: an empty training set would "train" for
+        // zero steps and an empty test set report an accuracy of 0/0.
+        if data.is_empty() {
+            return Err(data_err(&root, format!("the {split} split holds no images")));
         }
+        Ok(data)
     }
 
     /// Loads the training and the test split. Their channel counts are made to agree (an
