@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use featreplay::data::cifar::{load_cifar10, load_cifar100};
 use featreplay::data::embedded::load_embedded;
 use featreplay::data::folder::load_folder;
-use featreplay::data::idx::{encode_idx, load_fashion_mnist, load_idx_pair, load_mnist, read_idx};
+use featreplay::data::idx::{
+    dataset_from_idx, encode_idx, load_fashion_mnist, load_idx_pair, load_mnist, read_idx, read_idx_limited, IdxArray,
+};
 use featreplay::data::{
-    augment_params, epoch_order, make_batch, num_batches, transform_image, Augment, CropFlip, Dataset, DatasetKind,
-    LoadOptions, Loader, LoaderConfig, Normalization, Split,
+    augment_params, default_max_host_bytes, epoch_order, make_batch, num_batches, parse_mem_available, transform_image,
+    Augment, CropFlip, Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization, Split,
+    FALLBACK_MAX_HOST_BYTES,
 };
 use featreplay::Error;
 
@@ -400,8 +403,9 @@ fn image_folder_png_and_jpeg_resized() {
     // val/ instead of test/
     std::fs::rename(root.join("test"), root.join("val")).unwrap();
     assert_eq!(load_folder(&root, Split::Test, 12, 16).unwrap().len(), 1);
-    let (tr, te) =
-        DatasetKind::Folder.load_train_test(&LoadOptions { root: Some(root.clone()), image_size: (8, 8) }).unwrap();
+    let (tr, te) = DatasetKind::Folder
+        .load_train_test(&LoadOptions { root: Some(root.clone()), image_size: (8, 8), ..Default::default() })
+        .unwrap();
     assert_eq!((tr.len(), te.len(), tr.image_shape(), te.image_shape()), (4, 1, [3, 8, 8], [3, 8, 8]));
 }
 
@@ -801,4 +805,383 @@ fn real_fashion_mnist_if_installed() {
     // the well-known statistics of the training set (mean 0.2860, std 0.3530)
     let norm = Normalization::from_dataset(&train);
     assert!((norm.mean()[0] - 0.2860).abs() < 5e-4 && (norm.std()[0] - 0.3530).abs() < 5e-4, "{norm:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// hostile input: sizes, limits, special files, odd names
+
+/// `LoadOptions` for `root` with a host-memory limit of `max_host_bytes`.
+fn limited(root: &Path, max_host_bytes: u64) -> LoadOptions {
+    LoadOptions { max_host_bytes, ..LoadOptions::with_root(root) }
+}
+
+/// A file of `len` bytes that starts with `prefix` and is a hole after it: a huge file that
+/// takes no disk space, and that a loader must refuse from its size alone.
+fn sparse_file(path: &Path, prefix: &[u8], len: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(prefix).unwrap();
+    f.set_len(len).unwrap();
+}
+
+/// Runs `f` on another thread and returns its result, failing the test if it takes more
+/// than 10 s: a loader that opens a FIFO blocks forever, and must not hang the suite.
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} did not return within 10 s: blocked on a FIFO?"))
+}
+
+/// Makes a FIFO (named pipe) at `path` with `mkfifo`.
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
+#[test]
+fn default_host_limit_is_mem_available() {
+    let meminfo = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   23716932 kB\n";
+    assert_eq!(parse_mem_available(meminfo), Some(23716932 * 1024));
+    assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+    assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+    assert_eq!(parse_mem_available("MemAvailable: 5 pages\n"), None);
+    let default = default_max_host_bytes();
+    match std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| parse_mem_available(&t)) {
+        // MemAvailable moves between two reads; it does not halve or double.
+        Some(now) => assert!(default / 2 < now && now < default.saturating_mul(2), "{default} vs {now}"),
+        None => assert_eq!(default, FALLBACK_MAX_HOST_BYTES),
+    }
+    assert_eq!(FALLBACK_MAX_HOST_BYTES, 8 << 30);
+    assert!(LoadOptions::default().max_host_bytes > 0);
+    assert!(LoadOptions::with_root("x").max_host_bytes > 0);
+}
+
+#[test]
+fn gzip_idx_is_read_only_as_far_as_its_header_declares() {
+    let t = tmp();
+    // A labels header (8 bytes) declaring 10 bytes, then 64 MiB of zeros: the gzip file is a few
+    // dozen KiB. Truncated to half, it would fail the gzip checks if it were decompressed
+    // to the end; read as far as its header declares (and one byte more), it is refused
+    // for its trailing data instead, without the rest ever being inflated.
+    let mut raw = idx_bytes(8, &[10], &[1; 10]);
+    raw.resize(raw.len() + (64 << 20), 0);
+    let p = t.path().join("bomb-labels-idx1-ubyte.gz");
+    write_gz(&p, &raw);
+    let gz = std::fs::read(&p).unwrap();
+    assert!(gz.len() < 1 << 20, "{} bytes", gz.len());
+    std::fs::write(&p, &gz[..gz.len() / 2]).unwrap();
+    let msg = assert_err(
+        read_idx(&p),
+        &["bomb-labels-idx1-ubyte.gz", "trailing data: decompresses to more than the 18 bytes its header declares"],
+    );
+    assert!(!msg.contains("gzip"), "{msg}");
+    // The same, whole, through the images/labels pair.
+    write_gz(&p, &raw);
+    let ip = t.path().join("i-idx3-ubyte.gz");
+    write_gz(&ip, &idx_bytes(8, &[10, 1, 1], &[0; 10]));
+    assert_err(load_idx_pair(&ip, &p, "x", 10, None), &["bomb-labels-idx1-ubyte.gz", "more than the 18 bytes"]);
+    // Plain: the file's size is compared with the header before the data is read.
+    let plain = t.path().join("plain-idx1-ubyte");
+    std::fs::write(&plain, &raw[..(1 << 20) + 18]).unwrap();
+    assert_err(
+        read_idx(&plain),
+        &["plain-idx1-ubyte", "trailing data: 1048594 bytes, more than the 18 bytes its header declares"],
+    );
+    // An exact file still reads.
+    write_gz(&p, &raw[..18]);
+    assert_eq!(read_idx(&p).unwrap().data, vec![1; 10]);
+}
+
+#[test]
+fn idx_sizes_are_checked_before_reading() {
+    let t = tmp();
+    // An 8 TiB sparse file with a valid header: refused from its size, not read.
+    let huge = t.path().join("huge-idx3-ubyte");
+    sparse_file(&huge, &idx_bytes(8, &[3, 2, 2], &[]), 8 << 40);
+    let limit = default_max_host_bytes();
+    assert_err(
+        read_idx(&huge),
+        &["huge-idx3-ubyte", "8.0 TiB (8796093022208 bytes)", "more than an IDX file", &limit.to_string()],
+    );
+    assert_err(
+        read_idx_limited(&huge, 1 << 30),
+        &["huge-idx3-ubyte", "host-memory limit of 1.0 GiB (1073741824 bytes)"],
+    );
+
+    // A gzip header announcing the real Fashion-MNIST size, against a 1 MiB limit: refused
+    // from the header alone (the file holds no pixels at all).
+    let dir = t.path().join("fm");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_gz(&dir.join("train-images-idx3-ubyte.gz"), &idx_bytes(8, &[60000, 28, 28], &[]));
+    write_gz(&dir.join("train-labels-idx1-ubyte.gz"), &idx_bytes(8, &[60000], &[]));
+    assert_err(
+        DatasetKind::FashionMnist.load(Split::Train, &limited(&dir, 1 << 20)),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "the 60000x28x28 bytes its header declares need 44.9 MiB (47040000 bytes) of host memory",
+            "more than the limit of 1.0 MiB (1048576 bytes)",
+        ],
+    );
+    // A header whose product overflows.
+    let p = t.path().join("overflow-idx3-ubyte.gz");
+    write_gz(&p, &idx_bytes(8, &[u32::MAX, u32::MAX, u32::MAX], &[]));
+    assert_err(read_idx(&p), &["overflow-idx3-ubyte.gz", "more than 2^64 bytes"]);
+
+    // The limit is inclusive: 13 images of 5x4 take 260 bytes.
+    let ok = t.path().join("ok");
+    std::fs::create_dir_all(&ok).unwrap();
+    write_mnist_split(&ok, "train", 13, true);
+    assert_eq!(DatasetKind::Mnist.load(Split::Train, &limited(&ok, 260)).unwrap().len(), 13);
+    assert_err(DatasetKind::Mnist.load(Split::Train, &limited(&ok, 259)), &["need 260 bytes", "limit of 259 bytes"]);
+}
+
+#[test]
+fn idx_errors_stay_short_for_many_dimensions() {
+    let t = tmp();
+    let ip = t.path().join("many-idx3-ubyte");
+    let lp = t.path().join("labels-idx1-ubyte");
+    std::fs::write(&lp, idx_bytes(8, &[1], &[0])).unwrap();
+    // 250 dimensions of 2^32 - 1: an images file is refused right after its magic number.
+    std::fs::write(&ip, idx_bytes(8, &[u32::MAX; 250], &[])).unwrap();
+    let msg = assert_err(
+        load_idx_pair(&ip, &lp, "x", 10, None),
+        &["many-idx3-ubyte", "an images file must have 3 dimensions (N x H x W), this one has 250"],
+    );
+    assert!(msg.len() < 200, "{} characters: {msg}", msg.len());
+    // A labels file with 2.
+    std::fs::write(&ip, idx_bytes(8, &[1, 1, 1], &[0])).unwrap();
+    std::fs::write(&lp, idx_bytes(8, &[1, 1], &[0])).unwrap();
+    assert_err(load_idx_pair(&ip, &lp, "x", 10, None), &["labels-idx1-ubyte", "1 dimension (N), this one has 2"]);
+    // Read as any IDX array, the dimensions listed are capped at 8.
+    let p = t.path().join("any-idx");
+    std::fs::write(&p, idx_bytes(8, &[1; 255], &[])).unwrap();
+    let msg = assert_err(read_idx(&p), &["any-idx", "truncated", "1x1x1x1x1x1x1x1 ... and 247 more"]);
+    assert!(msg.len() < 250, "{} characters: {msg}", msg.len());
+    let msg = assert_err(read_idx(&p.with_file_name("nope")), &["nope"]);
+    assert!(msg.len() < 200, "{msg}");
+    std::fs::write(&p, idx_bytes(8, &[u32::MAX; 255], &[])).unwrap();
+    let msg = assert_err(read_idx(&p), &["any-idx", "4294967295x4294967295", "... and 247 more"]);
+    assert!(msg.len() < 300, "{} characters: {msg}", msg.len());
+    // Arrays made elsewhere are capped too.
+    let many = IdxArray { dims: vec![1; 200], data: vec![0] };
+    let one = IdxArray { dims: vec![1], data: vec![0] };
+    let msg = assert_err(
+        dataset_from_idx("x", many, &ip, one, &lp, 10, None),
+        &["this one has 200 (1x1x1x1x1x1x1x1 ... and 192 more)"],
+    );
+    assert!(msg.len() < 200, "{} characters: {msg}", msg.len());
+}
+
+#[test]
+fn empty_splits_are_refused() {
+    let t = tmp();
+    // Headers that declare no images: valid IDX files, but nothing to train on.
+    let dir = t.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_mnist_split(&dir, "train", 0, true);
+    write_mnist_split(&dir, "t10k", 3, false);
+    assert_err(
+        load_mnist(&dir, Split::Train),
+        &["train-images-idx3-ubyte.gz", "holds no images (its header declares 0x5x4)"],
+    );
+    assert_err(
+        DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)),
+        &["train-images-idx3-ubyte.gz", "no images"],
+    );
+    write_mnist_split(&dir, "train", 3, true);
+    write_mnist_split(&dir, "t10k", 0, false);
+    assert_err(
+        DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)),
+        &["t10k-images-idx3-ubyte", "no images"],
+    );
+    write_mnist_split(&dir, "t10k", 2, false);
+    let (train, test) = DatasetKind::Mnist.load_train_test(&LoadOptions::with_root(&dir)).unwrap();
+    assert_eq!((train.len(), test.len()), (3, 2));
+
+    // A folder whose test classes hold no image, and a CIFAR test file with no record.
+    let root = t.path().join("f");
+    std::fs::create_dir_all(root.join("train/a")).unwrap();
+    std::fs::create_dir_all(root.join("test/a")).unwrap();
+    save_rgb(&root.join("train/a/1.png"), 4, 4, |_, _| [1, 2, 3]);
+    let opts = LoadOptions { image_size: (4, 4), ..LoadOptions::with_root(&root) };
+    assert_err(DatasetKind::Folder.load_train_test(&opts), &["test", "no .png/.jpg/.jpeg images"]);
+    let c = t.path().join("c");
+    cifar10_dir(&c);
+    std::fs::write(c.join("test_batch.bin"), b"").unwrap();
+    assert_err(DatasetKind::Cifar10.load_train_test(&LoadOptions::with_root(&c)), &["test_batch.bin", "empty"]);
+}
+
+#[test]
+fn cifar_sizes_are_checked_before_reading() {
+    let t = tmp();
+    let dir = t.path().join("c");
+    cifar10_dir(&dir);
+    // 15 training records of 3072 pixel bytes: 46080 bytes; the limit is inclusive.
+    assert_eq!(DatasetKind::Cifar10.load(Split::Train, &limited(&dir, 46080)).unwrap().len(), 15);
+    assert_err(
+        DatasetKind::Cifar10.load(Split::Train, &limited(&dir, 10000)),
+        &[
+            "the 15 CIFAR-10 images of 3x32x32 of the train split need 45.0 KiB (46080 bytes) of host memory",
+            "more than the limit of 9.8 KiB (10000 bytes)",
+        ],
+    );
+    // A sparse 768 GiB data_batch_1.bin of whole records (and the 12 of the other files):
+    // refused from its size.
+    let records = 1u64 << 28;
+    sparse_file(&dir.join("data_batch_1.bin"), &[], records * 3073);
+    assert_err(load_cifar10(&dir, Split::Train), &["the 268435468 CIFAR-10 images", "768.0 GiB (824633757696 bytes)"]);
+    // One of 1 TiB, not whole records: refused from its size as truncated.
+    sparse_file(&dir.join("data_batch_1.bin"), &[], 1 << 40);
+    assert_err(load_cifar10(&dir, Split::Train), &["data_batch_1.bin", "truncated: 1099511627776 bytes"]);
+    // CIFAR-100's single file is named.
+    let c100 = t.path().join("c100");
+    std::fs::create_dir_all(&c100).unwrap();
+    std::fs::write(c100.join("test.bin"), vec![0u8; 3074 * 4]).unwrap();
+    assert_err(
+        DatasetKind::Cifar100.load(Split::Test, &limited(&c100, 3 * 3072)),
+        &["test.bin", "the 4 CIFAR-100 images", "limit of 9.0 KiB (9216 bytes)"],
+    );
+    // A class-names file larger than any list of names is refused, not read.
+    cifar10_dir(&dir);
+    sparse_file(&dir.join("batches.meta.txt"), b"cat\n", 1 << 40);
+    assert_err(load_cifar10(&dir, Split::Test), &["batches.meta.txt", "more than a class-names file can be (1.0 MiB"]);
+}
+
+#[test]
+fn folder_image_size_and_memory_are_checked_before_decoding() {
+    let t = tmp();
+    let root = t.path().join("r");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    for i in 0..15 {
+        save_rgb(&root.join(format!("a/{i}.png")), 2, 2, |_, _| [1, 2, 3]);
+        save_gray(&root.join(format!("b/{i}.png")), 2, 2, 9);
+    }
+    for size in [(0, 8), (8, 0), (4097, 32), (32, 1 << 20), (u32::MAX, u32::MAX)] {
+        let (h, w) = size;
+        let opts = LoadOptions { image_size: size, ..LoadOptions::with_root(&root) };
+        let want = format!("image size {h}x{w}: each side must be 1 to 4096 pixels");
+        assert_err(DatasetKind::Folder.load(Split::Train, &opts), &["r", &want]);
+        assert_err(load_folder(&root, Split::Train, h, w), &[&want]);
+    }
+    // 30 files at 4096x4096 take 1.4 GiB decoded: over a 1 GiB limit, refused at once
+    // (decoding and resizing them would take many seconds).
+    let start = Instant::now();
+    let opts = LoadOptions { image_size: (4096, 4096), ..limited(&root, 1 << 30) };
+    assert_err(
+        DatasetKind::Folder.load(Split::Train, &opts),
+        &[
+            "the 30 images of 3x4096x4096 of the train split need 1.4 GiB (1509949440 bytes) of host memory",
+            "more than the limit of 1.0 GiB (1073741824 bytes)",
+        ],
+    );
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // The limit is inclusive and counts 3 channels while decoding: 30 x 3 x 4 x 4 = 1440.
+    let opts = LoadOptions { image_size: (4, 4), ..limited(&root, 1440) };
+    let d = DatasetKind::Folder.load(Split::Train, &opts).unwrap();
+    assert_eq!((d.len(), d.image_shape()), (30, [3, 4, 4]));
+    assert!(d.image(0).chunks(16).zip([1, 2, 3]).all(|(plane, v)| plane.iter().all(|&p| p == v)));
+    assert!(d.image(29).iter().all(|&p| p == 9));
+    let opts = LoadOptions { image_size: (4, 4), ..limited(&root, 1439) };
+    assert_err(DatasetKind::Folder.load(Split::Train, &opts), &["need 1.4 KiB (1440 bytes)"]);
+    // An image file larger than the decoder could ever decode: refused from its size.
+    sparse_file(&root.join("b/huge.png"), b"\x89PNG\r\n\x1a\n", 1 << 40);
+    assert_err(load_folder(&root, Split::Train, 4, 4), &["huge.png", "is 1.0 TiB", "more than an image file may be"]);
+}
+
+#[test]
+fn non_utf8_class_folders_stay_distinct() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let t = tmp();
+    let root = t.path().join("odd");
+    // Two class names that differ only in a byte that is not UTF-8: lossy conversion makes
+    // both "a\u{fffd}", but they are two classes.
+    let fe = OsStr::from_bytes(b"a\xfe");
+    let ff = OsStr::from_bytes(b"a\xff");
+    for (split, class, v) in [("train", fe, 10u8), ("train", ff, 20), ("test", ff, 30)] {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        save_gray(&dir.join("x.png"), 3, 3, v);
+    }
+    let train = load_folder(&root, Split::Train, 3, 3).unwrap();
+    assert_eq!(train.num_classes(), 2);
+    assert_eq!(train.labels(), &[0, 1]);
+    assert_eq!(train.class_names().unwrap(), &["a\\xfe".to_string(), "a\\xff".to_string()]);
+    assert!(train.image(0).iter().all(|&p| p == 10) && train.image(1).iter().all(|&p| p == 20));
+    // The test split's class is matched by its raw name.
+    let test = load_folder(&root, Split::Test, 3, 3).unwrap();
+    assert_eq!(test.labels(), &[1]);
+    // One that training does not have is named readably.
+    std::fs::create_dir_all(root.join("test").join(OsStr::from_bytes(b"a\xfd"))).unwrap();
+    assert_err(
+        load_folder(&root, Split::Test, 3, 3),
+        &["class 'a\\xfd' is not among the training classes (a\\xfe, a\\xff)"],
+    );
+}
+
+#[test]
+fn idx_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    let d = t.path().to_path_buf();
+    // A FIFO given as the labels file, read directly and through a directory.
+    let ip = d.join("imgs-idx3-ubyte");
+    let lp = d.join("labs-idx1-ubyte");
+    std::fs::write(&ip, idx_bytes(8, &[1, 2, 2], &[0; 4])).unwrap();
+    mkfifo(&lp);
+    let (i, l) = (ip.clone(), lp.clone());
+    let r = within_10s("load_idx_pair", move || load_idx_pair(&i, &l, "x", 10, None));
+    assert_err(r, &["labs-idx1-ubyte: is not a regular file (a FIFO (named pipe))"]);
+    let l = lp.clone();
+    assert_err(within_10s("read_idx", move || read_idx(&l)), &["labs-idx1-ubyte", "not a regular file"]);
+    let m = d.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    write_mnist_split(&m, "train", 2, false);
+    std::fs::remove_file(m.join("train-images-idx3-ubyte")).unwrap();
+    mkfifo(&m.join("train-images-idx3-ubyte"));
+    let dir = m.clone();
+    let r = within_10s("load_mnist", move || load_mnist(&dir, Split::Train));
+    assert_err(r, &["train-images-idx3-ubyte", "not a regular file"]);
+    // A symlink to a regular file is fine.
+    std::fs::remove_file(&lp).unwrap();
+    std::fs::write(d.join("real-labels"), idx_bytes(8, &[1], &[3])).unwrap();
+    std::os::unix::fs::symlink(d.join("real-labels"), &lp).unwrap();
+    assert_eq!(load_idx_pair(&ip, &lp, "x", 10, None).unwrap().labels(), &[3]);
+}
+
+#[test]
+fn cifar_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    // A FIFO among the training batches, and as the class-names file.
+    let c = t.path().join("c");
+    cifar10_dir(&c);
+    std::fs::remove_file(c.join("data_batch_3.bin")).unwrap();
+    mkfifo(&c.join("data_batch_3.bin"));
+    let dir = c.clone();
+    let r = within_10s("load_cifar10", move || load_cifar10(&dir, Split::Train));
+    assert_err(r, &["data_batch_3.bin", "not a regular file"]);
+    mkfifo(&c.join("batches.meta.txt"));
+    let dir = c.clone();
+    let r = within_10s("load_cifar10", move || load_cifar10(&dir, Split::Test));
+    assert_err(r, &["batches.meta.txt", "not a regular file"]);
+}
+
+#[test]
+fn folder_fifos_are_refused_not_waited_on() {
+    let t = tmp();
+    // A FIFO named like an image is refused, not skipped in silence.
+    let f = t.path().join("f");
+    std::fs::create_dir_all(f.join("cat")).unwrap();
+    save_rgb(&f.join("cat/a.png"), 2, 2, |_, _| [1, 2, 3]);
+    mkfifo(&f.join("cat/b.png"));
+    let dir = f.clone();
+    let r = within_10s("load_folder", move || load_folder(&dir, Split::Train, 2, 2));
+    assert_err(r, &["b.png", "not a regular file"]);
+    // A symlink to a regular file is fine; a directory named like an image is skipped.
+    std::fs::remove_file(f.join("cat/b.png")).unwrap();
+    std::os::unix::fs::symlink(f.join("cat/a.png"), f.join("cat/b.png")).unwrap();
+    std::fs::create_dir_all(f.join("cat/c.png")).unwrap();
+    assert_eq!(load_folder(&f, Split::Train, 2, 2).unwrap().len(), 2);
 }

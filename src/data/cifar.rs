@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::{data_err, io_err, read_file, Dataset, Split};
+use crate::data::{
+    check_host_bytes, data_err, default_max_host_bytes, fmt_bytes, io_err, read_file, regular_file_len, Dataset, Split,
+};
 use crate::error::Result;
 
 /// CIFAR-10's class names, by label.
@@ -63,21 +65,35 @@ const CIFAR100: Format = Format {
 
 /// Loads CIFAR-10. `path` is the directory holding the `.bin` files or its parent
 /// containing `cifar-10-batches-bin`. Class names come from `batches.meta.txt` if present.
+/// The host-memory limit is [`default_max_host_bytes`] (see [`load_cifar10_limited`]).
 pub fn load_cifar10(path: &Path, split: Split) -> Result<Dataset> {
+    load_cifar10_limited(path, split, default_max_host_bytes())
+}
+
+/// [`load_cifar10`] whose pixels may take at most `max_host_bytes`, checked from the file
+/// sizes before any file is read.
+pub fn load_cifar10_limited(path: &Path, split: Split, max_host_bytes: u64) -> Result<Dataset> {
     let dir = resolve(path, &CIFAR10)?;
-    let (images, labels) = read_split(&dir, &CIFAR10, split)?;
-    let names = read_names(&dir.join("batches.meta.txt"), 10)
+    let (images, labels) = read_split(&dir, &CIFAR10, split, max_host_bytes)?;
+    let names = read_names(&dir.join("batches.meta.txt"), 10)?
         .unwrap_or_else(|| CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect());
     Dataset::new(format!("cifar10-{split}"), images, labels, 3, 32, 32, 10, Some(names))
 }
 
 /// Loads CIFAR-100 with its fine labels (100 classes). `path` is the directory holding
 /// `train.bin` / `test.bin` or its parent containing `cifar-100-binary`. Class names come
-/// from `fine_label_names.txt` if present.
+/// from `fine_label_names.txt` if present. The host-memory limit is
+/// [`default_max_host_bytes`] (see [`load_cifar100_limited`]).
 pub fn load_cifar100(path: &Path, split: Split) -> Result<Dataset> {
+    load_cifar100_limited(path, split, default_max_host_bytes())
+}
+
+/// [`load_cifar100`] whose pixels may take at most `max_host_bytes`, checked from the file
+/// sizes before any file is read.
+pub fn load_cifar100_limited(path: &Path, split: Split, max_host_bytes: u64) -> Result<Dataset> {
     let dir = resolve(path, &CIFAR100)?;
-    let (images, labels) = read_split(&dir, &CIFAR100, split)?;
-    let names = read_names(&dir.join("fine_label_names.txt"), 100);
+    let (images, labels) = read_split(&dir, &CIFAR100, split, max_host_bytes)?;
+    let names = read_names(&dir.join("fine_label_names.txt"), 100)?;
     Dataset::new(format!("cifar100-{split}"), images, labels, 3, 32, 32, 100, names)
 }
 
@@ -107,16 +123,59 @@ fn resolve(path: &Path, f: &Format) -> Result<PathBuf> {
     ))
 }
 
-fn read_split(dir: &Path, f: &Format, split: Split) -> Result<(Vec<u8>, Vec<u32>)> {
+/// The size of a CIFAR file, checked from its metadata (so before it is read) to be a
+/// regular file of a nonzero whole number of records.
+fn record_file_len(path: &Path, f: &Format, std_records: usize) -> Result<u64> {
+    let len = regular_file_len(path)?;
+    let rec = (f.label_bytes + CIFAR_IMAGE_BYTES) as u64;
+    if len == 0 || len % rec != 0 {
+        return Err(length_err(path, len, f, std_records));
+    }
+    Ok(len)
+}
+
+/// The error for a file whose length is not a nonzero whole number of records.
+fn length_err(path: &Path, len: u64, f: &Format, std_records: usize) -> crate::error::Error {
+    let rec = f.label_bytes + CIFAR_IMAGE_BYTES;
+    data_err(
+        path,
+        format!(
+            "{}: {len} bytes, expected {} ({std_records} records of {rec}) or another whole number of {rec}-byte {} records",
+            if len == 0 { "empty" } else { "truncated" },
+            std_records * rec,
+            f.name
+        ),
+    )
+}
+
+fn read_split(dir: &Path, f: &Format, split: Split, max_host_bytes: u64) -> Result<(Vec<u8>, Vec<u32>)> {
     let (files, std_records) = match split {
         Split::Train => (f.train, f.train_records),
         Split::Test => (f.test, f.test_records),
     };
+    let rec = (f.label_bytes + CIFAR_IMAGE_BYTES) as u64;
+    // Every file's size first: the split's decoded size is known from them, and is
+    // refused before a single file is read.
+    let mut records = 0u64;
+    for name in files {
+        records += record_file_len(&dir.join(name), f, std_records)? / rec;
+    }
+    let what = format!("the {records} {} images of 3x32x32 of the {split} split", f.name);
+    let needed = records.checked_mul(CIFAR_IMAGE_BYTES as u64);
+    // Named after the file when there is one, the directory otherwise.
+    let named = if files.len() == 1 { dir.join(files[0]) } else { dir.to_path_buf() };
+    check_host_bytes(&named, &what, needed, max_host_bytes)?;
     let mut images = Vec::new();
-    let mut labels = Vec::new();
+    images.try_reserve_exact(needed.unwrap_or(0) as usize).map_err(|_| {
+        data_err(&named, format!("cannot allocate {} of host memory for {what}", fmt_bytes(needed.unwrap_or(0))))
+    })?;
+    let mut labels = Vec::with_capacity(records as usize);
     for name in files {
         let path = dir.join(name);
-        let bytes = read_file(&path)?;
+        // The largest file the limit allows; its size was checked above, this only guards
+        // against it growing meanwhile.
+        let max_len = (max_host_bytes / CIFAR_IMAGE_BYTES as u64).saturating_mul(rec);
+        let bytes = read_file(&path, max_len, &format!("a {} file within the host-memory limit", f.name))?;
         parse_records(&bytes, f, std_records, &path, &mut images, &mut labels)?;
     }
     Ok((images, labels))
@@ -132,18 +191,9 @@ fn parse_records(
     labels: &mut Vec<u32>,
 ) -> Result<()> {
     let rec = f.label_bytes + CIFAR_IMAGE_BYTES;
+    // Checked again on the bytes read: the file may have changed since its size was.
     if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
-        return Err(data_err(
-            path,
-            format!(
-                "{}: {} bytes, expected {} ({} records of {rec}) or another whole number of {rec}-byte {} records",
-                if bytes.is_empty() { "empty" } else { "truncated" },
-                bytes.len(),
-                std_records * rec,
-                std_records,
-                f.name
-            ),
-        ));
+        return Err(length_err(path, bytes.len() as u64, f, std_records));
     }
     let n = bytes.len() / rec;
     images.reserve(n * CIFAR_IMAGE_BYTES);
@@ -168,9 +218,20 @@ fn parse_records(
     Ok(())
 }
 
-/// One class name a line, if the file is there and has exactly `n` non-empty lines.
-fn read_names(path: &Path, n: usize) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// The largest class-names file read: 100 names of a few dozen bytes take 1 KiB.
+const MAX_NAMES_BYTES: u64 = 1 << 20;
+
+/// One class name a line, if the file is there and has exactly `n` non-empty lines
+/// (`Ok(None)` otherwise: the names are optional). A path that is there but is not a
+/// regular file, or is larger than [`MAX_NAMES_BYTES`], is an error: reading a FIFO would
+/// block forever.
+fn read_names(path: &Path, n: usize) -> Result<Option<Vec<String>>> {
+    // Missing (or a dangling symlink): no names, as before.
+    if std::fs::metadata(path).is_err() {
+        return Ok(None);
+    }
+    let bytes = read_file(path, MAX_NAMES_BYTES, "a class-names file")?;
+    let Ok(text) = String::from_utf8(bytes) else { return Ok(None) };
     let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-    (names.len() == n).then_some(names)
+    Ok((names.len() == n).then_some(names))
 }

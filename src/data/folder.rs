@@ -1,5 +1,7 @@
 //! Image folders: `root/<class_name>/*.png|jpg|jpeg`, one directory per class, classes
-//! sorted by name (label = position), files sorted by name within a class.
+//! sorted by name (label = position), files sorted by name within a class. Names are
+//! compared as raw bytes: class directories whose names are not UTF-8 stay distinct
+//! classes, shown with their invalid bytes as `\xNN`.
 //!
 //! If `root/train/` exists the dataset is split: the training split is `root/train/<class>/`
 //! and the test split `root/test/<class>/` (or `root/val/<class>/`); the classes are those
@@ -11,24 +13,38 @@
 //! converted to RGB, or kept grayscale when every image of the split is grayscale, and
 //! resized to `height x width` with `image::imageops::resize` and the Triangle (bilinear)
 //! filter. Files with other extensions and hidden entries are ignored; an image that does
-//! not decode is an error naming the file. Decoding runs on all cores.
+//! not decode is an error naming the file. An entry with an image extension that is not a
+//! regular file (a FIFO, a device) or larger than [`MAX_IMAGE_FILE_BYTES`] is refused before
+//! any image is decoded, and so is a split whose decoded size exceeds the host-memory limit.
+//! Decoding runs on all cores, into one buffer allocated up front.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use image::imageops::{self, FilterType};
 use image::ImageReader;
 
-use crate::data::{data_err, io_err, Dataset, Split};
-use crate::error::{Error, Result};
+use crate::data::{
+    alloc_zeroed, check_host_bytes, data_err, default_max_host_bytes, fmt_bytes, io_err, open_regular,
+    regular_file_len, Dataset, Split, MAX_IMAGE_SIZE,
+};
+use crate::error::Result;
 
 /// Extensions (lower case) of the files read as images.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
+/// The largest image file read: 512 MiB, the `image` crate's default decoding allocation
+/// limit. PNG and JPEG files are no larger than their decoded pixels (bar headers), so a
+/// larger file could not be decoded within that limit anyway; it is refused from its size
+/// before anything is read.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
+
 fn is_hidden(p: &Path) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    p.file_name().is_some_and(|n| n.as_encoded_bytes().first() == Some(&b'.'))
 }
 
-/// The sorted, non-hidden entries of `dir` that satisfy `keep`.
+/// The sorted, non-hidden entries of `dir` that satisfy `keep`. Sorting compares the raw
+/// names (bytes on Unix), so it is a total order even for names that are not UTF-8.
 fn list(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
     let mut out = Vec::new();
@@ -42,68 +58,135 @@ fn list(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn is_image(p: &Path) -> bool {
-    p.is_file()
-        && p.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+fn has_image_extension(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn dir_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+/// The image files of a class directory, sorted. A directory whose name ends in `.png` is
+/// skipped; any other entry with an image extension must be a regular file of at most
+/// [`MAX_IMAGE_FILE_BYTES`], checked here before any image is opened: a FIFO would block
+/// the decoder forever, and skipping one silently would drop an image without a word.
+fn images_of(class_dir: &Path) -> Result<Vec<PathBuf>> {
+    let candidates = list(class_dir, |p| has_image_extension(p) && !p.is_dir())?;
+    for p in &candidates {
+        let len = regular_file_len(p)?;
+        if len > MAX_IMAGE_FILE_BYTES {
+            return Err(data_err(
+                p,
+                format!(
+                    "is {}, more than an image file may be ({}, the image decoder's memory limit)",
+                    fmt_bytes(len),
+                    fmt_bytes(MAX_IMAGE_FILE_BYTES)
+                ),
+            ));
+        }
+    }
+    Ok(candidates)
 }
 
-/// Class names of a split directory: its subdirectories, sorted.
-fn classes_of(dir: &Path) -> Result<Vec<String>> {
-    let classes: Vec<String> = list(dir, |p| p.is_dir())?.iter().map(|p| dir_name(p)).collect();
-    if classes.is_empty() {
+/// The raw name of a directory: the identity of a class. Two names that are not UTF-8 may
+/// read the same once made lossy (both `a\u{fffd}`), yet be two classes.
+fn raw_name(p: &Path) -> OsString {
+    p.file_name().map(OsStr::to_os_string).unwrap_or_default()
+}
+
+/// A name for people: the UTF-8 parts as they are, every byte that is not UTF-8 as `\xNN`,
+/// so names that differ only there still read differently (`a\xfe`, `a\xff`).
+fn display_name(name: &OsStr) -> String {
+    let mut out = String::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Class directories of a split directory, sorted by raw name: `(raw names, display names)`.
+fn classes_of(dir: &Path) -> Result<(Vec<OsString>, Vec<String>)> {
+    let raw: Vec<OsString> = list(dir, |p| p.is_dir())?.iter().map(|p| raw_name(p)).collect();
+    if raw.is_empty() {
         return Err(data_err(dir, "no class directories: expected <class_name>/*.png|jpg|jpeg inside"));
     }
-    Ok(classes)
+    let shown = raw.iter().map(|n| display_name(n)).collect();
+    Ok((raw, shown))
 }
 
-/// Decodes one image and resizes it to `h x w` RGB; returns the pixels HWC and whether
-/// the source was grayscale.
-fn decode(path: &Path, h: u32, w: u32) -> Result<(Vec<u8>, bool)> {
-    let reader = ImageReader::open(path).map_err(|e| io_err(path, e))?;
+/// Decodes one image, resizes it to `h x w` RGB and writes it CHW into `out`
+/// (`3 * h * w` bytes); returns whether the source was grayscale.
+fn decode_into(path: &Path, h: u32, w: u32, out: &mut [u8]) -> Result<bool> {
+    // Checked again on the open file: the path may have been replaced since it was listed.
+    let (file, _) = open_regular(path)?;
+    let reader = ImageReader::new(std::io::BufReader::new(file));
     let reader = reader.with_guessed_format().map_err(|e| io_err(path, e))?;
     let img = reader.decode().map_err(|e| data_err(path, format!("cannot decode image: {e}")))?;
     let gray = !img.color().has_color();
     let rgb = img.to_rgb8();
+    drop(img);
     let rgb = if rgb.dimensions() == (w, h) { rgb } else { imageops::resize(&rgb, w, h, FilterType::Triangle) };
-    Ok((rgb.into_raw(), gray))
+    // HWC RGB to CHW.
+    let plane = h as usize * w as usize;
+    for (k, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + k] = px[c];
+        }
+    }
+    Ok(gray)
 }
 
-/// Decodes all `files` on up to `available_parallelism` threads, in order.
-fn decode_all(files: &[PathBuf], h: u32, w: u32) -> Result<Vec<(Vec<u8>, bool)>> {
+/// Decodes all `files` on up to `available_parallelism` threads into `out` (`3 * h * w`
+/// bytes per file, CHW, in order); returns which sources were grayscale.
+fn decode_all(files: &[PathBuf], h: u32, w: u32, out: &mut [u8]) -> Result<Vec<bool>> {
+    let per = 3 * h as usize * w as usize;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(files.len().max(1));
     let chunk = files.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = files
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|p| decode(p, h, w)).collect::<Result<Vec<_>>>()))
+            .zip(out.chunks_mut(chunk * per))
+            .map(|(part, dst)| {
+                s.spawn(move || {
+                    part.iter()
+                        .zip(dst.chunks_exact_mut(per))
+                        .map(|(p, img)| decode_into(p, h, w, img))
+                        .collect::<Result<Vec<bool>>>()
+                })
+            })
             .collect();
-        let mut out = Vec::with_capacity(files.len());
+        let mut gray = Vec::with_capacity(files.len());
         for handle in handles {
             match handle.join() {
-                Ok(r) => out.extend(r?),
+                Ok(r) => gray.extend(r?),
                 Err(p) => std::panic::resume_unwind(p),
             }
         }
-        Ok(out)
+        Ok(gray)
     })
 }
 
-/// Loads one split of an image folder (see the module doc), resized to `height x width`.
+/// Loads one split of an image folder (see the module doc), resized to `height x width`,
+/// with the default host-memory limit (see [`load_folder_limited`]).
 pub fn load_folder(root: &Path, split: Split, height: u32, width: u32) -> Result<Dataset> {
-    if height == 0 || width == 0 {
-        return Err(Error::Unsupported { op: "load_folder", detail: format!("image size {height}x{width}") });
+    load_folder_limited(root, split, height, width, default_max_host_bytes())
+}
+
+/// Loads one split of an image folder, resized to `height x width` (each `1..=`
+/// [`MAX_IMAGE_SIZE`]). Its decoded pixels, `files x 3 x height x width` bytes (RGB while
+/// decoding; kept as 1 channel if every image is grayscale), may take at most
+/// `max_host_bytes`: checked from the number of files before any image is decoded.
+pub fn load_folder_limited(root: &Path, split: Split, height: u32, width: u32, max_host_bytes: u64) -> Result<Dataset> {
+    if !(1..=MAX_IMAGE_SIZE).contains(&height) || !(1..=MAX_IMAGE_SIZE).contains(&width) {
+        return Err(data_err(
+            root,
+            format!("image size {height}x{width}: each side must be 1 to {MAX_IMAGE_SIZE} pixels"),
+        ));
     }
     if !root.is_dir() {
         return Err(io_err(root, std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory")));
     }
     let train_dir = root.join("train");
-    let (classes, dir) = if train_dir.is_dir() {
+    let ((classes, class_names), dir) = if train_dir.is_dir() {
         let classes = classes_of(&train_dir)?;
         let dir = match split {
             Split::Train => train_dir,
@@ -125,18 +208,22 @@ pub fn load_folder(root: &Path, split: Split, height: u32, width: u32) -> Result
         (classes_of(root)?, root.to_path_buf())
     };
 
-    // Class directories of this split; each must be a known class.
+    // Class directories of this split; each must be a known class, matched by raw name.
     let mut files = Vec::new();
     let mut labels = Vec::new();
     for class_dir in list(&dir, |p| p.is_dir())? {
-        let name = dir_name(&class_dir);
+        let name = raw_name(&class_dir);
         let Some(label) = classes.iter().position(|c| *c == name) else {
             return Err(data_err(
                 &class_dir,
-                format!("class '{name}' is not among the training classes ({})", classes.join(", ")),
+                format!(
+                    "class '{}' is not among the training classes ({})",
+                    display_name(&name),
+                    class_names.join(", ")
+                ),
             ));
         };
-        let images = list(&class_dir, is_image)?;
+        let images = images_of(&class_dir)?;
         if images.is_empty() && split == Split::Train {
             return Err(data_err(&class_dir, "class directory holds no .png/.jpg/.jpeg image"));
         }
@@ -147,18 +234,27 @@ pub fn load_folder(root: &Path, split: Split, height: u32, width: u32) -> Result
         return Err(data_err(&dir, "no .png/.jpg/.jpeg images in the class directories"));
     }
 
-    let decoded = decode_all(&files, height, width)?;
-    let gray = decoded.iter().all(|(_, g)| *g);
+    // The whole split is decoded into one RGB buffer, so this is the peak it takes.
     let (h, w) = (height as usize, width as usize);
-    let channels = if gray { 1 } else { 3 };
-    let mut pixels = Vec::with_capacity(files.len() * channels * h * w);
-    for (hwc, _) in &decoded {
-        // HWC RGB to CHW (for grayscale sources R = G = B, so the red plane is the image).
-        for c in 0..channels {
-            pixels.extend(hwc.iter().skip(c).step_by(3));
+    let needed = (files.len() as u64).checked_mul(3 * height as u64 * width as u64);
+    let what = format!("the {} images of 3x{height}x{width} of the {split} split", files.len());
+    check_host_bytes(&dir, &what, needed, max_host_bytes)?;
+    let mut pixels = alloc_zeroed(needed.unwrap_or(0), &dir)?;
+    let gray = decode_all(&files, height, width, &mut pixels)?;
+    let channels = if gray.iter().all(|&g| g) {
+        // For grayscale sources R = G = B: keep the red plane of each image, moved down in
+        // place (image i's plane goes to i * plane, never past where it was read from).
+        let plane = h * w;
+        for i in 0..files.len() {
+            pixels.copy_within(3 * i * plane..(3 * i + 1) * plane, i * plane);
         }
-    }
-    let name = format!("folder:{}-{split}", dir_name(root));
+        pixels.truncate(files.len() * plane);
+        pixels.shrink_to_fit();
+        1
+    } else {
+        3
+    };
+    let name = format!("folder:{}-{split}", root.file_name().map(display_name).unwrap_or_default());
     let num_classes = classes.len();
-    Dataset::new(name, pixels, labels, channels, h, w, num_classes, Some(classes))
+    Dataset::new(name, pixels, labels, channels, h, w, num_classes, Some(class_names))
 }

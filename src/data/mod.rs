@@ -138,17 +138,25 @@ impl DatasetKind {
                 })
             }
         };
-        match self {
-            DatasetKind::Cifar10 => cifar::load_cifar10(&root, split),
-            DatasetKind::Cifar100 => cifar::load_cifar100(&root, split),
-            DatasetKind::FashionMnist => idx::load_fashion_mnist(&root, split),
-            DatasetKind::Mnist => idx::load_mnist(&root, split),
+        let limit = options.max_host_bytes;
+        let data = match self {
+            DatasetKind::Cifar10 => cifar::load_cifar10_limited(&root, split, limit),
+            DatasetKind::Cifar100 => cifar::load_cifar100_limited(&root, split, limit),
+            DatasetKind::FashionMnist => idx::load_fashion_mnist_limited(&root, split, limit),
+            DatasetKind::Mnist => idx::load_mnist_limited(&root, split, limit),
             DatasetKind::Folder => {
                 let (h, w) = options.image_size;
-                folder::load_folder(&root, split, h, w)
+                folder::load_folder_limited(&root, split, h, w, limit)
             }
             DatasetKind::Embedded => unreachable!("handled above"),
+        }?;
+        // Each loader already refuses an empty file or directory with a precise message;
+        // this is the backstop for all of them: an empty training set would "train" for
+        // zero steps and an empty test set report an accuracy of 0/0.
+        if data.is_empty() {
+            return Err(data_err(&root, format!("the {split} split holds no images")));
         }
+        Ok(data)
     }
 
     /// Loads the training and the test split. Their channel counts are made to agree (an
@@ -245,20 +253,90 @@ pub struct LoadOptions {
     /// [`default_root`](DatasetKind::default_root), if any.
     pub root: Option<PathBuf>,
     /// `(height, width)` that folder images are resized to; other kinds have a fixed size.
+    /// Each side must be `1..=`[`MAX_IMAGE_SIZE`].
     pub image_size: (u32, u32),
+    /// The most host memory, in bytes, that one split's decoded pixels may take
+    /// (`N x C x H x W`). Every loader checks it against the size that the headers, file
+    /// sizes or file count announce, before it allocates or decodes anything, so a hostile
+    /// or mistaken input is refused with an error instead of exhausting memory. Default:
+    /// [`default_max_host_bytes`], read when the options are made.
+    pub max_host_bytes: u64,
 }
 
 impl Default for LoadOptions {
-    /// No directory, 32x32 folder images.
+    /// No directory, 32x32 folder images, [`default_max_host_bytes`].
     fn default() -> Self {
-        LoadOptions { root: None, image_size: (32, 32) }
+        LoadOptions { root: None, image_size: (32, 32), max_host_bytes: default_max_host_bytes() }
     }
 }
 
 impl LoadOptions {
-    /// Options with this data directory and 32x32 folder images.
+    /// Options with this data directory, 32x32 folder images and the default host-memory
+    /// limit.
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
         LoadOptions { root: Some(root.into()), ..Default::default() }
+    }
+}
+
+/// The largest side, in pixels, that folder images may be resized to. Far beyond any
+/// network featreplay trains (CIFAR is 32, ImageNet crops 224); a larger value is a typo,
+/// and one such image already takes 48 MiB.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
+
+/// The host-memory limit used where `/proc/meminfo` cannot be read (not Linux, say): 8 GiB.
+pub const FALLBACK_MAX_HOST_BYTES: u64 = 8 << 30;
+
+/// The default of [`LoadOptions::max_host_bytes`]: the memory available now
+/// (`MemAvailable` of `/proc/meminfo`), or [`FALLBACK_MAX_HOST_BYTES`] where that cannot be
+/// read. Loading more than is available would only end in swapping or the OOM killer.
+pub fn default_max_host_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_available(&text))
+        .unwrap_or(FALLBACK_MAX_HOST_BYTES)
+}
+
+/// The `MemAvailable:` line of a `/proc/meminfo` text, in bytes (the file gives kB, i.e.
+/// KiB). `None` if the line is missing or malformed.
+pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let mut words = line.split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// `bytes` for people: `"44.9 MiB (47040000 bytes)"`; plain `"999 bytes"` below 1 KiB.
+pub(crate) fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
+}
+
+/// Refuses, naming `path`, a split whose decoded pixels (`needed` bytes; `None` when the
+/// count overflows u64) would exceed `limit`. `what` says what needs them, e.g. "the 30
+/// images of 3x64x64 of the train split". Called before anything is allocated or decoded.
+pub(crate) fn check_host_bytes(path: &Path, what: &str, needed: Option<u64>, limit: u64) -> Result<()> {
+    match needed {
+        Some(n) if n <= limit => Ok(()),
+        _ => Err(data_err(
+            path,
+            format!(
+                "{what} need {} of host memory, more than the limit of {}",
+                needed.map(fmt_bytes).unwrap_or_else(|| "more than 2^64 bytes".into()),
+                fmt_bytes(limit)
+            ),
+        )),
     }
 }
 
@@ -481,7 +559,80 @@ pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }
 
-/// Reads a whole file, naming it in the error.
-pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_err(path, e))
+/// `len` zero bytes, or an error naming `path` if the allocator cannot provide them (the
+/// limit may have been set above what the machine really has): an error, not an abort.
+pub(crate) fn alloc_zeroed(len: u64, path: &Path) -> Result<Vec<u8>> {
+    let fail = || data_err(path, format!("cannot allocate {} of host memory for its data", fmt_bytes(len)));
+    let len = usize::try_from(len).map_err(|_| fail())?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| fail())?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
+/// What a path is when it is not a regular file, for the error message.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+    }
+    "not a plain file"
+}
+
+/// Refuses `path` unless it is a regular file (following symlinks), returning its size.
+/// Opening a FIFO blocks until someone writes to it and reading a device may never end, so
+/// this runs before a data file is opened.
+pub(crate) fn regular_file_len(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(data_err(path, format!("is not a regular file ({})", file_kind(&meta))));
+    }
+    Ok(meta.len())
+}
+
+/// Opens a data file after [`regular_file_len`] accepted it; returns it with its size as
+/// seen on the open file (the one that counts, should the path have changed meanwhile).
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
+    regular_file_len(path)?;
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(data_err(path, format!("is not a regular file ({})", file_kind(&meta))));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads a whole regular file of at most `max_len` bytes, naming it in the errors. The
+/// size is checked before anything is read or allocated (`what` names the limit in the
+/// message, e.g. "a CIFAR-10 file within the host-memory limit"), and at most `max_len + 1`
+/// bytes are read, so a file that grows meanwhile cannot take more memory either.
+pub(crate) fn read_file(path: &Path, max_len: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    let too_big = |found: String| data_err(path, format!("{found}, more than {what} can be ({})", fmt_bytes(max_len)));
+    if len > max_len {
+        return Err(too_big(format!("is {}", fmt_bytes(len))));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| data_err(path, format!("cannot allocate {} of host memory to read it", fmt_bytes(len))))?;
+    file.take(max_len.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
+    if bytes.len() as u64 > max_len {
+        return Err(too_big("grew while being read".into()));
+    }
+    Ok(bytes)
 }

@@ -136,7 +136,11 @@ pub struct Prepared {
 pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     cfg.check()?;
     let kind: DatasetKind = cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })?;
-    let opts = LoadOptions { root: cfg.data_dir.clone(), image_size: (cfg.image_size as u32, cfg.image_size as u32) };
+    let opts = LoadOptions {
+        root: cfg.data_dir.clone(),
+        image_size: (cfg.image_size as u32, cfg.image_size as u32),
+        ..LoadOptions::default()
+    };
     let (mut train, mut test) = kind.load_train_test(&opts)?;
     if let Some(n) = cfg.test_subset {
         if n == 0 || n > test.len() {
