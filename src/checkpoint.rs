@@ -38,13 +38,29 @@
 //! [`load`] and deleted by the next [`save`] into the same directory (so one directory must
 //! have one writer at a time).
 //!
+//! # Integrity
+//!
+//! safetensors itself only checks that the header's offsets tile the data: flipped bytes in the
+//! tensor data, or the offsets of two same-shape tensors swapped in the header, still load. So
+//! [`save`] stores a CRC-32C in the metadata ([`CheckpointMeta::checksum`], e.g.
+//! `"crc32c:1a2b3c4d"`) computed over every tensor in file order: its name, dtype, shape and
+//! data bytes, each length-prefixed (see [`Checkpoint::checksum`]). Because names are hashed
+//! together with the data at their position, swapped offsets change the checksum just like
+//! flipped data does, and so does a shape edited in the header. [`load`] verifies it on every
+//! load. The metadata JSON itself is not covered (the checksum lives inside it); a damaged JSON
+//! string almost always fails to parse instead.
+//!
+//! Format versions: version 2 ([`FORMAT_VERSION`]) files must carry a checksum. Version 1 files
+//! (written before checksums existed) still load, with a warning that they are unverified; the
+//! next [`save`] writes version 2.
+//!
 //! # Validation
 //!
 //! [`load`] reports [`Error::Data`] naming the file for a missing file, a file that is not
-//! safetensors, a truncated or corrupt file, a tensor that is not `F32`, missing or unparsable
-//! metadata and an unsupported `format_version`; other I/O failures are [`Error::Io`]. Non-finite
-//! values are loaded as they are (a diverged run's checkpoint is still data): see
-//! [`Checkpoint::all_finite`].
+//! safetensors, a truncated or corrupt file, a checksum mismatch, a tensor that is not `F32`,
+//! missing or unparsable metadata and an unsupported `format_version`; other I/O failures are
+//! [`Error::Io`]. Non-finite values are loaded as they are (a diverged run's checkpoint is still
+//! data): see [`Checkpoint::all_finite`] and [`Checkpoint::non_finite_tensors`].
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -59,8 +75,16 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// The checkpoint format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint format version this build writes. [`load`] reads this one and every version
+/// from [`OLDEST_FORMAT_VERSION`] on.
+///
+/// History: 1, tensors and metadata; 2, adds the mandatory [`CheckpointMeta::checksum`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest checkpoint format version [`load`] still reads (version 1: no checksum, loaded
+/// unverified with a warning).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The algorithm prefix of [`CheckpointMeta::checksum`]: `crc32c:` and 8 lowercase hex digits.
+pub const CHECKSUM_PREFIX: &str = "crc32c:";
 /// The checkpoint file [`save`] writes into its directory.
 pub const SAFETENSORS_FILE: &str = "checkpoint.safetensors";
 /// The human-readable copy of the metadata [`save`] writes beside [`SAFETENSORS_FILE`].
@@ -110,7 +134,8 @@ impl NamedTensor {
 /// `rng: Some(Value::Null)` also reads back as `None`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct CheckpointMeta {
-    /// The checkpoint format version; [`load`] accepts only [`FORMAT_VERSION`].
+    /// The checkpoint format version; [`save`] always writes [`FORMAT_VERSION`] and [`load`]
+    /// accepts [`OLDEST_FORMAT_VERSION`] to [`FORMAT_VERSION`].
     pub format_version: u32,
     /// The featreplay version that wrote the checkpoint (informative only).
     #[serde(default)]
@@ -136,6 +161,12 @@ pub struct CheckpointMeta {
     /// Free-form fields (an object by default).
     #[serde(default)]
     pub extra: Value,
+    /// The integrity checksum of the tensors, `"crc32c:<8 hex digits>"` (see
+    /// [`Checkpoint::checksum`]). [`save`] ignores the value given and stores the checksum of
+    /// the tensors it writes; [`load`] returns the stored one after verifying it. `None` in a
+    /// checkpoint built in memory and in version 1 files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 impl CheckpointMeta {
@@ -152,23 +183,38 @@ impl CheckpointMeta {
             config,
             rng: None,
             extra: Value::Object(serde_json::Map::new()),
+            checksum: None,
         }
     }
 }
 
 /// A checkpoint in host memory: metadata and named tensors (in file order after [`load`]).
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Besides its public fields it remembers the names of the tensors [`Checkpoint::take`] removed,
+/// so that an error about a missing tensor can say how many tensors the checkpoint held when it
+/// was loaded (not how many are left) and whether it had any optimizer state at all. Equality
+/// compares `meta` and `tensors` only.
+#[derive(Clone, Debug)]
 pub struct Checkpoint {
     /// Epoch, iteration, seed, configuration and the rest.
     pub meta: CheckpointMeta,
     /// The tensors, names unique.
     pub tensors: Vec<NamedTensor>,
+    /// Names removed by [`Checkpoint::take`], in the order taken.
+    taken: Vec<String>,
+}
+
+impl PartialEq for Checkpoint {
+    /// What was taken is bookkeeping for error messages, not content.
+    fn eq(&self, other: &Self) -> bool {
+        self.meta == other.meta && self.tensors == other.tensors
+    }
 }
 
 impl Checkpoint {
     /// A checkpoint with no tensors yet.
     pub fn new(meta: CheckpointMeta) -> Self {
-        Checkpoint { meta, tensors: Vec::new() }
+        Checkpoint { meta, tensors: Vec::new(), taken: Vec::new() }
     }
 
     /// Appends a tensor, checking that `data` fills `shape` and that the name is valid and new.
@@ -202,7 +248,9 @@ impl Checkpoint {
                 "tensor `{name}` has shape {shape:?} in the checkpoint but {expected_shape:?} is expected"
             )));
         }
-        Ok(self.tensors.remove(index).data)
+        let tensor = self.tensors.remove(index);
+        self.taken.push(tensor.name);
+        Ok(tensor.data)
     }
 
     /// The tensor names, in order.
@@ -220,6 +268,45 @@ impl Checkpoint {
         self.tensors.iter().find_map(|t| t.data.iter().position(|v| !v.is_finite()).map(|i| (t.name.as_str(), i)))
     }
 
+    /// Every tensor whose name passes `filter` and that holds NaN or infinite values, with how
+    /// many such values it holds, in tensor order. Empty when all of them are finite.
+    ///
+    /// For callers that refuse to resume from or evaluate a diverged checkpoint: the first entry
+    /// names the first offending tensor, e.g.
+    /// `"tensor `fc.weight` has 12 non-finite values of 640 (and 3 more tensors)"`. The filter
+    /// lets them skip tensors where non-finite values are legitimate or irrelevant, e.g.
+    /// `|name| !name.starts_with(MOMENTUM_PREFIX)`.
+    pub fn non_finite_tensors(&self, filter: impl Fn(&str) -> bool) -> Vec<(&str, usize)> {
+        self.tensors
+            .iter()
+            .filter(|t| filter(&t.name))
+            .filter_map(|t| {
+                let count = t.data.iter().filter(|v| !v.is_finite()).count();
+                (count > 0).then_some((t.name.as_str(), count))
+            })
+            .collect()
+    }
+
+    /// The number of tensors the checkpoint held before any [`Checkpoint::take`]: for a loaded
+    /// checkpoint, the number of tensors in the file.
+    pub fn held_tensors(&self) -> usize {
+        self.tensors.len() + self.taken.len()
+    }
+
+    /// The integrity checksum of the tensors as they are now, in order: `"crc32c:<8 hex
+    /// digits>"`, the value [`save`] stores in [`CheckpointMeta::checksum`].
+    ///
+    /// CRC-32C over, for each tensor, the name, the dtype (`F32`), the shape and the data bytes
+    /// (little-endian f32), each preceded by its length (or rank) as a little-endian u64 so
+    /// that no two different sequences of tensors hash the same bytes.
+    pub fn checksum(&self) -> String {
+        let mut crc = TensorCrc::default();
+        for t in &self.tensors {
+            crc.tensor(&t.name, Dtype::F32, &t.shape, &f32_le_bytes(&t.data));
+        }
+        crc.value()
+    }
+
     /// An [`Error::Data`] about this in-memory checkpoint (it has no file name).
     fn error(&self, message: String) -> Error {
         Error::Data {
@@ -229,6 +316,18 @@ impl Checkpoint {
     }
 
     fn missing_message(&self, name: &str) -> String {
+        let held = self.held_tensors();
+        let left =
+            if self.taken.is_empty() { String::new() } else { format!(" ({} not yet used)", self.tensors.len()) };
+        // A weights-only file (exported for inference, or written by another tool) is the usual
+        // reason for a missing momentum buffer; listing similar names would only obscure that.
+        let has_momentum =
+            self.names().chain(self.taken.iter().map(String::as_str)).any(|n| n.starts_with(MOMENTUM_PREFIX));
+        if name.starts_with(MOMENTUM_PREFIX) && !has_momentum {
+            return format!(
+                "has no optimizer state: no tensor named `{name}`, and none of its {held} tensors is an SGD momentum buffer (`{MOMENTUM_PREFIX}*`) (a weights-only file?)"
+            );
+        }
         let group = name.split('.').next().unwrap_or(name);
         let similar: Vec<&str> = self.names().filter(|n| n.split('.').next() == Some(group)).take(6).collect();
         let hint = if similar.is_empty() {
@@ -237,7 +336,7 @@ impl Checkpoint {
         } else {
             format!("those starting with `{group}`: {similar:?}")
         };
-        format!("no tensor named `{name}`; the checkpoint holds {} tensors, {hint}", self.tensors.len())
+        format!("no tensor named `{name}`; the checkpoint held {held} tensors when loaded{left}, {hint}")
     }
 }
 
@@ -272,8 +371,11 @@ pub fn save_interrupted(dir: &Path, ckpt: &Checkpoint, at: CrashPoint) -> Result
 
 fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Result<PathBuf> {
     let final_path = dir.join(SAFETENSORS_FILE);
-    let header = build_header(ckpt).map_err(|message| data_error(&final_path, message))?;
-    let json = serde_json::to_vec_pretty(&ckpt.meta)
+    // The file is written in this build's format whatever the caller's metadata says (it may
+    // come from a loaded version 1 file), with the checksum of exactly the tensors written.
+    let meta = CheckpointMeta { format_version: FORMAT_VERSION, checksum: Some(ckpt.checksum()), ..ckpt.meta.clone() };
+    let header = build_header(&meta, &ckpt.tensors).map_err(|message| data_error(&final_path, message))?;
+    let json = serde_json::to_vec_pretty(&meta)
         .map_err(|e| data_error(&dir.join(JSON_FILE), format!("cannot serialise the metadata: {e}")))?;
 
     fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
@@ -296,18 +398,20 @@ fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Resul
     })?;
     sync_dir(dir);
     log::debug!(
-        "saved checkpoint {} (epoch {}, iteration {}, {} tensors)",
+        "saved checkpoint {} (epoch {}, iteration {}, {} tensors, {})",
         final_path.display(),
-        ckpt.meta.epoch,
-        ckpt.meta.iteration,
-        ckpt.tensors.len()
+        meta.epoch,
+        meta.iteration,
+        ckpt.tensors.len(),
+        meta.checksum.as_deref().unwrap_or_default()
     );
     Ok(final_path)
 }
 
 /// Reads a checkpoint: `dir_or_file` is a directory holding `checkpoint.safetensors` or the
-/// path of a checkpoint safetensors file (any name). `checkpoint.json` is not read. See the
-/// module documentation for the errors.
+/// path of a checkpoint safetensors file (any name). `checkpoint.json` is not read. The
+/// checksum is verified on every load (a version 1 file has none and is loaded unverified,
+/// with a warning). See the module documentation for the errors.
 pub fn load(dir_or_file: &Path) -> Result<Checkpoint> {
     let path = resolve(dir_or_file);
     let bytes = match fs::read(&path) {
@@ -319,8 +423,9 @@ pub fn load(dir_or_file: &Path) -> Result<Checkpoint> {
 }
 
 /// Reads only the metadata of a checkpoint (the safetensors header), without reading or
-/// checking the tensor data: a cheap look at the epoch or configuration of a large checkpoint.
-/// [`load`] still validates everything.
+/// checking the tensor data (the checksum is not verified, only required in a version 2
+/// file): a cheap look at the epoch or configuration of a large checkpoint. [`load`] still
+/// validates everything.
 pub fn load_meta(dir_or_file: &Path) -> Result<CheckpointMeta> {
     let path = resolve(dir_or_file);
     let mut file = match File::open(&path) {
@@ -376,13 +481,13 @@ fn check_tensor(t: &NamedTensor) -> std::result::Result<usize, String> {
     Ok(numel)
 }
 
-/// The safetensors header (JSON, space-padded to a multiple of 8 bytes) for `ckpt`, tensors
-/// laid out in the checkpoint's order.
-fn build_header(ckpt: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
-    let mut seen = HashSet::with_capacity(ckpt.tensors.len());
-    let mut infos = Vec::with_capacity(ckpt.tensors.len());
+/// The safetensors header (JSON, space-padded to a multiple of 8 bytes) for `meta` and
+/// `tensors`, tensors laid out in the given order.
+fn build_header(meta: &CheckpointMeta, tensors: &[NamedTensor]) -> std::result::Result<Vec<u8>, String> {
+    let mut seen = HashSet::with_capacity(tensors.len());
+    let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
-    for t in &ckpt.tensors {
+    for t in tensors {
         let bytes = check_tensor(t)? * 4;
         if !seen.insert(t.name.as_str()) {
             return Err(format!("tensor `{}` appears twice", t.name));
@@ -394,7 +499,7 @@ fn build_header(ckpt: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
         ));
         offset = end;
     }
-    let meta_json = serde_json::to_string(&ckpt.meta).map_err(|e| format!("cannot serialise the metadata: {e}"))?;
+    let meta_json = serde_json::to_string(meta).map_err(|e| format!("cannot serialise the metadata: {e}"))?;
     let map = HashMap::from([(METADATA_KEY.to_string(), meta_json), ("format".to_string(), "pt".to_string())]);
     let metadata = Metadata::new(Some(map), infos).map_err(|e| format!("invalid tensor layout: {e}"))?;
     let mut header = serde_json::to_vec(&metadata).map_err(|e| format!("cannot serialise the header: {e}"))?;
@@ -408,6 +513,48 @@ fn build_header(ckpt: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
 #[cfg(target_endian = "little")]
 fn write_f32s(w: &mut impl Write, data: &[f32]) -> io::Result<()> {
     w.write_all(bytemuck::cast_slice(data))
+}
+
+/// The little-endian bytes of `data` (the file's encoding), borrowed where the host's already is.
+#[cfg(target_endian = "little")]
+fn f32_le_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Borrowed(bytemuck::cast_slice(data))
+}
+
+#[cfg(target_endian = "big")]
+fn f32_le_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// The running CRC-32C of [`Checkpoint::checksum`]; the same code hashes the tensors being saved
+/// and the raw bytes of the file being loaded.
+#[derive(Default)]
+struct TensorCrc(u32);
+
+impl TensorCrc {
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.0 = crc32c::crc32c_append(self.0, bytes);
+    }
+
+    /// Length-prefixed, so that bytes cannot move between fields without changing the CRC.
+    fn field(&mut self, bytes: &[u8]) {
+        self.bytes(&(bytes.len() as u64).to_le_bytes());
+        self.bytes(bytes);
+    }
+
+    fn tensor(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) {
+        self.field(name.as_bytes());
+        self.field(dtype.to_string().as_bytes());
+        self.bytes(&(shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            self.bytes(&(d as u64).to_le_bytes());
+        }
+        self.field(data);
+    }
+
+    fn value(&self) -> String {
+        format!("{CHECKSUM_PREFIX}{:08x}", self.0)
+    }
 }
 
 #[cfg(target_endian = "big")]
@@ -562,6 +709,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
     })?;
     let meta = parse_meta(path, metadata.metadata().as_ref())?;
 
+    let mut crc = TensorCrc::default();
     let data_start = LEN_FIELD + header_len;
     let names = metadata.offset_keys();
     let mut tensors = Vec::with_capacity(names.len());
@@ -581,10 +729,28 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
             .zip(data_start.checked_add(end))
             .and_then(|(s, e)| bytes.get(s..e))
             .ok_or_else(|| data_error(path, format!("tensor `{name}` lies outside the file")))?;
+        crc.tensor(&name, info.dtype, &info.shape, raw);
         let data = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         tensors.push(NamedTensor { name, shape: info.shape.clone(), data });
     }
-    Ok(Checkpoint { meta, tensors })
+    let computed = crc.value();
+    match &meta.checksum {
+        Some(stored) if *stored == computed => {}
+        Some(stored) => {
+            return Err(data_error(
+                path,
+                format!("checksum mismatch: the file is corrupt (stored {stored}, computed {computed})"),
+            ))
+        }
+        // parse_meta lets a missing checksum through for version 1 only.
+        None => log::warn!(
+            "{}: checkpoint format version {} has no checksum, so its {} tensors are loaded unverified (the next save writes version {FORMAT_VERSION}, with one)",
+            path.display(),
+            meta.format_version,
+            tensors.len()
+        ),
+    }
+    Ok(Checkpoint { meta, tensors, taken: Vec::new() })
 }
 
 /// Parses the featreplay metadata out of a safetensors header's `__metadata__` map.
@@ -606,15 +772,27 @@ fn parse_meta(path: &Path, map: Option<&HashMap<String, String>>) -> Result<Chec
     let Some(version) = value.get("format_version").and_then(Value::as_u64) else {
         return Err(data_error(path, format!("the `{METADATA_KEY}` metadata has no valid format_version")));
     };
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(OLDEST_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&version) {
         return Err(data_error(
             path,
             format!(
-                "unsupported checkpoint format_version {version}: featreplay {} reads version {FORMAT_VERSION} only",
+                "unsupported checkpoint format_version {version}: featreplay {} reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
                 env!("CARGO_PKG_VERSION")
             ),
         ));
     }
-    serde_json::from_value(value)
-        .map_err(|e| data_error(path, format!("the `{METADATA_KEY}` metadata is invalid: {e}")))
+    let meta: CheckpointMeta = serde_json::from_value(value)
+        .map_err(|e| data_error(path, format!("the `{METADATA_KEY}` metadata is invalid: {e}")))?;
+    // From version 2 on, save always stores a checksum: one without is damaged or forged, and
+    // loading it unverified would defeat the check.
+    if meta.format_version >= 2 && meta.checksum.is_none() {
+        return Err(data_error(
+            path,
+            format!(
+                "corrupt checkpoint: format_version {} requires a checksum but the metadata has none",
+                meta.format_version
+            ),
+        ));
+    }
+    Ok(meta)
 }

@@ -6,8 +6,8 @@ use std::fs;
 use std::path::Path;
 
 use featreplay::checkpoint::{
-    self, momentum_name, Checkpoint, CheckpointMeta, CrashPoint, NamedTensor, FORMAT_VERSION, JSON_FILE, METADATA_KEY,
-    SAFETENSORS_FILE,
+    self, momentum_name, Checkpoint, CheckpointMeta, CrashPoint, NamedTensor, CHECKSUM_PREFIX, FORMAT_VERSION,
+    JSON_FILE, METADATA_KEY, MOMENTUM_PREFIX, OLDEST_FORMAT_VERSION, SAFETENSORS_FILE,
 };
 use featreplay::Error;
 use safetensors::tensor::TensorView;
@@ -70,9 +70,15 @@ fn bits(data: &[f32]) -> Vec<u32> {
     data.iter().map(|v| v.to_bits()).collect()
 }
 
-/// Same metadata, same names in the same order, same shapes and bit-identical values.
+/// The metadata `save` writes for `ckpt`: the given one in the current format version, with
+/// the checksum of its tensors.
+fn saved_meta(ckpt: &Checkpoint) -> CheckpointMeta {
+    CheckpointMeta { format_version: FORMAT_VERSION, checksum: Some(ckpt.checksum()), ..ckpt.meta.clone() }
+}
+
+/// Same metadata (as saved), same names in the same order, same shapes and bit-identical values.
 fn assert_same(got: &Checkpoint, want: &Checkpoint) {
-    assert_eq!(got.meta, want.meta);
+    assert_eq!(got.meta, saved_meta(want));
     assert_eq!(got.names().collect::<Vec<_>>(), want.names().collect::<Vec<_>>());
     for (g, w) in got.tensors.iter().zip(&want.tensors) {
         assert_eq!(g.shape, w.shape, "shape of {}", g.name);
@@ -137,6 +143,7 @@ fn round_trip_is_bit_exact_with_metadata_and_order() {
     let by_dir = checkpoint::load(dir.path()).unwrap();
     assert_same(&by_dir, &ckpt);
     assert_same(&checkpoint::load(&path).unwrap(), &ckpt);
+    assert_eq!(FORMAT_VERSION, 2, "version 2 added the checksum");
     assert_eq!(by_dir.meta.format_version, FORMAT_VERSION);
     assert_eq!(by_dir.meta.seed, u64::MAX - 7);
     assert_eq!(by_dir.meta.iteration, (1u64 << 40) + 3);
@@ -145,8 +152,8 @@ fn round_trip_is_bit_exact_with_metadata_and_order() {
     // checkpoint.json is a pretty-printed copy of the metadata; load_meta reads the header only.
     let text = fs::read_to_string(dir.path().join(JSON_FILE)).unwrap();
     assert!(text.contains("\n  \"epoch\": 3"), "{text}");
-    assert_eq!(json_meta(dir.path()), ckpt.meta);
-    assert_eq!(checkpoint::load_meta(dir.path()).unwrap(), ckpt.meta);
+    assert_eq!(json_meta(dir.path()), saved_meta(&ckpt));
+    assert_eq!(checkpoint::load_meta(dir.path()).unwrap(), saved_meta(&ckpt));
 
     // A copy under another name loads too.
     let copy = dir.path().join("epoch3.safetensors");
@@ -169,7 +176,7 @@ fn file_is_plain_safetensors_with_metadata_in_header() {
     let metadata = header["__metadata__"].as_object().unwrap();
     assert_eq!(metadata["format"], json!("pt"));
     let meta: CheckpointMeta = serde_json::from_str(metadata[METADATA_KEY].as_str().unwrap()).unwrap();
-    assert_eq!(meta, ckpt.meta);
+    assert_eq!(meta, saved_meta(&ckpt));
     let mut covered = 0;
     for t in &ckpt.tensors {
         let entry = &header[t.name.as_str()];
@@ -202,7 +209,7 @@ fn overwrite_keeps_only_the_latest() {
     let loaded = checkpoint::load(dir.path()).unwrap();
     assert_same(&loaded, &second);
     assert!(loaded.get("fc.weight").is_none());
-    assert_eq!(json_meta(dir.path()), second.meta);
+    assert_eq!(json_meta(dir.path()), saved_meta(&second));
     assert_eq!(dir_listing(dir.path()), final_files());
 }
 
@@ -218,7 +225,7 @@ fn crash_mid_save_leaves_previous_checkpoint_loadable() {
         let listing = dir_listing(dir.path());
         assert_eq!(listing.len(), 3, "{at:?}: {listing:?}");
         assert_same(&checkpoint::load(dir.path()).unwrap(), &previous);
-        assert_eq!(json_meta(dir.path()), previous.meta, "{at:?}");
+        assert_eq!(json_meta(dir.path()), saved_meta(&previous), "{at:?}");
 
         // The next save replaces the checkpoint and deletes the stale temporary file.
         let next = sample(6);
@@ -235,7 +242,7 @@ fn crash_between_files_loads_new_safetensors_and_ignores_stale_json() {
     let new = sample(8);
     checkpoint::save(dir.path(), &previous).unwrap();
     checkpoint::save_interrupted(dir.path(), &new, CrashPoint::BetweenFiles).unwrap();
-    assert_eq!(json_meta(dir.path()), previous.meta);
+    assert_eq!(json_meta(dir.path()), saved_meta(&previous));
     assert_same(&checkpoint::load(dir.path()).unwrap(), &new);
 
     // A checkpoint.json edited by hand (or simply wrong) is ignored as well.
@@ -331,7 +338,8 @@ fn missing_files_are_data_errors_naming_the_file() {
 fn non_f32_tensors_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f64.safetensors");
-    let meta = serde_json::to_string(&meta(1)).unwrap();
+    // A checksum that cannot match: the dtype is reported first, as the more useful message.
+    let meta = serde_json::to_string(&CheckpointMeta { checksum: Some("crc32c:00000000".into()), ..meta(1) }).unwrap();
     let f64_bytes: Vec<u8> = [1.0f64, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     write_raw(
         &path,
@@ -373,12 +381,23 @@ fn missing_or_bad_metadata_is_rejected() {
     write_raw(&path, &tensor, featreplay_metadata(incomplete.to_string()));
     expect_data_error(checkpoint::load(&path), &path, &["invalid", "seed"]);
 
-    // Optional fields may be absent (older or hand-written files).
-    let minimal = json!({"format_version": FORMAT_VERSION, "epoch": 2, "iteration": 10, "seed": 1});
+    let mut ancient = serde_json::to_value(meta(1)).unwrap();
+    ancient["format_version"] = json!(OLDEST_FORMAT_VERSION - 1);
+    write_raw(&path, &tensor, featreplay_metadata(ancient.to_string()));
+    expect_data_error(checkpoint::load(&path), &path, &["unsupported", "format_version 0", "versions 1 to 2"]);
+
+    // Optional fields may be absent (older or hand-written files; version 1 needs no checksum).
+    let minimal = json!({"format_version": 1, "epoch": 2, "iteration": 10, "seed": 1});
     write_raw(&path, &tensor, featreplay_metadata(minimal.to_string()));
     let loaded = checkpoint::load(&path).unwrap();
     assert_eq!((loaded.meta.epoch, loaded.meta.iteration, loaded.meta.best_top1), (2, 10, None));
     assert_eq!(loaded.get("w").unwrap().data, vec![1.0, 2.0]);
+
+    // From version 2 on the checksum is mandatory, in load and load_meta alike.
+    let unchecked = json!({"format_version": 2, "epoch": 2, "iteration": 10, "seed": 1});
+    write_raw(&path, &tensor, featreplay_metadata(unchecked.to_string()));
+    expect_data_error(checkpoint::load(&path), &path, &["format_version 2 requires a checksum"]);
+    expect_data_error(checkpoint::load_meta(&path), &path, &["requires a checksum"]);
 }
 
 #[test]
@@ -457,4 +476,249 @@ fn empty_checkpoint_round_trips() {
     let ckpt = Checkpoint::new(CheckpointMeta::new(0, 0, 0, serde_json::Value::Null));
     checkpoint::save(dir.path(), &ckpt).unwrap();
     assert_same(&checkpoint::load(dir.path()).unwrap(), &ckpt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integrity: the checksum, format versions and the messages of `take`.
+
+/// A saved checkpoint file split into its JSON header and its data bytes.
+fn split_file(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + header_len]).unwrap(), bytes[8 + header_len..].to_vec())
+}
+
+/// Writes a safetensors file from a (possibly edited) header and data, as a hand-editing tool
+/// would: the header re-serialised and padded, its length field updated.
+fn join_file(path: &Path, header: &serde_json::Value, data: &[u8]) {
+    let mut json = serde_json::to_vec(header).unwrap();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(data);
+    fs::write(path, bytes).unwrap();
+}
+
+/// The featreplay metadata inside a header, as JSON.
+fn header_meta(header: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(header["__metadata__"][METADATA_KEY].as_str().unwrap()).unwrap()
+}
+
+fn set_header_meta(header: &mut serde_json::Value, meta: &serde_json::Value) {
+    header["__metadata__"][METADATA_KEY] = json!(meta.to_string());
+}
+
+#[test]
+fn checksum_is_stored_in_the_header_and_the_json_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ckpt = sample(2);
+    let checksum = ckpt.checksum();
+    let hex = checksum.strip_prefix(CHECKSUM_PREFIX).unwrap_or_else(|| panic!("{checksum}"));
+    assert!(hex.len() == 8 && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{checksum}");
+
+    // Whatever checksum the caller's metadata carries, save stores the tensors' own.
+    ckpt.meta.checksum = Some("crc32c:00000000".to_string());
+    let path = checkpoint::save(dir.path(), &ckpt).unwrap();
+    let (header, _) = split_file(&path);
+    assert_eq!(header_meta(&header)["checksum"], json!(checksum));
+    assert_eq!(header_meta(&header)["format_version"], json!(FORMAT_VERSION));
+    assert_eq!(json_meta(dir.path()).checksum.as_deref(), Some(checksum.as_str()));
+    assert_eq!(checkpoint::load(dir.path()).unwrap().meta.checksum.as_deref(), Some(checksum.as_str()));
+
+    // The checksum depends on the values, the names and the shapes.
+    let mut other = sample(2);
+    other.tensors[0].data[5] = f32::from_bits(other.tensors[0].data[5].to_bits() ^ 1);
+    assert_ne!(other.checksum(), checksum);
+    let mut renamed = sample(2);
+    renamed.tensors[1].name.push('x');
+    assert_ne!(renamed.checksum(), checksum);
+    let mut reshaped = sample(2);
+    reshaped.tensors[0].shape = vec![16, 27];
+    assert_ne!(reshaped.checksum(), checksum);
+}
+
+#[test]
+fn flipped_data_bytes_are_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = checkpoint::save(dir.path(), &sample(3)).unwrap();
+    let (header, data) = split_file(&path);
+    let stored = header_meta(&header)["checksum"].as_str().unwrap().to_string();
+
+    // 2,000 flipped bytes spread over the data, then a single flipped bit: both caught.
+    let mut flipped = data.clone();
+    for i in 0..2000 {
+        let at = (i * 7919) % flipped.len();
+        flipped[at] ^= 0x5a;
+    }
+    let mut one_bit = data.clone();
+    one_bit[data.len() / 3] ^= 0x01;
+    for bad in [flipped, one_bit] {
+        join_file(&path, &header, &bad);
+        let message = expect_data_error(
+            checkpoint::load(dir.path()),
+            &path,
+            &["checksum mismatch: the file is corrupt", &format!("stored {stored}"), "computed crc32c:"],
+        );
+        assert!(!message.contains('\n'), "{message}");
+        // load_meta reads the header only and does not verify the data.
+        assert_eq!(checkpoint::load_meta(dir.path()).unwrap().checksum.as_deref(), Some(stored.as_str()));
+    }
+
+    // The untouched bytes load again.
+    join_file(&path, &header, &data);
+    assert_same(&checkpoint::load(dir.path()).unwrap(), &sample(3));
+}
+
+#[test]
+fn swapped_offsets_of_same_shape_tensors_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = checkpoint::save(dir.path(), &sample(1)).unwrap();
+    let (mut header, data) = split_file(&path);
+    let (a, b) = ("conv1.weight".to_string(), momentum_name("conv1.weight"));
+    assert_eq!(header[&a]["shape"], header[&b]["shape"]);
+    let offsets_a = header[&a]["data_offsets"].clone();
+    header[&a]["data_offsets"] = header[&b]["data_offsets"].clone();
+    header[&b]["data_offsets"] = offsets_a;
+    join_file(&path, &header, &data);
+    expect_data_error(checkpoint::load(&path), &path, &["checksum mismatch"]);
+
+    // Without the checksum (as a version 1 file) the same edit loads silently, the two
+    // tensors' values exchanged: safetensors alone cannot see it.
+    let mut v1 = header_meta(&header);
+    v1["format_version"] = json!(1);
+    v1.as_object_mut().unwrap().remove("checksum");
+    set_header_meta(&mut header, &v1);
+    join_file(&path, &header, &data);
+    let loaded = checkpoint::load(&path).unwrap();
+    let original = sample(1);
+    assert_eq!(bits(&loaded.get(&a).unwrap().data), bits(&original.get(&b).unwrap().data));
+}
+
+#[test]
+fn edited_header_shapes_and_checksums_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = checkpoint::save(dir.path(), &sample(1)).unwrap();
+    let (header, data) = split_file(&path);
+
+    // The same number of values in another shape: only the checksum can tell.
+    let mut reshaped = header.clone();
+    reshaped["conv1.weight"]["shape"] = json!([16, 27]);
+    join_file(&path, &reshaped, &data);
+    expect_data_error(checkpoint::load(&path), &path, &["checksum mismatch"]);
+
+    // A shape that no longer matches the offsets: safetensors' own check.
+    let mut grown = header.clone();
+    grown["conv1.weight"]["shape"] = json!([16, 3, 3, 4]);
+    join_file(&path, &grown, &data);
+    let message = expect_data_error(checkpoint::load(&path), &path, &[]);
+    assert!(message.contains("corrupt") || message.contains("checksum"), "{message}");
+
+    // An edited stored checksum, and a malformed one.
+    for bogus in ["crc32c:deadbeef", "sha256:abc", ""] {
+        let mut meta = header_meta(&header);
+        meta["checksum"] = json!(bogus);
+        let mut edited = header.clone();
+        set_header_meta(&mut edited, &meta);
+        join_file(&path, &edited, &data);
+        expect_data_error(checkpoint::load(&path), &path, &["checksum mismatch", &format!("stored {bogus},")]);
+    }
+}
+
+#[test]
+fn version_1_files_load_unverified_and_are_saved_as_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SAFETENSORS_FILE);
+    // A version 1 file as featreplay wrote it before checksums: metadata without the field.
+    let mut v1 = serde_json::to_value(meta(4)).unwrap();
+    v1["format_version"] = json!(1);
+    assert!(v1.get("checksum").is_none());
+    let weight = bit_patterns(12, 9);
+    let momentum = vec![0.5; 12];
+    let metadata =
+        HashMap::from([(METADATA_KEY.to_string(), v1.to_string()), ("format".to_string(), "pt".to_string())]);
+    write_raw(
+        &path,
+        &[
+            ("fc.weight", Dtype::F32, vec![3, 4], f32_bytes(&weight)),
+            ("optimizer.momentum.fc.weight", Dtype::F32, vec![3, 4], f32_bytes(&momentum)),
+        ],
+        Some(metadata),
+    );
+
+    let meta_only = checkpoint::load_meta(dir.path()).unwrap();
+    assert_eq!((meta_only.format_version, meta_only.checksum.clone(), meta_only.epoch), (1, None, 4));
+    let loaded = checkpoint::load(dir.path()).unwrap();
+    assert_eq!(loaded.meta.format_version, 1);
+    assert_eq!(loaded.meta.checksum, None);
+    assert_eq!(loaded.meta.config, meta(4).config);
+    assert_eq!(bits(&loaded.get("fc.weight").unwrap().data), bits(&weight));
+    assert_eq!(loaded.get("optimizer.momentum.fc.weight").unwrap().data, momentum);
+
+    // Saving it again writes the current version with a checksum, verified on the next load.
+    checkpoint::save(dir.path(), &loaded).unwrap();
+    let again = checkpoint::load(dir.path()).unwrap();
+    assert_eq!(again.meta.format_version, FORMAT_VERSION);
+    assert_eq!(again.meta.checksum, Some(loaded.checksum()));
+    assert_same(&again, &loaded);
+}
+
+#[test]
+fn missing_tensor_messages_count_the_tensors_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::save(dir.path(), &sample(1)).unwrap();
+    let mut ckpt = checkpoint::load(dir.path()).unwrap();
+    let held = ckpt.tensors.len();
+    assert_eq!(ckpt.held_tensors(), held);
+    // A model takes everything it knows; the count of the file must not shrink with it.
+    let names: Vec<(String, Vec<usize>)> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    for (name, shape) in &names {
+        ckpt.take(name, shape).unwrap();
+    }
+    assert_eq!(ckpt.held_tensors(), held);
+    let message = ckpt.take("layer2.0.conv1.weight", &[32, 16, 3, 3]).unwrap_err().to_string();
+    assert!(message.contains(&format!("held {held} tensors when loaded (0 not yet used)")), "{message}");
+    assert!(!message.contains("holds 0 tensors"), "{message}");
+
+    // A momentum buffer missing beside others is a mismatch, reported like any other tensor.
+    let message = ckpt.take(&momentum_name("fc.weight"), &[10, 64]).unwrap_err().to_string();
+    assert!(message.contains("no tensor named") && !message.contains("optimizer state"), "{message}");
+}
+
+#[test]
+fn missing_momentum_in_a_weights_only_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut weights_only = Checkpoint::new(meta(2));
+    weights_only.push("conv1.weight", &[4, 3, 3, 3], vec![0.25; 108]).unwrap();
+    weights_only.push("fc.weight", &[10, 4], vec![0.5; 40]).unwrap();
+    weights_only.push("fc.bias", &[10], vec![0.0; 10]).unwrap();
+    checkpoint::save(dir.path(), &weights_only).unwrap();
+    let mut ckpt = checkpoint::load(dir.path()).unwrap();
+    ckpt.take("conv1.weight", &[4, 3, 3, 3]).unwrap();
+
+    let err = ckpt.take(&momentum_name("conv1.weight"), &[4, 3, 3, 3]).unwrap_err();
+    assert!(matches!(err, Error::Data { .. }));
+    let message = err.to_string();
+    for needle in ["has no optimizer state", "optimizer.momentum.conv1.weight", "3 tensors", "(a weights-only file?)"] {
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+    assert!(MOMENTUM_PREFIX.starts_with("optimizer.momentum"));
+    assert_eq!(ckpt.tensors.len(), 2, "a failed take changes nothing");
+}
+
+#[test]
+fn non_finite_tensors_are_counted_per_tensor() {
+    let mut ckpt = Checkpoint::new(meta(0));
+    ckpt.push("a", &[3], vec![1.0, 2.0, 3.0]).unwrap();
+    ckpt.push("b", &[4], vec![f32::NAN, 1.0, f32::INFINITY, f32::NEG_INFINITY]).unwrap();
+    ckpt.push("c", &[2], vec![0.0, -0.0]).unwrap();
+    ckpt.push(momentum_name("b"), &[2], vec![f32::NAN, f32::NAN]).unwrap();
+    assert_eq!(ckpt.non_finite_tensors(|_| true), vec![("b", 3), ("optimizer.momentum.b", 2)]);
+    assert_eq!(ckpt.non_finite_tensors(|name| !name.starts_with(MOMENTUM_PREFIX)), vec![("b", 3)]);
+    assert_eq!(ckpt.non_finite_tensors(|name| name != "b" && !name.starts_with(MOMENTUM_PREFIX)), vec![]);
+
+    // A saved and loaded checkpoint reports the same (values are kept as they are).
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::save(dir.path(), &ckpt).unwrap();
+    let loaded = checkpoint::load(dir.path()).unwrap();
+    assert_eq!(loaded.non_finite_tensors(|_| true), vec![("b", 3), ("optimizer.momentum.b", 2)]);
 }
