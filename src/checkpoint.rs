@@ -611,8 +611,9 @@ fn write_synced(file: &File, write: impl FnOnce(&mut BufWriter<&File>) -> io::Re
     file.sync_all()
 }
 
-/// Whether `name` is a temporary file of [`write_atomic`].
-fn is_temp_name(name: &str) -> bool {
+/// Whether `name` is a temporary file of [`write_atomic`] (also used by
+/// `rundir::clear_run_outputs`).
+pub(crate) fn is_temp_name(name: &str) -> bool {
     [SAFETENSORS_FILE, JSON_FILE].iter().any(|f| {
         name.strip_prefix('.').and_then(|rest| rest.strip_prefix(f)).is_some_and(|rest| rest.starts_with(TEMP_MARKER))
     })

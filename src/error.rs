@@ -69,6 +69,17 @@ pub enum Error {
     #[error("training diverged at epoch {epoch} (loss {loss}); try a lower --lr")]
     Diverged { epoch: usize, loss: f64 },
 
+    /// Another live featreplay process holds the lock of an output directory (see
+    /// `rundir::RunLock`). `holder` says who: `pid 1234, since 2026-05-01T12:00:00Z`.
+    #[error("{dir} is in use by another featreplay run ({holder}); wait for it or choose another --out")]
+    RunDirInUse { dir: String, holder: String },
+
+    /// A new run's output directory already holds files (see `rundir::check_new_run_dir`).
+    /// `found` says what, e.g. `already holds a run (checkpoint.safetensors, metrics.jsonl)`,
+    /// and `hint` what to do instead.
+    #[error("{dir} {found}; {hint}")]
+    RunDirNotEmpty { dir: String, found: String, hint: String },
+
     /// Reading a buffer back to the host failed.
     #[error("reading back a buffer from '{adapter}' failed: {message}")]
     ReadBack { adapter: String, message: String },

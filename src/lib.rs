@@ -15,6 +15,7 @@
 //! - [`data`]: datasets (CIFAR binary, IDX, image folders, the embedded default), augmentation
 //!   and a background loader;
 //! - [`checkpoint`]: safetensors checkpoints written atomically;
+//! - [`rundir`]: run output directories: a lock per run, no new run over an old one;
 //! - [`demo`]: the foundation's demo job (a small residual net on random data).
 
 pub mod checkpoint;
@@ -28,6 +29,7 @@ pub mod layers;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod rundir;
 pub mod trace;
 pub mod train;
 

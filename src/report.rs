@@ -1,10 +1,28 @@
 //! Training metrics on disk: one JSON line and one CSV row per epoch, and a PNG of the loss
 //! and accuracy curves (plotters, with an embedded DejaVu font so no system fonts are
 //! needed).
+//!
+//! # Crash safety
+//!
+//! A run can be killed at any moment (`kill -9`, out of memory, power loss), and its metrics are
+//! what the user reads afterwards and what a resumed run continues. So no file here is ever
+//! truncated or rewritten in place: `metrics.jsonl`, `metrics.csv`, `curves.png`, the PNGs of
+//! [`plot_panels`] and the rewrites of `sigma.jsonl` go through [`write_atomic`], which writes a
+//! hidden temporary file in the same directory (`.metrics.tmp-<pid>-<n>.jsonl`), flushes and
+//! `sync_all`s it and renames it over the final name. A reader therefore always sees either the
+//! previous or the new complete file. PNGs are rendered and encoded in memory first.
+//!
+//! [`SigmaLog::push`] appends instead (one synced write per measurement), since a run may take
+//! thousands of measurements; a kill can at worst leave a torn last line, which [`read_sigma`]
+//! skips and the next [`SigmaLog::create`] drops.
+//!
+//! Temporary files left by a crash are deleted by the next [`MetricsLog::create`] /
+//! [`SigmaLog::create`] in that directory (one writer per directory: see `rundir::RunLock`).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 use serde::{Deserialize, Serialize};
@@ -77,169 +95,310 @@ mod nan_as_null {
     }
 }
 
-const SIGMA_JSONL: &str = "sigma.jsonl";
+/// The sigma measurements file of a run directory.
+pub const SIGMA_JSONL: &str = "sigma.jsonl";
+/// The per-epoch metrics of a run directory, one JSON object per line.
+pub const METRICS_JSONL: &str = "metrics.jsonl";
+/// The same metrics as CSV, with the header [`CSV_HEADER`].
+pub const METRICS_CSV: &str = "metrics.csv";
+/// The loss and accuracy curves [`MetricsLog`] redraws after every epoch.
+pub const CURVES_PNG: &str = "curves.png";
+/// The first line of `metrics.csv`.
+pub const CSV_HEADER: &str = "epoch,lr,train_loss,train_top1,test_loss,test_top1,test_top5,best_test_top1,epoch_seconds,images_per_second,peak_memory_bytes,sigma";
 
-/// Appends sigma measurements to `sigma.jsonl` (one line per measurement).
+/// Marker between a temporary file's stem and its unique suffix (see [`write_atomic`]).
+const TEMP_MARKER: &str = ".tmp-";
+
+/// Sigma measurements in `sigma.jsonl`, one line per measurement.
 pub struct SigmaLog {
     path: PathBuf,
     records: Vec<SigmaRecord>,
 }
 
 impl SigmaLog {
-    /// Starts the log in `dir`, keeping the measurements of epochs before `first_epoch`.
-    pub fn open(dir: &Path, first_epoch: usize) -> Result<SigmaLog> {
+    /// Starts the log in `dir` (created if needed) holding exactly `records`: `sigma.jsonl` is
+    /// replaced atomically, never truncated, so a kill leaves the old or the new file. Stale
+    /// temporary files of an interrupted write are deleted.
+    pub fn create(dir: &Path, records: Vec<SigmaRecord>) -> Result<SigmaLog> {
         fs::create_dir_all(dir).map_err(io(dir))?;
+        remove_stale_temps(dir, &[SIGMA_JSONL]);
+        let path = dir.join(SIGMA_JSONL);
+        write_atomic(&path, &jsonl(&path, &records)?)?;
+        Ok(SigmaLog { path, records })
+    }
+
+    /// Starts the log in `dir`, keeping the measurements of epochs before `first_epoch` that
+    /// `sigma.jsonl` holds (a resumed run); [`SigmaLog::create`] with those records.
+    pub fn open(dir: &Path, first_epoch: usize) -> Result<SigmaLog> {
         let path = dir.join(SIGMA_JSONL);
         let records = if first_epoch > 1 && path.exists() {
             read_sigma(&path)?.into_iter().filter(|r| r.epoch < first_epoch).collect()
         } else {
             vec![]
         };
-        let mut f = File::create(&path).map_err(io(&path))?;
-        for r in &records {
-            let line = serde_json::to_string(r)
-                .map_err(|e| Error::Data { path: path.display().to_string(), message: e.to_string() })?;
-            writeln!(f, "{line}").map_err(io(&path))?;
-        }
-        Ok(SigmaLog { path, records })
+        Self::create(dir, records)
     }
 
+    /// Appends one measurement: one line written with a single `write` and synced to disk. A
+    /// kill during it can at worst leave a torn last line, which [`read_sigma`] skips.
     pub fn push(&mut self, r: SigmaRecord) -> Result<()> {
+        let mut line = serde_json::to_string(&r).map_err(|e| data(&self.path, e.to_string()))?;
+        line.push('\n');
         let mut f = OpenOptions::new().append(true).open(&self.path).map_err(io(&self.path))?;
-        let line = serde_json::to_string(&r)
-            .map_err(|e| Error::Data { path: self.path.display().to_string(), message: e.to_string() })?;
-        writeln!(f, "{line}").map_err(io(&self.path))?;
+        f.write_all(line.as_bytes()).and_then(|()| f.sync_data()).map_err(io(&self.path))?;
         self.records.push(r);
         Ok(())
     }
 
+    /// The measurements, in order.
     pub fn records(&self) -> &[SigmaRecord] {
         &self.records
     }
 }
 
-/// Reads a `sigma.jsonl` file.
+/// Reads a `sigma.jsonl` file. A last line that is not terminated by a newline and does not
+/// parse is an append cut short by a crash (see [`SigmaLog::push`]): it is skipped with a
+/// warning. Any other bad line is an [`Error::Data`] naming the file and the line.
 pub fn read_sigma(path: &Path) -> Result<Vec<SigmaRecord>> {
-    read_jsonl(path)
+    read_jsonl(path, true)
 }
 
-/// Reads a `metrics.jsonl` file.
+/// Reads a `metrics.jsonl` file; a bad line is an [`Error::Data`] naming the file and the line.
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochRecord>> {
-    read_jsonl(path)
+    read_jsonl(path, false)
 }
 
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let f = File::open(path).map_err(io(path))?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(io(path))?;
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, torn_tail_ok: bool) -> Result<Vec<T>> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(
-            serde_json::from_str(&line).map_err(|e| Error::Data {
-                path: path.display().to_string(),
-                message: format!("line {}: {e}", i + 1),
-            })?,
-        );
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(e) if torn_tail_ok && !complete && i + 1 == lines.len() => {
+                log::warn!("{}: skipping the torn last line {} ({e}), cut short by a crash", path.display(), i + 1);
+            }
+            Err(e) => return Err(data(path, format!("line {}: {e}", i + 1))),
+        }
     }
     Ok(out)
 }
 
-const JSONL: &str = "metrics.jsonl";
-const CSV: &str = "metrics.csv";
-const CSV_HEADER: &str = "epoch,lr,train_loss,train_top1,test_loss,test_top1,test_top5,best_test_top1,epoch_seconds,images_per_second,peak_memory_bytes,sigma";
+/// The JSON lines of `records`; `path` only names the file in an error.
+fn jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut out, r).map_err(|e| data(path, e.to_string()))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
 }
 
-/// Appends epoch records to `metrics.jsonl` and `metrics.csv` in an output directory.
+fn data(path: &Path, message: String) -> Error {
+    Error::Data { path: path.display().to_string(), message }
+}
+
+/// Epoch records in `metrics.jsonl` and `metrics.csv` of an output directory, and their curves
+/// in `curves.png`. Every write replaces the files atomically (see the module documentation).
 pub struct MetricsLog {
     dir: PathBuf,
     records: Vec<EpochRecord>,
 }
 
 impl MetricsLog {
-    /// Starts a log in `dir`, keeping the records of epochs before `first_epoch` that a
-    /// previous run wrote (a resumed run continues the same files; later epochs it had
-    /// written are dropped because they will be recomputed).
-    pub fn open(dir: &Path, first_epoch: usize) -> Result<MetricsLog> {
+    /// Starts a log in `dir` (created if needed) holding exactly `records`: both files are
+    /// replaced atomically, and `curves.png` is redrawn from them (or removed when there are
+    /// none, since it would show epochs that are gone). For a resumed run `records` are the
+    /// epochs its checkpoint covers. Stale temporary files of an interrupted write are deleted.
+    pub fn create(dir: &Path, records: Vec<EpochRecord>) -> Result<MetricsLog> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut records = Vec::new();
-        let path = dir.join(JSONL);
-        if first_epoch > 1 && path.exists() {
-            let f = File::open(&path).map_err(io(&path))?;
-            for (i, line) in BufReader::new(f).lines().enumerate() {
-                let line = line.map_err(io(&path))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let r: EpochRecord = serde_json::from_str(&line).map_err(|e| Error::Data {
-                    path: path.display().to_string(),
-                    message: format!("line {}: {e}", i + 1),
-                })?;
-                if r.epoch < first_epoch {
-                    records.push(r);
-                }
+        remove_stale_temps(dir, &[METRICS_JSONL, METRICS_CSV, CURVES_PNG]);
+        let log = MetricsLog { dir: dir.to_path_buf(), records };
+        log.write_files()?;
+        let curves = dir.join(CURVES_PNG);
+        if !log.records.is_empty() {
+            plot(&log.records, &curves)?;
+        } else if let Err(e) = fs::remove_file(&curves) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(io(&curves)(e));
             }
         }
-        let log = MetricsLog { dir: dir.to_path_buf(), records };
-        log.rewrite()?;
         Ok(log)
     }
 
-    fn rewrite(&self) -> Result<()> {
-        let jp = self.dir.join(JSONL);
-        let mut j = File::create(&jp).map_err(io(&jp))?;
-        let cp = self.dir.join(CSV);
-        let mut c = File::create(&cp).map_err(io(&cp))?;
-        writeln!(c, "{CSV_HEADER}").map_err(io(&cp))?;
-        for r in &self.records {
-            Self::write_one(&mut j, &jp, &mut c, &cp, r)?;
-        }
-        Ok(())
+    /// Starts a log in `dir`, keeping the records of epochs before `first_epoch` that a
+    /// previous run wrote (a resumed run continues the same files; later epochs it had
+    /// written are dropped because they will be recomputed): [`MetricsLog::create`] with those
+    /// records, so the files are replaced atomically, never truncated.
+    pub fn open(dir: &Path, first_epoch: usize) -> Result<MetricsLog> {
+        let path = dir.join(METRICS_JSONL);
+        let records = if first_epoch > 1 && path.exists() {
+            read_metrics(&path)?.into_iter().filter(|r| r.epoch < first_epoch).collect()
+        } else {
+            vec![]
+        };
+        Self::create(dir, records)
     }
 
-    fn write_one(j: &mut File, jp: &Path, c: &mut File, cp: &Path, r: &EpochRecord) -> Result<()> {
-        let line = serde_json::to_string(r)
-            .map_err(|e| Error::Data { path: jp.display().to_string(), message: e.to_string() })?;
-        writeln!(j, "{line}").map_err(io(jp))?;
-        let mem = r.peak_memory_bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(";");
-        let sigma = r.sigma.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(";");
-        writeln!(
-            c,
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
-            r.epoch,
-            r.lr,
-            r.train_loss,
-            r.train_top1,
-            r.test_loss,
-            r.test_top1,
-            r.test_top5,
-            r.best_test_top1,
-            r.epoch_seconds,
-            r.images_per_second,
-            mem,
-            sigma
-        )
-        .map_err(io(cp))
-    }
-
-    /// Appends one epoch to both files and redraws the plot.
+    /// Appends one epoch: both files are rewritten atomically with it (O(epochs), a few KB),
+    /// then `curves.png` is redrawn atomically. If a file cannot be written the record is not
+    /// kept; if only the plot fails, the record is kept and the error returned.
     pub fn push(&mut self, r: EpochRecord) -> Result<()> {
-        let jp = self.dir.join(JSONL);
-        let cp = self.dir.join(CSV);
-        let mut j = OpenOptions::new().append(true).open(&jp).map_err(io(&jp))?;
-        let mut c = OpenOptions::new().append(true).open(&cp).map_err(io(&cp))?;
-        Self::write_one(&mut j, &jp, &mut c, &cp, &r)?;
         self.records.push(r);
-        plot(&self.records, &self.dir.join("curves.png"))
+        if let Err(e) = self.write_files() {
+            self.records.pop();
+            return Err(e);
+        }
+        plot(&self.records, &self.dir.join(CURVES_PNG))
     }
 
+    /// The records, in order.
     pub fn records(&self) -> &[EpochRecord] {
         &self.records
     }
+
+    /// Replaces `metrics.jsonl`, then `metrics.csv`, with the records.
+    fn write_files(&self) -> Result<()> {
+        let jp = self.dir.join(METRICS_JSONL);
+        write_atomic(&jp, &jsonl(&jp, &self.records)?)?;
+        let mut csv = format!("{CSV_HEADER}\n");
+        for r in &self.records {
+            csv.push_str(&csv_row(r));
+        }
+        write_atomic(&self.dir.join(METRICS_CSV), csv.as_bytes())
+    }
+}
+
+/// One `metrics.csv` line, newline included.
+fn csv_row(r: &EpochRecord) -> String {
+    let mem = r.peak_memory_bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(";");
+    let sigma = r.sigma.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(";");
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+        r.epoch,
+        r.lr,
+        r.train_loss,
+        r.train_top1,
+        r.test_loss,
+        r.test_top1,
+        r.test_top5,
+        r.best_test_top1,
+        r.epoch_seconds,
+        r.images_per_second,
+        mem,
+        sigma
+    )
+}
+
+/// Writes `bytes` to `path` atomically: into a hidden temporary file in the same directory
+/// (`.NAME.tmp-<pid>-<n>.EXT`, keeping the extension), flushed and `sync_all`ed, then renamed
+/// over `path`; the directory is synced afterwards where the platform allows it (Unix). Readers
+/// and a crash at any point see the previous or the new complete file, never a torn one. The
+/// directory must exist.
+///
+/// Errors: [`Error::Io`] naming `path`; the temporary file is removed and `path` left as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Err(data(path, "cannot write atomically: the path has no UTF-8 file name".to_string()));
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let unique = format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let temp = dir.join(temp_name(name, &unique));
+    let result = File::options().write(true).create_new(true).open(&temp).and_then(|file| {
+        let mut w = BufWriter::new(&file);
+        w.write_all(bytes)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, path)
+    });
+    if let Err(source) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(io(path)(source));
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// `.metrics.tmp-<unique>.jsonl` for `metrics.jsonl`: hidden, and with the final name's
+/// extension kept last (image encoders pick the format from it).
+fn temp_name(name: &str, unique: &str) -> String {
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => format!(".{stem}{TEMP_MARKER}{unique}.{ext}"),
+        _ => format!(".{name}{TEMP_MARKER}{unique}"),
+    }
+}
+
+/// Whether `name` is a temporary file of [`write_atomic`] for the final file name `final_name`
+/// (also used by `rundir::clear_run_outputs`).
+pub(crate) fn is_temp_of(name: &str, final_name: &str) -> bool {
+    let (stem, ext) = match final_name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem, Some(ext)),
+        _ => (final_name, None),
+    };
+    let Some(rest) =
+        name.strip_prefix('.').and_then(|r| r.strip_prefix(stem)).and_then(|r| r.strip_prefix(TEMP_MARKER))
+    else {
+        return false;
+    };
+    let unique = match ext {
+        Some(ext) => rest.strip_suffix(ext).and_then(|r| r.strip_suffix('.')),
+        None => Some(rest),
+    };
+    unique.and_then(|u| u.split_once('-')).is_some_and(|(pid, n)| {
+        !pid.is_empty() && !n.is_empty() && pid.bytes().chain(n.bytes()).all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Deletes temporary files of `names` left in `dir` by an interrupted write (best effort).
+fn remove_stale_temps(dir: &Path, names: &[&str]) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else { continue };
+        if names.iter().any(|n| is_temp_of(name, n)) {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {} left by an interrupted write", path.display()),
+                Err(e) => log::warn!("could not remove stale temporary file {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+/// Makes a rename in `dir` durable where the platform supports syncing a directory.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        if let Err(e) = d.sync_all() {
+            log::debug!("could not sync directory {}: {e}", dir.display());
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Encodes an RGB8 buffer as PNG and writes it to `path` with [`write_atomic`].
+fn write_png(path: &Path, rgb: &[u8], (width, height): (u32, u32)) -> Result<()> {
+    use image::ImageEncoder;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(rgb, width, height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| data(path, format!("cannot encode the PNG: {e}")))?;
+    write_atomic(path, &png)
 }
 
 static FONT: Once = Once::new();
@@ -255,13 +414,22 @@ fn register_font() {
     });
 }
 
-/// Draws training/test loss and top-1 accuracy per epoch into a PNG.
+/// Draws training/test loss and top-1 accuracy per epoch into a PNG, written atomically
+/// ([`write_atomic`]): a reader never sees a half-drawn or truncated image.
 pub fn plot(records: &[EpochRecord], path: &Path) -> Result<()> {
+    const SIZE: (u32, u32) = (1100, 450);
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    draw_curves(records, path, &mut rgb, SIZE)?;
+    write_png(path, &rgb, SIZE)
+}
+
+/// Renders [`plot`]'s figure into `rgb`; `path` only names the file in an error.
+fn draw_curves(records: &[EpochRecord], path: &Path, rgb: &mut [u8], size: (u32, u32)) -> Result<()> {
     use plotters::prelude::*;
     register_font();
     let err =
         |e: &dyn std::fmt::Display| Error::Data { path: path.display().to_string(), message: format!("plot: {e}") };
-    let root = BitMapBackend::new(path, (1100, 450)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (left, right) = root.split_horizontally(550);
     let epochs = records.iter().map(|r| r.epoch).max().unwrap_or(1).max(2) as f64;
@@ -318,15 +486,26 @@ pub struct Panel {
 }
 
 /// Draws `panels` side by side (two per row) into a PNG: every series as a line with its
-/// points marked, non-finite points left out, a legend per panel.
+/// points marked, non-finite points left out, a legend per panel. The file is written
+/// atomically ([`write_atomic`]).
 pub fn plot_panels(panels: &[Panel], path: &Path) -> Result<()> {
+    let cols = panels.len().clamp(1, 2);
+    let rows = panels.len().div_ceil(2).max(1);
+    let size = (560 * cols as u32, 420 * rows as u32);
+    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    draw_panels(panels, path, &mut rgb, size)?;
+    write_png(path, &rgb, size)
+}
+
+/// Renders [`plot_panels`]' figure into `rgb`; `path` only names the file in an error.
+fn draw_panels(panels: &[Panel], path: &Path, rgb: &mut [u8], size: (u32, u32)) -> Result<()> {
     use plotters::prelude::*;
     register_font();
     let err =
         |e: &dyn std::fmt::Display| Error::Data { path: path.display().to_string(), message: format!("plot: {e}") };
     let cols = panels.len().clamp(1, 2);
     let rows = panels.len().div_ceil(2).max(1);
-    let root = BitMapBackend::new(path, (560 * cols as u32, 420 * rows as u32)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let areas = root.split_evenly((rows, cols));
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
