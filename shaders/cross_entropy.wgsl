@@ -9,7 +9,13 @@
 // Per row n with label l and z = logits[n, :]:
 //   m = max_c z_c, s = sum_c exp(z_c - m), loss_n = (m - z_l) + log(s),
 //   dlogits[n, c] = (exp(z_c - m) / s - [c == l]) / N,
-//   rank = #{c : z_c > z_l}: top-1 when rank < 1, top-k when rank < topk (= min(5, C)).
+//   rank = #{c : z_c > z_l} + #{c < l : z_c == z_l}: top-1 when rank < 1, top-k when
+//   rank < topk (= min(5, C)). Ties go to the lowest class index, as PyTorch's argmax and
+//   topk order them, so a tie with a lower class counts against the label (all-equal logits
+//   are correct for class 0 only, never for every class).
+// A row holding a non-finite logit (NaN or infinity: a diverged net) is never correct. The
+// test reads the exponent bits, because WGSL lets compilers assume floats are finite, so
+// comparisons with NaN may be folded away.
 // A label that is not an integer in [0, C) (or NaN) makes the row count as ignored: zero loss,
 // zero gradient, not correct (the mean still divides by N). The host validates labels it
 // uploads, so this only keeps bad data from reading out of bounds.
@@ -50,21 +56,21 @@ fn row_stats(n: u32) -> Row {
     let label = select(0u, u32(clamp(lf, 0.0, f32(p.classes - 1u))), valid);
     let zl = logits[base + label];
     var m = zl;
-    var greater = 0u;
+    var ahead = 0u;
+    var finite = true;
     for (var c = 0u; c < p.classes; c++) {
         let z = logits[base + c];
         m = max(m, z);
-        // !(z <= zl) rather than z > zl: a NaN logit (a diverged net) ranks above the label,
-        // so a row with NaN logits never counts as correct.
-        greater += select(0u, 1u, !(z <= zl));
+        finite = finite && (bitcast<u32>(z) & 0x7f800000u) != 0x7f800000u;
+        ahead += select(0u, 1u, z > zl || (z == zl && c < label));
     }
     var s = 0.0;
     for (var c = 0u; c < p.classes; c++) {
         s += exp(logits[base + c] - m);
     }
     part[3u * n] = select(0.0, (m - zl) + log(s), valid);
-    part[3u * n + 1u] = select(0.0, 1.0, valid && greater < 1u);
-    part[3u * n + 2u] = select(0.0, 1.0, valid && greater < p.topk);
+    part[3u * n + 1u] = select(0.0, 1.0, valid && finite && ahead < 1u);
+    part[3u * n + 2u] = select(0.0, 1.0, valid && finite && ahead < p.topk);
     return Row(base, label, valid, m, s);
 }
 

@@ -32,16 +32,21 @@ fn candle_reference(z: &[f32], labels: &[u32], n: usize, c: usize) -> (f32, Vec<
     (loss.to_scalar::<f32>().unwrap(), cvec(grads.get(z).unwrap()))
 }
 
-/// (top-1, top-k) counts, k = min(5, C): a label is within the top k when fewer than k
-/// logits are strictly greater than its own.
+/// (top-1, top-k) counts, k = min(5, C), with PyTorch's tie order (`argmax` / `topk` put the
+/// lowest class index first): a label is within the top k when fewer than k classes rank
+/// ahead of it (a greater logit, or an equal one at a lower index). A row with a non-finite
+/// logit is never correct.
 fn topk_reference(z: &[f32], labels: &[u32], c: usize) -> (f32, f32) {
     let k = c.min(5);
     let (mut top1, mut topk) = (0, 0);
     for (row, &l) in z.chunks(c).zip(labels) {
+        if row.iter().any(|v| !v.is_finite()) {
+            continue;
+        }
         let zl = row[l as usize];
-        let greater = row.iter().filter(|&&v| v > zl).count();
-        top1 += (greater < 1) as u32;
-        topk += (greater < k) as u32;
+        let ahead = row.iter().enumerate().filter(|&(i, &v)| v > zl || (v == zl && i < l as usize)).count();
+        top1 += (ahead < 1) as u32;
+        topk += (ahead < k) as u32;
     }
     (top1 as f32, topk as f32)
 }
@@ -121,15 +126,15 @@ fn stable_for_large_logits() {
 #[test]
 fn ties_and_few_classes() {
     // Logits on a coarse grid so rows hold many equal values; the label's own value is often
-    // shared by others, which must not push it out of the top k.
+    // shared by others, which rank ahead of it when their class index is lower.
     for (i, &(n, c)) in [(64, 10), (64, 6), (32, 5), (32, 4), (16, 2), (8, 1), (128, 100)].iter().enumerate() {
         let seed = 500 + 10 * i as u64;
         let z: Vec<f32> = random(n * c, seed).iter().map(|v| (v * 2.0).round()).collect();
         check(&format!("ties, N={n} C={c}"), &z, &random_labels(n, c, seed + 1), n, c);
     }
-    // A hand-made case: row 0 all equal (label counts as top-1); row 1 the label has six
-    // greater logits (miss); row 2 exactly four greater (top-5 hit, top-1 miss); row 3 label is
-    // the unique max.
+    // A hand-made case: row 0 all equal, label 3 (classes 0-2 rank ahead: top-5 hit, top-1
+    // miss); row 1 the label has six greater logits (miss); row 2 four greater and two equal
+    // at lower indices (six ahead: miss); row 3 the label is the unique max (hit).
     let c = 7;
     #[rustfmt::skip]
     let z = [
@@ -139,7 +144,7 @@ fn ties_and_few_classes() {
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0,
     ];
     let labels = [3, 0, 6, 6];
-    assert_eq!(topk_reference(&z, &labels, c), (2.0, 3.0));
+    assert_eq!(topk_reference(&z, &labels, c), (1.0, 2.0));
     check("hand-made ties", &z, &labels, 4, c);
 }
 
@@ -185,17 +190,19 @@ fn bad_shapes_are_errors() {
     assert!(ce::forward_backward(&g.zeros(&[12]).unwrap(), &g.zeros(&[12]).unwrap()).is_err());
     assert!(ce::forward(&g.zeros(&[0, 3]).unwrap(), &g.zeros(&[0]).unwrap()).is_err());
     assert!(ce::forward(&g.zeros(&[2, 0]).unwrap(), &g.zeros(&[2]).unwrap()).is_err());
-    // Uniform logits: loss = log(C) exactly up to rounding, both counts = N.
+    // Uniform logits: loss = log(C) exactly up to rounding. A tie goes to the lowest class
+    // index (PyTorch's argmax), so only the rows labelled 0 are top-1; all are within the
+    // top 3.
     let out = ce::forward_backward(&z, &ce::labels_tensor(g, &[0, 1, 2, 0], 3).unwrap()).unwrap();
     let (loss, top1, top5) = out.read().unwrap();
     assert_close("uniform loss", &[loss], &[3f32.ln()], 4.0 * EPS, 0.0);
-    assert_eq!((top1, top5), (4.0, 4.0));
+    assert_eq!((top1, top5), (2.0, 3.0 + 1.0));
 }
 
 #[test]
 fn nan_logits_never_count_as_correct() {
-    // A diverged net: row 0 all NaN, row 1 NaN at the label, row 2 one NaN elsewhere (the
-    // label drops out of the top-1 but stays in the top-5), row 3 finite and right.
+    // A diverged net: row 0 all NaN, row 1 NaN at the label, row 2 one NaN elsewhere, row 3
+    // finite and right. Only row 3 counts, for top-1 and top-5.
     let c = 6;
     let nan = f32::NAN;
     #[rustfmt::skip]
@@ -210,5 +217,38 @@ fn nan_logits_never_count_as_correct() {
     let gl = ce::labels_tensor(gpu(), &labels, c).unwrap();
     let (loss, top1, top5) = read(&ce::forward(&gz, &gl).unwrap());
     assert!(loss.is_nan(), "the loss of NaN logits is NaN, got {loss}");
-    assert_eq!((top1, top5), (1.0, 2.0), "only the finite right row is top-1; row 2 is top-5");
+    assert_eq!((top1, top5), (1.0, 1.0), "only the finite row counts");
+}
+
+#[test]
+fn ties_and_infinite_logits_never_favour_the_label() {
+    // All-zero weights give all-equal logits: correct only for class 0, whatever the label
+    // (with 10 classes, top-5 holds classes 0..4). An infinite bias at the label gives loss
+    // NaN and must not count as correct either; -inf elsewhere too.
+    let c = 10;
+    let n = 10;
+    let labels: Vec<u32> = (0..n as u32).collect();
+    let g = gpu();
+    let zeros = g.zeros(&[n, c]).unwrap();
+    let (_, top1, top5) = read(&ce::forward(&zeros, &ce::labels_tensor(g, &labels, c).unwrap()).unwrap());
+    assert_eq!((top1, top5), (1.0, 5.0), "a tie counts for the lowest class only");
+    assert_eq!(topk_reference(&vec![0.0; n * c], &labels, c), (1.0, 5.0));
+
+    let mut z = vec![0f32; n * c];
+    for (i, &l) in labels.iter().enumerate() {
+        z[i * c + l as usize] = f32::INFINITY;
+    }
+    z[c + 3] = f32::NEG_INFINITY;
+    let gz = g.tensor(&[n, c], &z).unwrap();
+    let (loss, top1, top5) = read(&ce::forward(&gz, &ce::labels_tensor(g, &labels, c).unwrap()).unwrap());
+    assert!(!loss.is_finite(), "loss of infinite logits: {loss}");
+    assert_eq!((top1, top5), (0.0, 0.0), "non-finite rows are never correct");
+
+    // Ties in random data (logits rounded to a few values) against the reference.
+    let (n, c) = (64, 7);
+    let z: Vec<f32> = random(n * c, 9).iter().map(|v| (v * 2.0).round()).collect();
+    let labels = random_labels(n, c, 10);
+    let gz = g.tensor(&[n, c], &z).unwrap();
+    let (_, top1, top5) = read(&ce::forward(&gz, &ce::labels_tensor(g, &labels, c).unwrap()).unwrap());
+    assert_eq!((top1, top5), topk_reference(&z, &labels, c));
 }

@@ -36,8 +36,10 @@ pub struct CrossEntropyOut {
     /// [`forward`].
     pub dlogits: Option<Tensor>,
     /// `[2]`: the number of rows whose label is the top-1 and within the top-5 logits (as
-    /// f32; top-k uses k = min(5, C), and a label counts as within the top k when fewer than
-    /// k logits are strictly greater than its own).
+    /// f32; top-k uses k = min(5, C)). Ties are broken as PyTorch's `argmax` and `topk` do,
+    /// lowest class index first: the label counts as within the top k when fewer than k
+    /// classes rank ahead of it, a class ranking ahead when its logit is greater, or equal
+    /// with a lower index. A row with a NaN or infinite logit is never correct.
     pub correct: Tensor,
 }
 
