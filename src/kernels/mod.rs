@@ -9,6 +9,7 @@ pub mod conv2d;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod linear;
+pub mod nonfinite;
 pub mod pool;
 pub mod sgd;
 pub mod shortcut;

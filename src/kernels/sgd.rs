@@ -60,7 +60,8 @@ struct Params {
     momentum: f32,
     one_minus_dampening: f32,
     weight_decay: f32,
-    _pad: [u32; 2],
+    slot: u32,
+    _pad: u32,
 }
 
 fn check(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor) -> Result<()> {
@@ -78,7 +79,17 @@ fn check(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn dispatch(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor, cfg: &SgdConfig, first_step: bool) -> Result<()> {
+/// Counters of a watched step: the buffer and the first of the step's three slots.
+type Watch<'a> = Option<(&'a Tensor, usize)>;
+
+fn dispatch(
+    param: &Tensor,
+    grad: &Tensor,
+    momentum_buf: &Tensor,
+    cfg: &SgdConfig,
+    first_step: bool,
+    watch: Watch,
+) -> Result<()> {
     let flag = |on: bool, bit: u32| if on { bit } else { 0 };
     let params = Params {
         n: param.numel() as u32,
@@ -92,15 +103,25 @@ fn dispatch(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor, cfg: &SgdConfi
         // dtype.
         one_minus_dampening: (1.0 - cfg.dampening as f64) as f32,
         weight_decay: cfg.weight_decay,
-        _pad: [0; 2],
+        slot: watch.map_or(0, |(_, slot)| slot as u32),
+        _pad: 0,
     };
     let gpu = param.gpu();
-    gpu.dispatch(
-        &Kernel::new("sgd", "step"),
-        &params,
-        &[Arg::Storage(param), Arg::Storage(grad), Arg::Storage(momentum_buf)],
-        gpu.grid_1d(param.numel().div_ceil(4), WG),
-    )
+    let grid = gpu.grid_1d(param.numel().div_ceil(4), WG);
+    match watch {
+        None => gpu.dispatch(
+            &Kernel::new("sgd", "step"),
+            &params,
+            &[Arg::Storage(param), Arg::Storage(grad), Arg::Storage(momentum_buf)],
+            grid,
+        ),
+        Some((counters, _)) => gpu.dispatch(
+            &Kernel::new("sgd", "step_watched"),
+            &params,
+            &[Arg::Storage(param), Arg::Storage(grad), Arg::Storage(momentum_buf), Arg::Storage(counters)],
+            grid,
+        ),
+    }
 }
 
 /// One SGD step on `param`, in place, from its gradient `grad`, updating `momentum_buf` (same
@@ -110,7 +131,29 @@ fn dispatch(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor, cfg: &SgdConfi
 pub fn step(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor, cfg: &SgdConfig, first_step: bool) -> Result<()> {
     cfg.validate()?;
     check(param, grad, momentum_buf)?;
-    dispatch(param, grad, momentum_buf, cfg, first_step)
+    dispatch(param, grad, momentum_buf, cfg, first_step, None)
+}
+
+/// [`step`] that also counts the non-finite values of the gradient, the updated parameter and
+/// the updated momentum buffer (when momentum is on) into `counters[slot]`, `[slot + 1]` and
+/// `[slot + 2]` (a buffer from [`super::nonfinite::counters`]): divergence is detected in
+/// the step that produces it at no extra pass over the weights.
+pub fn step_watched(
+    param: &Tensor,
+    grad: &Tensor,
+    momentum_buf: &Tensor,
+    cfg: &SgdConfig,
+    first_step: bool,
+    counters: &Tensor,
+    slot: usize,
+) -> Result<()> {
+    cfg.validate()?;
+    check(param, grad, momentum_buf)?;
+    super::nonfinite::check_slot(OP, param, counters, slot + 2)?;
+    if [grad, momentum_buf].iter().any(|t| t.same_buffer(counters)) {
+        return Err(Error::ShapeMismatch { op: OP, detail: "the counters must be a tensor of their own".into() });
+    }
+    dispatch(param, grad, momentum_buf, cfg, first_step, Some((counters, slot)))
 }
 
 /// [`step`] over a list of `(param, grad, momentum_buf)`: everything is checked before the
@@ -136,7 +179,7 @@ pub fn step_all(items: &[(&Tensor, &Tensor, &Tensor)], cfg: &SgdConfig, first_st
         }
     }
     for (p, g, b) in items {
-        dispatch(p, g, b, cfg, first_step)?;
+        dispatch(p, g, b, cfg, first_step, None)?;
     }
     Ok(())
 }
