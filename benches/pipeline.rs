@@ -40,7 +40,7 @@ fn batches(n: usize, batch: usize, seed: u64) -> Vec<HostBatch> {
 }
 
 fn optim() -> OptimConfig {
-    OptimConfig { lr: 0.01, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
+    OptimConfig::constant(0.01)
 }
 
 /// Seconds per iteration of model-parallel BP and of FR, measured after `warmup` iterations.

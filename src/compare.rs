@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::report::{self, plot_panels, EpochRecord, Panel, SigmaRecord};
-use crate::train::run::{self, Observer, RunConfig};
+use crate::train::run::{self, Observer, RunConfig, Start};
 
 /// The methods `compare` knows, in the order it runs them.
 pub const METHODS: [&str; 4] = ["bp", "fr", "ddg", "dni"];
@@ -32,6 +32,8 @@ pub struct CompareConfig {
     pub methods: Vec<String>,
     pub ks: Vec<usize>,
     pub out: PathBuf,
+    /// Reuse a non-empty `out` (each run's directory is overwritten).
+    pub overwrite: bool,
 }
 
 /// How one run ended.
@@ -39,7 +41,12 @@ pub struct CompareConfig {
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Outcome {
     Completed,
-    Diverged { epoch: usize, loss: f64 },
+    /// The run stopped in `epoch` (1-based) for `reason` (a non-finite loss, weight,
+    /// gradient, statistic or output); its directory keeps the last good epoch's files.
+    Diverged {
+        epoch: usize,
+        reason: String,
+    },
 }
 
 /// One method at one K.
@@ -114,6 +121,43 @@ impl CompareConfig {
         }
         Ok(())
     }
+
+    /// The configurations of every run, in the order they run.
+    fn runs(&self) -> Vec<(&'static str, usize, RunConfig)> {
+        let main_k = *self.ks.iter().max().unwrap_or(&1);
+        let mut out = Vec::new();
+        for &k in &self.ks {
+            for method in METHODS.iter().filter(|m| self.methods.iter().any(|c| c == *m)) {
+                let mut rc = self.base.clone();
+                rc.algo = method.to_string();
+                rc.splits = k;
+                if k != main_k {
+                    // Runs at other K serve the memory and speed comparison only.
+                    rc.measure_sigma = None;
+                }
+                out.push((*method, k, rc));
+            }
+        }
+        out
+    }
+
+    /// Checks the whole plan before the first run: every run's configuration (model, split
+    /// at each K, memory) and the output directory, so a bad K fails now, not after hours.
+    fn check_plan(&self) -> Result<()> {
+        self.check()?;
+        let p = run::prepare(&self.base)?;
+        for (method, k, rc) in self.runs() {
+            rc.check()
+                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
+            let ranges = crate::model::split(&p.spec, k, rc.split.parse()?)
+                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("--k {k}: {e}") })?;
+            let pk = run::Prepared { ranges, ..p.clone() };
+            run::estimate_memory(&rc, &pk)
+                .and_then(|_| run::check_memory(&rc, &pk))
+                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
+        }
+        crate::rundir::check_new_run_dir(&self.out, self.overwrite)
+    }
 }
 
 /// Runs every method at every K (K in the order given, methods in [`METHODS`] order) and
@@ -123,31 +167,30 @@ pub fn compare(
     mut on_run: impl FnMut(&str, usize, &Path),
     obs: &mut dyn Observer,
 ) -> Result<CompareSummary> {
-    cfg.check()?;
-    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io { path: cfg.out.display().to_string(), source })?;
-    let main_k = *cfg.ks.iter().max().unwrap_or(&1);
-    let mut runs = Vec::new();
-    for &k in &cfg.ks {
-        for method in METHODS.iter().filter(|m| cfg.methods.iter().any(|c| c == *m)) {
-            let mut rc = cfg.base.clone();
-            rc.algo = method.to_string();
-            rc.splits = k;
-            if k != main_k {
-                // Runs at other K serve the memory and speed comparison only.
-                rc.measure_sigma = None;
-            }
+    cfg.check_plan()?;
+    let _lock = crate::rundir::RunLock::acquire(&cfg.out)?;
+    if cfg.overwrite {
+        for (method, k, _) in cfg.runs() {
             let dir = cfg.out.join(format!("{method}-k{k}"));
-            on_run(method, k, &dir);
-            let outcome = match run::train(&rc, &dir, false, None, obs) {
-                Ok(_) => Outcome::Completed,
-                Err(Error::Diverged { epoch, loss }) => Outcome::Diverged { epoch, loss },
-                Err(e) => return Err(e),
-            };
-            let records = report::read_metrics(&dir.join("metrics.jsonl"))?;
-            let sigma_path = dir.join("sigma.jsonl");
-            let sigma = if sigma_path.exists() { report::read_sigma(&sigma_path)? } else { vec![] };
-            runs.push(MethodRun { method: method.to_string(), k, dir, outcome, records, sigma });
+            if dir.exists() {
+                crate::rundir::clear_run_outputs(&dir)?;
+            }
         }
+    }
+    let mut runs = Vec::new();
+    for (method, k, rc) in cfg.runs() {
+        let dir = cfg.out.join(format!("{method}-k{k}"));
+        on_run(method, k, &dir);
+        let outcome = match run::train(&rc, &dir, Start::New { overwrite: cfg.overwrite }, None, obs) {
+            Ok(_) => Outcome::Completed,
+            Err(Error::Diverged { epoch, reason }) => Outcome::Diverged { epoch, reason },
+            Err(e) => return Err(e),
+        };
+        let metrics = dir.join("metrics.jsonl");
+        let records = if metrics.exists() { report::read_metrics(&metrics)? } else { vec![] };
+        let sigma_path = dir.join("sigma.jsonl");
+        let sigma = if sigma_path.exists() { report::read_sigma(&sigma_path)? } else { vec![] };
+        runs.push(MethodRun { method: method.to_string(), k, dir, outcome, records, sigma });
     }
     let summary = CompareSummary { runs };
     write_outputs(cfg, &summary)?;
@@ -189,7 +232,9 @@ pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
     for r in &s.runs {
         let status = match &r.outcome {
             Outcome::Completed => "completed".to_string(),
-            Outcome::Diverged { epoch, loss } => format!("**diverged** at epoch {epoch} (loss {loss})"),
+            Outcome::Diverged { epoch, reason } => {
+                format!("**diverged** in epoch {epoch}: {}", reason.replace('|', "/"))
+            }
         };
         let fmt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
         let mem = r.peak_memory().iter().map(|b| format!("{:.1}", mib(*b))).collect::<Vec<_>>().join(" / ");
@@ -224,16 +269,11 @@ pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
 }
 
 fn write_outputs(cfg: &CompareConfig, s: &CompareSummary) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| Error::Io { path: p, source }
-    };
-    let md = cfg.out.join("summary.md");
-    std::fs::write(&md, summary_markdown(cfg, s)).map_err(io(&md))?;
+    report::write_atomic(&cfg.out.join("summary.md"), summary_markdown(cfg, s).as_bytes())?;
     let js = cfg.out.join("summary.json");
     let json = serde_json::to_string_pretty(s)
         .map_err(|e| Error::Data { path: js.display().to_string(), message: e.to_string() })?;
-    std::fs::write(&js, json).map_err(io(&js))?;
+    report::write_atomic(&js, json.as_bytes())?;
     let mut ks = cfg.ks.clone();
     ks.sort_unstable();
     ks.dedup();

@@ -82,22 +82,56 @@ pub fn tiny_resnet(cfg: &DemoConfig) -> ModelSpec {
     }
 }
 
+impl DemoConfig {
+    /// Checks the configuration and its memory (the random images on the host, one training
+    /// step on the device) before anything is allocated.
+    pub fn check(&self) -> Result<()> {
+        let cfg = self;
+        if cfg.batch == 0
+            || cfg.samples < cfg.batch
+            || cfg.classes < 2
+            || cfg.size < 4
+            || cfg.width < 2
+            || !cfg.width.is_multiple_of(2)
+        {
+            return Err(Error::Unsupported {
+                op: "demo",
+                detail: format!(
+                    "need batch >= 1, samples >= batch, classes >= 2, size >= 4 and an even width >= 2 (got {cfg:?})"
+                ),
+            });
+        }
+        let spec = tiny_resnet(cfg);
+        let whole = crate::model::split(&spec, 1, crate::model::SplitPolicy::Even)?;
+        let step = crate::model::plan(&spec, &whole, cfg.batch)?[0].training_bytes();
+        let images = (cfg.samples as u64)
+            .saturating_mul(cfg.channels as u64)
+            .saturating_mul((cfg.size as u64).saturating_mul(cfg.size as u64))
+            .saturating_mul(4);
+        let need = step.saturating_add(images);
+        let limit = crate::data::default_max_host_bytes();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if need > limit {
+            return Err(Error::Unsupported {
+                op: "demo",
+                detail: format!(
+                    "--samples {} of {}x{} images with --width {} need about {:.1} GiB of memory but {:.1} GiB are available",
+                    cfg.samples,
+                    cfg.size,
+                    cfg.size,
+                    cfg.width,
+                    gib(need),
+                    gib(limit)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Trains [`tiny_resnet`] on a fixed random dataset, calling `on_epoch` after each epoch.
 pub fn run(gpu: &Gpu, cfg: &DemoConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Vec<EpochReport>> {
-    if cfg.batch == 0
-        || cfg.samples < cfg.batch
-        || cfg.classes < 2
-        || cfg.size < 4
-        || cfg.width < 2
-        || !cfg.width.is_multiple_of(2)
-    {
-        return Err(Error::Unsupported {
-            op: "demo",
-            detail: format!(
-                "need batch >= 1, samples >= batch, classes >= 2, size >= 4 and an even width >= 2 (got {cfg:?})"
-            ),
-        });
-    }
+    cfg.check()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let spec = tiny_resnet(cfg);
     let one_module = crate::model::split(&spec, 1, crate::model::SplitPolicy::Even)?;

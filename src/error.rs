@@ -65,9 +65,15 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 
-    /// Training produced a NaN or infinite loss.
-    #[error("training diverged at epoch {epoch} (loss {loss}); try a lower --lr")]
-    Diverged { epoch: usize, loss: f64 },
+    /// A stage's output, gradients, weights, momentum or batch-norm statistics held NaN or
+    /// infinite values (found by the device-side watch; `stage` is 0-based).
+    #[error("module {} produced {detail} by iteration {iteration}", stage + 1)]
+    NonFinite { stage: usize, iteration: u64, detail: String },
+
+    /// Training diverged (a non-finite loss, weight, gradient, statistic or output): the run
+    /// stops without writing this epoch's checkpoint or metrics.
+    #[error("training diverged in epoch {epoch}: {reason}; nothing of epoch {epoch} was written (earlier checkpoints and metrics are kept); try a lower --lr")]
+    Diverged { epoch: usize, reason: String },
 
     /// Another live featreplay process holds the lock of an output directory (see
     /// `rundir::RunLock`). `holder` says who: `pid 1234, since 2026-05-01T12:00:00Z`.

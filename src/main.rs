@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use featreplay::compare::{self, CompareConfig};
 use featreplay::demo::{self, DemoConfig};
 use featreplay::gpu::{list_adapters, AdapterSelector};
@@ -11,8 +11,10 @@ use featreplay::kernels::conv2d;
 use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
 use featreplay::report::EpochRecord;
-use featreplay::train::run::{self, Observer, RunConfig};
-use featreplay::train::{Network, OptimConfig};
+use featreplay::train::eval::{self, EvalOptions, TestSubset};
+use featreplay::train::resume;
+use featreplay::train::run::{self, Observer, RunConfig, Start};
+use featreplay::train::OptimConfig;
 use featreplay::Gpu;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -74,10 +76,13 @@ struct TrainArgs {
     /// Weight decay.
     #[arg(long, default_value_t = 5e-4)]
     decay: f32,
-    /// Epochs at which the learning rate is multiplied by the matching --gammas
-    /// (default: 50% and 75% of --epochs).
+    /// Points of training, in epochs, at which the learning rate is multiplied by the
+    /// matching --gammas (default 0.1 each). A fraction falls inside an epoch (1.5: the
+    /// middle of the second). Default: 50% and 75% of --epochs, placed at the nearest
+    /// iteration, so a 1-, 2- or 3-epoch run spends half its iterations at --lr. Give
+    /// `--schedule` with no value for a constant rate.
     #[arg(long, num_args = 0.., value_delimiter = ' ')]
-    schedule: Option<Vec<usize>>,
+    schedule: Option<Vec<f64>>,
     #[arg(long, num_args = 0.., value_delimiter = ' ')]
     gammas: Option<Vec<f32>>,
     /// Learning-rate factor of the first module (the reference FR code uses 2).
@@ -166,9 +171,17 @@ enum Command {
         /// Output directory: metrics.jsonl, metrics.csv, curves.png, checkpoint.*
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
-        /// Continue the run whose checkpoint is in DIR (writes there too).
+        /// Continue the run whose checkpoint is in DIR (writes there too). The run keeps its
+        /// configuration: --epochs (to train longer), --data-dir (the data moved), --device,
+        /// --schedule/--gammas (steps after the checkpoint only), --measure-sigma, --quiet,
+        /// --trace and --conv-variant may change and are recorded in the checkpoint; any other
+        /// flag must match the checkpoint or be left out; --out is refused.
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
+        /// Start a new run in --out even if it holds another run: its checkpoint, metrics and
+        /// plots are deleted first. Without it, a non-empty --out is refused.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Run BP, FR, DDG and DNI with the same model, data, seed and K and write metrics,
     /// plots (curves, memory, speed, sigma) and a markdown summary (the paper's comparison).
@@ -187,15 +200,24 @@ enum Command {
         /// Output directory: summary.md, summary.json, *.png and one directory per run.
         #[arg(long, default_value = "runs/compare")]
         out: PathBuf,
+        /// Reuse a non-empty --out, deleting the previous comparison's files there.
+        #[arg(long)]
+        overwrite: bool,
     },
-    /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir).
+    /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir),
+    /// with the input normalisation stored in the checkpoint. Training state (momentum, a
+    /// pipeline's stored inputs, DNI predictors) is ignored.
     Eval {
-        /// Directory holding checkpoint.safetensors (a `train --out` directory).
+        /// Directory holding checkpoint.safetensors (a `train --out` directory), or the file.
         checkpoint: PathBuf,
         #[arg(long)]
         dataset: Option<String>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The first N test images, or `all`. Default: the run's own --test-subset, or all
+        /// images with --dataset / --data-dir (the run's subset was of its own test set).
+        #[arg(long, value_name = "N|all")]
+        test_subset: Option<String>,
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
     },
@@ -306,7 +328,30 @@ impl Observer for Console {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The flags of the subcommand the user really gave (on the command line or, for the global
+/// ones, through their environment variables), as `--` names without the dashes: a resumed
+/// run must tell a flag left at its default from one given with the default's value.
+fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
+    use clap::parser::ValueSource;
+    let mut out = Vec::new();
+    let mut collect = |m: &clap::ArgMatches| {
+        for id in m.ids() {
+            let id = id.as_str();
+            if matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+                out.push(id.replace('_', "-"));
+            }
+        }
+    };
+    collect(matches);
+    if let Some((_, sub)) = matches.subcommand() {
+        collect(sub);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn run(cli: Cli, given: &[&str]) -> Result<()> {
     match &cli.command {
         Command::Devices => {
             let adapters = list_adapters();
@@ -318,30 +363,32 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("default: [0] (override with --device or FEATREPLAY_ADAPTER)");
         }
-        Command::Train { model, train, algo, out, resume, trace } => {
-            let quiet = &train.quiet;
-            let cfg = train.run_config(model, selectors(&cli.device), algo);
+        Command::Train { model, train, algo, out, resume, trace, overwrite } => {
+            let requested = train.run_config(model, selectors(&cli.device), algo);
             if let Some(v) = &cli.conv_variant {
                 std::env::set_var(conv2d::VARIANT_ENV, v);
                 apply_conv_variant(&cli.conv_variant, &[])?;
             }
-            let (dir, resuming) = match resume {
-                Some(d) => (d.clone(), true),
-                None => (out.clone(), false),
+            let (dir, cfg, start) = match resume {
+                Some(d) => {
+                    if *overwrite {
+                        anyhow::bail!("--overwrite cannot be combined with --resume");
+                    }
+                    let (stored, _) =
+                        run::checkpoint_config(d).with_context(|| format!("resuming from {}", d.display()))?;
+                    let (cfg, changes) = resume::resume_config(&stored, &requested, given)
+                        .with_context(|| format!("resuming {}", d.display()))?;
+                    for c in &changes {
+                        println!("resume: {c}");
+                    }
+                    (d.clone(), cfg, Start::Resume)
+                }
+                None => (out.clone(), requested, Start::New { overwrite: *overwrite }),
             };
-            // A resumed run continues with the configuration stored in its checkpoint.
-            let shown = if resuming {
-                let (mut stored, _) =
-                    run::checkpoint_config(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
-                stored.epochs = stored.epochs.max(train.epochs);
-                stored
-            } else {
-                cfg.clone()
-            };
-            let p = run::prepare(&shown).context("preparing the run")?;
+            let p = run::prepare(&cfg).context("preparing the run")?;
             println!(
                 "{}: {} on {} ({} train / {} test images {:?}), {} module(s), {} parameters",
-                shown.algo,
+                cfg.algo,
                 p.spec.name,
                 p.train.name(),
                 p.train.len(),
@@ -350,8 +397,9 @@ fn run(cli: Cli) -> Result<()> {
                 p.ranges.len(),
                 p.spec.params()?
             );
-            let mut console = Console { bar: None, quiet: *quiet };
-            let summary = run::train(&cfg, &dir, resuming, trace.as_deref(), &mut console)
+            drop(p);
+            let mut console = Console { bar: None, quiet: train.quiet };
+            let summary = run::train(&cfg, &dir, start, trace.as_deref(), &mut console)
                 .with_context(|| format!("training into {}", dir.display()))?;
             println!(
                 "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {}",
@@ -359,7 +407,7 @@ fn run(cli: Cli) -> Result<()> {
                 summary.out.display()
             );
         }
-        Command::Compare { model, train, methods, k, out } => {
+        Command::Compare { model, train, methods, k, out, overwrite } => {
             let mut base = train.run_config(model, selectors(&cli.device), "bp");
             // The comparison includes sigma: measured every 50 iterations unless told otherwise.
             base.measure_sigma = base.measure_sigma.or(Some(50));
@@ -367,49 +415,55 @@ fn run(cli: Cli) -> Result<()> {
                 std::env::set_var(conv2d::VARIANT_ENV, v);
                 apply_conv_variant(&cli.conv_variant, &[])?;
             }
-            let cfg = CompareConfig { base, methods: methods.clone(), ks: k.clone(), out: out.clone() };
+            let cfg = CompareConfig {
+                base,
+                methods: methods.clone(),
+                ks: k.clone(),
+                out: out.clone(),
+                overwrite: *overwrite,
+            };
             let mut console = Console { bar: None, quiet: train.quiet };
             let summary =
                 compare::compare(&cfg, |m, k, dir| println!("== {m} with K = {k} -> {}", dir.display()), &mut console)
                     .with_context(|| format!("comparing into {}", out.display()))?;
             for r in &summary.runs {
-                if let compare::Outcome::Diverged { epoch, loss } = r.outcome {
-                    println!("{} with K = {}: diverged at epoch {epoch} (loss {loss})", r.method, r.k);
+                if let compare::Outcome::Diverged { epoch, reason } = &r.outcome {
+                    println!("{} with K = {}: diverged in epoch {epoch}: {reason}", r.method, r.k);
                 }
             }
             print!("{}", compare::summary_markdown(&cfg, &summary));
             println!("summary.md, summary.json, curves/memory/speed/sigma plots in {}", out.display());
         }
-        Command::Eval { checkpoint, dataset, data_dir, batch_size } => {
-            let (mut cfg, meta) = run::checkpoint_config(checkpoint)
-                .with_context(|| format!("reading the checkpoint in {}", checkpoint.display()))?;
-            if let Some(d) = dataset {
-                cfg.dataset = d.clone();
+        Command::Eval { checkpoint, dataset, data_dir, test_subset, batch_size } => {
+            let test_subset = match test_subset.as_deref().map(str::trim) {
+                None => TestSubset::Stored,
+                Some("all") => TestSubset::All,
+                Some(n) => TestSubset::First(
+                    n.parse().map_err(|_| anyhow::anyhow!("--test-subset {n}: give a number of images or 'all'"))?,
+                ),
+            };
+            let opts = EvalOptions {
+                dataset: dataset.clone(),
+                data_dir: data_dir.clone(),
+                test_subset,
+                batch_size: *batch_size,
+                devices: selectors(&cli.device),
+            };
+            if let Some(v) = &cli.conv_variant {
+                apply_conv_variant(&cli.conv_variant, &[])?;
+                std::env::set_var(conv2d::VARIANT_ENV, v);
             }
-            if data_dir.is_some() {
-                cfg.data_dir = data_dir.clone();
-            }
-            cfg.devices = selectors(&cli.device);
-            if cfg.devices.len() != 1 && cfg.devices.len() != cfg.splits {
-                cfg.devices = vec![cfg.devices[0].clone()];
-            }
-            let p = run::prepare(&cfg).context("preparing the evaluation")?;
-            let gpus = run::open_devices(&cfg.devices, p.ranges.len())?;
-            apply_conv_variant(&cli.conv_variant, &gpus)?;
-            let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
-            let file = checkpoint.join(featreplay::checkpoint::SAFETENSORS_FILE);
-            let mut ck = featreplay::checkpoint::load(checkpoint)?;
-            run::restore(&mut net, &mut ck, &file)?;
-            let m = run::evaluate(&net, p.test.clone(), &p.norm, *batch_size)?;
+            let r = eval::evaluate_checkpoint(checkpoint, &opts, cli.conv_variant.as_deref())
+                .with_context(|| format!("evaluating {}", checkpoint.display()))?;
             println!(
                 "{} after epoch {} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
-                p.spec.name,
-                meta.epoch,
-                p.test.name(),
-                m.samples,
-                m.loss,
-                100.0 * m.top1,
-                100.0 * m.top5
+                r.model,
+                r.epoch,
+                r.data,
+                r.metrics.samples,
+                r.metrics.loss,
+                100.0 * r.metrics.top1,
+                100.0 * r.metrics.top5
             );
         }
         Command::Plan { model } => {
@@ -450,7 +504,6 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Demo { epochs, samples, batch_size, size, width, lr, seed } => {
-            let gpu = open_device(&cli)?;
             let cfg = DemoConfig {
                 samples: *samples,
                 batch: *batch_size,
@@ -461,6 +514,8 @@ fn run(cli: Cli) -> Result<()> {
                 seed: *seed,
                 ..Default::default()
             };
+            cfg.check().context("checking the demo")?;
+            let gpu = open_device(&cli)?;
             println!("device: {}", gpu.adapter());
             println!(
                 "training a residual net ({width}/{} channels) on {samples} random {size}x{size} images, batch {batch_size}, {epochs} epochs",
@@ -493,7 +548,12 @@ fn main() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
     env_logger::init();
-    if let Err(e) = run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let result = Cli::from_arg_matches(&matches).map_err(anyhow::Error::from).and_then(|cli| {
+        let given = given_flags(&matches);
+        run(cli, &given.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+    if let Err(e) = result {
         // The context chain on one line; a cause already quoted by the message above it
         // (library errors include their I/O source) is not repeated.
         let mut msg = String::new();

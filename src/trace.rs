@@ -6,8 +6,7 @@
 //! while tracing, each phase ends by waiting for its device, and the span is the phase's
 //! real duration. That adds a wait per phase, so traced runs are slightly slower.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -34,17 +33,34 @@ impl Tracer {
         Tracer { path: path.to_path_buf(), t0: Instant::now(), events: Mutex::new(Vec::new()) }
     }
 
+    /// A tracer writing to `path`, checked before any work is done: a directory, a missing
+    /// parent directory or an unwritable place is an error now, not after the first epoch.
+    /// The file starts as an empty trace (`[]`) so it is valid JSON at every moment.
+    pub fn create(path: &Path) -> Result<Tracer> {
+        let bad = |message: String| Error::Data { path: path.display().to_string(), message };
+        if path.is_dir() {
+            return Err(bad("--trace names a directory; give a file name, e.g. trace.json".into()));
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                return Err(bad(format!("the directory {} does not exist", parent.display())));
+            }
+        }
+        let tracer = Tracer::new(path);
+        tracer.write()?;
+        Ok(tracer)
+    }
+
     /// Starts a span of `name` on stage `tid`; it ends when [`Span::end`] is called or the
     /// span drops.
     pub fn span(&self, tid: usize, name: &'static str, iteration: u64) -> Span<'_> {
         Span { tracer: self, tid, name, iteration, start: Instant::now() }
     }
 
-    /// Writes the events recorded so far.
+    /// Writes the events recorded so far (the whole file, atomically).
     pub fn write(&self) -> Result<()> {
         let io = |source| Error::Io { path: self.path.display().to_string(), source };
-        let f = File::create(&self.path).map_err(io)?;
-        let mut w = BufWriter::new(f);
+        let mut w: Vec<u8> = Vec::new();
         let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let mut tids: Vec<usize> = events.iter().map(|e| e.tid).collect();
         tids.sort_unstable();
@@ -72,7 +88,8 @@ impl Tracer {
             .map_err(io)?;
         }
         writeln!(w, "\n]").map_err(io)?;
-        w.flush().map_err(io)
+        // Replaced whole (write-then-rename), so the file is valid JSON at every moment.
+        crate::report::write_atomic(&self.path, &w)
     }
 }
 

@@ -36,7 +36,7 @@ fn assert_same_state(a: &Network, b: &Network, when: &str) {
 }
 
 fn optim() -> OptimConfig {
-    OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
+    OptimConfig::constant(0.05)
 }
 
 fn batch(seed: u64, n: usize, input: usize, classes: usize) -> (Vec<f32>, Vec<u32>) {

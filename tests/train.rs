@@ -238,7 +238,7 @@ fn compare_writes_every_file_and_records_divergence() {
     assert!(ok, "{o}{e}");
     let md = std::fs::read_to_string(bad.join("summary.md")).unwrap();
     for m in ["bp", "fr"] {
-        assert!(md.lines().any(|l| l.starts_with(&format!("| {m} | 1 | **diverged** at epoch 1"))), "{m}: {md}");
+        assert!(md.lines().any(|l| l.starts_with(&format!("| {m} | 1 | **diverged** in epoch 1"))), "{m}: {md}");
     }
 }
 

@@ -10,6 +10,7 @@ pub mod loss;
 pub mod pooling;
 pub mod predictor;
 pub mod relu;
+pub mod watch;
 
 pub use basic_block::{BasicBlock, BasicBlockActivations};
 pub use batch_norm::BatchNorm2d;

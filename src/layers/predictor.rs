@@ -1,5 +1,5 @@
 //! The gradient predictor M_k of synthetic gradients (DNI; Jaderberg et al. 2017) for conv
-//! nets, as `../shared/spec/features-replay.md` describes it: `depth - 1` hidden layers of
+//! nets, as `docs/schedules.md` describes it: `depth - 1` hidden layers of
 //! 3x3 conv (padding 1) + BN + ReLU of `width` channels, then a 3x3 conv back to the input's
 //! channels whose weight starts at zero, so the first predictions are zero. Every layer keeps
 //! the spatial shape, so the prediction has the shape of the features it is given.
@@ -16,11 +16,13 @@
 
 use rand::SeedableRng;
 
+use super::watch::{FiniteWatch, NonFiniteCount};
 use super::{BatchNorm2d, Conv2d, Param};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::batch_norm::BnSaved;
 use crate::kernels::elementwise as ew;
+use crate::kernels::sgd::SgdConfig;
 
 /// Shape of a DNI gradient predictor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +50,9 @@ struct Hidden {
 pub struct GradientPredictor {
     hidden: Vec<Hidden>,
     out: Conv2d,
+    /// Counts non-finite values in the predictor's updates (its parameters are trained and
+    /// checkpointed like the model's).
+    watch: FiniteWatch,
 }
 
 /// What the predictor's backward needs from its forward.
@@ -108,7 +113,22 @@ impl GradientPredictor {
         let mut out = Conv2d::new(gpu, &format!("{name}.out.conv"), c_in, channels, 3, 1, 1, &mut rng)?;
         out.weight =
             Param::new(gpu, &out.weight.name.clone(), out.weight.value.shape(), &vec![0.0; c_in * channels * 9])?;
-        Ok(GradientPredictor { hidden, out })
+        let mut p = GradientPredictor { hidden, out, watch: FiniteWatch::new(gpu, &[], &[])? };
+        p.watch = FiniteWatch::new(gpu, &p.params(), &[])?;
+        Ok(p)
+    }
+
+    /// One SGD step of every predictor parameter, counting non-finite values.
+    pub fn sgd_step(&self, cfg: &SgdConfig, first_step: bool) -> Result<()> {
+        for (i, p) in self.params().into_iter().enumerate() {
+            self.watch.sgd_step(i, p, cfg, first_step)?;
+        }
+        Ok(())
+    }
+
+    /// The predictor tensors that have held NaN or infinite values (waits for the device).
+    pub fn non_finite(&self) -> Result<Vec<NonFiniteCount>> {
+        self.watch.read()
     }
 
     /// The predicted gradient for `h` (training-mode BN; the predictor is never evaluated

@@ -15,7 +15,9 @@ use rand::SeedableRng;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::batch_norm::BnSaved;
+use crate::kernels::sgd::SgdConfig;
 use crate::layers::bottleneck::{Bottleneck, BottleneckActivations, EXPANSION};
+use crate::layers::watch::{self, FiniteWatch};
 use crate::layers::{pooling, relu};
 use crate::layers::{BasicBlock, BasicBlockActivations, BatchNorm2d, Conv2d, Linear, Param};
 
@@ -411,6 +413,8 @@ pub struct Stage {
     /// Index of this stage's first layer in the whole model.
     pub first_layer: usize,
     pub layers: Vec<Layer>,
+    /// Counts NaN and infinite values in what the stage produces (divergence detection).
+    watch: FiniteWatch,
 }
 
 /// Everything a stage's backward needs from its forward.
@@ -428,7 +432,44 @@ impl Stage {
     /// Instantiates layers `range` of `spec` on `gpu`.
     pub fn new(index: usize, gpu: &Gpu, spec: &ModelSpec, range: std::ops::Range<usize>, seed: u64) -> Result<Stage> {
         let layers = range.clone().map(|i| Layer::new(gpu, &spec.layers[i], seed, i)).collect::<Result<Vec<_>>>()?;
-        Ok(Stage { index, gpu: gpu.clone(), first_layer: range.start, layers })
+        let params: Vec<&Param> = layers.iter().flat_map(|l| l.params()).collect();
+        let buffers: Vec<(String, &Tensor)> = layers.iter().flat_map(|l| l.buffers()).collect();
+        let watch = FiniteWatch::new(gpu, &params, &buffers)?;
+        Ok(Stage { index, gpu: gpu.clone(), first_layer: range.start, layers, watch })
+    }
+
+    /// One SGD step of every parameter with its current gradient; the step counts the
+    /// non-finite values of each gradient, weight and momentum buffer.
+    pub fn sgd_step(&self, cfg: &SgdConfig, first_step: bool) -> Result<()> {
+        for (i, p) in self.params().into_iter().enumerate() {
+            self.watch.sgd_step(i, p, cfg, first_step)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the non-finite values of this stage's output (features sent up, or logits).
+    pub fn watch_output(&self, h: &Tensor) -> Result<()> {
+        self.watch.check(h, watch::OUTPUT)
+    }
+
+    /// Counts the non-finite values of the gradient this stage sends down.
+    pub fn watch_input_grad(&self, dx: &Tensor) -> Result<()> {
+        self.watch.check(dx, watch::INPUT_GRAD)
+    }
+
+    /// Counts the non-finite values of the batch-norm running statistics.
+    pub fn watch_buffers(&self) -> Result<()> {
+        self.watch.check_buffers(self.params().len(), &self.buffers())
+    }
+
+    /// Errors with [`Error::NonFinite`] when anything watched on this stage has held a NaN or
+    /// an infinity (reads the counters: waits for the device). `iteration` is for the message.
+    pub fn check_finite(&self, iteration: u64) -> Result<()> {
+        let found = self.watch.read()?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Error::NonFinite { stage: self.index, iteration, detail: watch::describe(&found) })
     }
 
     /// Training-mode forward keeping every layer's activations (for backward).

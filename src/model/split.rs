@@ -156,6 +156,14 @@ pub struct StagePlan {
     pub cost_share: f64,
 }
 
+impl StagePlan {
+    /// Device bytes one backprop step of this module holds at its peak: parameters with
+    /// their gradients and momentum buffers, the kept activations and the input.
+    pub fn training_bytes(&self) -> u64 {
+        12 * self.params as u64 + self.activation_bytes + self.input_bytes
+    }
+}
+
 /// Describes each module of a split at a batch size.
 pub fn plan(spec: &ModelSpec, ranges: &[Range<usize>], batch: usize) -> Result<Vec<StagePlan>> {
     let costs = spec.costs()?;

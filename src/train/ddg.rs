@@ -1,5 +1,5 @@
 //! Delayed gradients (DDG; Huo et al., ICML 2018), the step of a module k < K - 1 as
-//! `../shared/spec/features-replay.md` describes it: module k runs its forward on the fresh
+//! `docs/schedules.md` describes it: module k runs its forward on the fresh
 //! input with its current weights and KEEPS the whole graph, then backpropagates the graph
 //! it built d_k iterations earlier with the gradient that has just arrived (the one module
 //! k+1 sent during iteration t-1, as in FR).

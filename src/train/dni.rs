@@ -1,5 +1,5 @@
 //! Synthetic gradients (DNI; Jaderberg et al., 2017), the step of a module k < K - 1 as
-//! `../shared/spec/features-replay.md` describes it: module k runs forward on the fresh
+//! `docs/schedules.md` describes it: module k runs forward on the fresh
 //! input keeping activations, sends h_k up, asks its predictor M_k for dL/dh_k, backpropagates
 //! the prediction and updates at once. M_k learns with a squared error against the true delta_k
 //! (at per-sample scale, see [`GradientPredictor`]) that module k+1 sends back (computed with module

@@ -1,5 +1,5 @@
 //! Features Replay (Huo, Gu and Huang, NeurIPS 2018): the step of a module k < K - 1, exactly
-//! as `../shared/spec/features-replay.md` schedules it (the shared pipeline machinery and the
+//! as `docs/schedules.md` schedules it (the shared pipeline machinery and the
 //! last module's step are in [`super::schedule`]).
 //!
 //! Every iteration t:

@@ -7,7 +7,9 @@
 
 pub mod ddg;
 pub mod dni;
+pub mod eval;
 pub mod fr;
+pub mod resume;
 pub mod run;
 pub mod schedule;
 pub mod sigma;
@@ -26,9 +28,12 @@ pub struct OptimConfig {
     pub momentum: f32,
     pub weight_decay: f32,
     pub nesterov: bool,
-    /// Epochs (0-based, at their start) at which the learning rate is multiplied by the
-    /// matching entry of `gammas` (the reference main.py's `--schedule` and `--gammas`).
-    pub schedule: Vec<usize>,
+    /// Points of training, in epochs, at which the learning rate is multiplied by the
+    /// matching entry of `gammas` (the reference main.py's `--schedule` and `--gammas`). A
+    /// whole number is the start of that (0-based) epoch; a fraction falls inside an epoch
+    /// and takes effect at the iteration nearest to it (`round(point * batches per epoch)`),
+    /// so 0.5 is the middle of the first epoch.
+    pub schedule: Vec<f64>,
     pub gammas: Vec<f32>,
     /// Learning-rate factor of the first stage (the reference FR code uses 2).
     pub first_stage_lr_scale: f32,
@@ -36,42 +41,95 @@ pub struct OptimConfig {
 
 impl OptimConfig {
     /// The paper's setup: lr 0.1, Nesterov momentum 0.9, weight decay 5e-4, lr divided by 10
-    /// at 50% and 75% of `epochs`.
+    /// at 50% and 75% of training. The steps are placed at 50% and 75% of the run's
+    /// iterations, not rounded down to whole epochs: that is the paper's epochs 150 and 225
+    /// for 300 epochs, and it leaves a 1-, 2- or 3-epoch run at the base rate for half of its
+    /// iterations (rounding to epochs put a 1-epoch run at lr/100 throughout).
     pub fn paper(epochs: usize) -> OptimConfig {
         OptimConfig {
             lr: 0.1,
             momentum: 0.9,
             weight_decay: 5e-4,
             nesterov: true,
-            schedule: vec![epochs / 2, epochs * 3 / 4],
+            schedule: Self::default_schedule(epochs),
             gammas: vec![0.1, 0.1],
             first_stage_lr_scale: 1.0,
         }
     }
 
+    /// The default steps for a run of `epochs`: 50% and 75% of it.
+    pub fn default_schedule(epochs: usize) -> Vec<f64> {
+        vec![epochs as f64 * 0.5, epochs as f64 * 0.75]
+    }
+
+    /// The paper's optimiser at a constant learning rate `lr` (no schedule).
+    pub fn constant(lr: f32) -> OptimConfig {
+        OptimConfig { lr, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
+    }
+
     pub fn validate(&self) -> Result<()> {
+        let bad = |detail: String| Err(Error::Unsupported { op: "optimizer", detail });
         if self.schedule.len() != self.gammas.len() {
-            return Err(Error::Unsupported {
-                op: "optimizer",
-                detail: format!(
-                    "--schedule has {} entries but --gammas has {}: give one gamma per schedule step",
-                    self.schedule.len(),
-                    self.gammas.len()
-                ),
-            });
+            return bad(format!(
+                "--schedule has {} entries but --gammas has {}: give one gamma per schedule step",
+                self.schedule.len(),
+                self.gammas.len()
+            ));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0 && self.first_stage_lr_scale.is_finite()) {
-            return Err(Error::Unsupported {
-                op: "optimizer",
-                detail: format!("learning rate {} must be > 0", self.lr),
-            });
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr {} must be a finite number > 0", self.lr));
+        }
+        if !(self.first_stage_lr_scale.is_finite() && self.first_stage_lr_scale > 0.0) {
+            return bad(format!("--first-module-lr-scale {} must be a finite number > 0", self.first_stage_lr_scale));
+        }
+        if let Some(g) = self.gammas.iter().find(|g| !(g.is_finite() && **g > 0.0)) {
+            return bad(format!("--gammas {g}: every gamma must be a finite number > 0"));
+        }
+        if let Some(s) = self.schedule.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+            return bad(format!("--schedule {s}: every step must be a finite number of epochs >= 0"));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return bad(format!("--momentum {} must be in [0, 1)", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("--decay {} must be a finite number >= 0", self.weight_decay));
+        }
+        // Every rate the run can reach (including the first module's) must be finite.
+        let mut lr = self.lr as f64 * self.first_stage_lr_scale.max(1.0) as f64;
+        for g in &self.gammas {
+            lr *= *g as f64;
+            if !(lr.is_finite() && lr <= f32::MAX as f64) {
+                return bad(format!("--gammas {:?} take the learning rate beyond f32's range", self.gammas));
+            }
+        }
+        if self.lr as f64 * self.first_stage_lr_scale as f64 > f32::MAX as f64 {
+            return bad(format!(
+                "--lr {} x --first-module-lr-scale {} is beyond f32's range",
+                self.lr, self.first_stage_lr_scale
+            ));
         }
         self.sgd(self.lr).validate()
     }
 
-    /// Learning rate during `epoch` (0-based).
-    pub fn lr_at(&self, epoch: usize) -> f32 {
-        self.schedule.iter().zip(&self.gammas).filter(|(s, _)| epoch >= **s).fold(self.lr, |lr, (_, g)| lr * g)
+    /// The iteration (0-based, global) at which schedule point `point` (in epochs) takes
+    /// effect with `per_epoch` iterations per epoch.
+    pub fn step_iteration(point: f64, per_epoch: usize) -> u64 {
+        (point * per_epoch as f64).round() as u64
+    }
+
+    /// Learning rate of global iteration `iteration` (0-based) with `per_epoch` iterations
+    /// per epoch.
+    pub fn lr_at(&self, iteration: u64, per_epoch: usize) -> f32 {
+        self.schedule
+            .iter()
+            .zip(&self.gammas)
+            .filter(|(s, _)| iteration >= Self::step_iteration(**s, per_epoch))
+            .fold(self.lr, |lr, (_, g)| lr * g)
+    }
+
+    /// The first iteration after `iteration` at which the learning rate changes, if any.
+    pub fn next_change(&self, iteration: u64, per_epoch: usize) -> Option<u64> {
+        self.schedule.iter().map(|s| Self::step_iteration(*s, per_epoch)).filter(|&i| i > iteration).min()
     }
 
     pub fn sgd(&self, lr: f32) -> SgdConfig {
@@ -136,6 +194,7 @@ impl Network {
         for k in 0..self.stages.len() {
             h = self.transport.transfer(&h, &self.stages[k].gpu)?;
             let (out, a) = self.stages[k].forward_train(&h, true)?;
+            self.stages[k].watch_output(&out)?;
             acts.push(a);
             h = out;
         }
@@ -144,6 +203,7 @@ impl Network {
             let a = acts.pop().ok_or(Error::Unsupported { op: "bp", detail: "missing activations".into() })?;
             grad = self.transport.transfer(&grad, &self.stages[k].gpu)?;
             if let Some(g) = self.stages[k].backward(a, &grad, k > 0)? {
+                self.stages[k].watch_input_grad(&g)?;
                 grad = g;
             }
         }
@@ -156,12 +216,28 @@ impl Network {
         let first = self.steps == 0;
         for (k, s) in self.stages.iter().enumerate() {
             let stage_lr = if k == 0 { lr * optim.first_stage_lr_scale } else { lr };
-            let cfg = optim.sgd(stage_lr);
-            for p in s.params() {
-                p.sgd_step(&cfg, first)?;
-            }
+            s.sgd_step(&optim.sgd(stage_lr), first)?;
         }
         self.steps += 1;
+        Ok(())
+    }
+
+    /// Errors with [`Error::NonFinite`] when any stage's outputs, gradients, weights, momentum
+    /// or (after [`Self::watch_buffers`]) batch-norm statistics have held a NaN or an infinity.
+    /// Reads one small counter buffer per stage (waits for the devices).
+    pub fn check_finite(&self) -> Result<()> {
+        for s in &self.stages {
+            s.check_finite(self.steps)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the non-finite values of every stage's batch-norm running statistics (checked
+    /// by the next [`Self::check_finite`]).
+    pub fn watch_buffers(&self) -> Result<()> {
+        for s in &self.stages {
+            s.watch_buffers()?;
+        }
         Ok(())
     }
 
@@ -182,6 +258,21 @@ impl Network {
             s.gpu.sync()?;
         }
         Ok(())
+    }
+
+    /// The model's tensors with PyTorch-style names: parameters and BN running statistics
+    /// (what evaluation needs).
+    pub fn model_state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for s in &self.stages {
+            for p in s.params() {
+                out.push((p.name.clone(), p.value.clone()));
+            }
+            for (name, t) in s.buffers() {
+                out.push((name, t.clone()));
+            }
+        }
+        out
     }
 
     /// Every tensor of the training state with PyTorch-style names: parameters, BN running

@@ -1,5 +1,6 @@
 //! A whole training run: data, model, split over devices, epochs of training and
-//! evaluation, metrics, plots and checkpoints, with exact resume.
+//! evaluation, metrics, plots and checkpoints, with exact resume; and the evaluation of a
+//! checkpoint.
 //!
 //! Determinism: weights come from the seed (per layer), the data order and augmentation of
 //! each batch from (seed, epoch, batch), so a run is a function of its configuration, and a
@@ -12,6 +13,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::resume::{open_resume, resume_config, RESUMABLE_FLAGS};
 use super::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
 use super::{sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
@@ -23,6 +25,7 @@ use crate::layers::predictor::PredictorConfig;
 use crate::model::resnet::{build, Arch, ResNetConfig};
 use crate::model::{split, ModelSpec, SplitPolicy};
 use crate::report::{EpochRecord, MetricsLog, SigmaLog, SigmaRecord};
+use crate::rundir;
 use crate::trace::Tracer;
 
 /// Everything that defines a run (stored in its checkpoints).
@@ -97,13 +100,21 @@ impl RunConfig {
         })
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks every field that can be checked without data or devices.
+    pub fn check(&self) -> Result<()> {
         let bad = |detail: String| Error::Unsupported { op: "train", detail };
         if self.epochs == 0 {
             return Err(bad("--epochs must be at least 1".into()));
         }
         if self.batch_size == 0 {
             return Err(bad("--batch-size must be at least 1".into()));
+        }
+        if self.image_size == 0 || self.image_size > crate::data::MAX_IMAGE_SIZE as usize {
+            return Err(bad(format!(
+                "--image-size {}: each side must be 1 to {} pixels",
+                self.image_size,
+                crate::data::MAX_IMAGE_SIZE
+            )));
         }
         self.method()?;
         if self.measure_sigma == Some(0) {
@@ -124,6 +135,7 @@ impl RunConfig {
 }
 
 /// The datasets, model description and split of a configuration.
+#[derive(Clone)]
 pub struct Prepared {
     pub train: Arc<Dataset>,
     pub test: Arc<Dataset>,
@@ -139,19 +151,10 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     let opts = LoadOptions {
         root: cfg.data_dir.clone(),
         image_size: (cfg.image_size as u32, cfg.image_size as u32),
-        ..LoadOptions::default()
+        ..Default::default()
     };
-    let (mut train, mut test) = kind.load_train_test(&opts)?;
-    if let Some(n) = cfg.test_subset {
-        if n == 0 || n > test.len() {
-            return Err(Error::Unsupported {
-                op: "data",
-                detail: format!("--test-subset {n}: the test set has {} images", test.len()),
-            });
-        }
-        let first: Vec<usize> = (0..n).collect();
-        test = test.subset(&first, format!("{}-first{n}", test.name()))?;
-    }
+    let (mut train, test) = kind.load_train_test(&opts)?;
+    let test = test_subset(test, cfg.test_subset)?;
     if let Some(n) = cfg.train_subset {
         if n == 0 || n > train.len() {
             return Err(Error::Unsupported {
@@ -175,6 +178,19 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     Ok(Prepared { train: Arc::new(train), test: Arc::new(test), norm, spec, ranges })
 }
 
+/// The first `n` images of `test` (all of them for None).
+pub(super) fn test_subset(test: Dataset, n: Option<usize>) -> Result<Dataset> {
+    let Some(n) = n else { return Ok(test) };
+    if n == 0 || n > test.len() {
+        return Err(Error::Unsupported {
+            op: "data",
+            detail: format!("--test-subset {n}: the test set has {} images", test.len()),
+        });
+    }
+    let first: Vec<usize> = (0..n).collect();
+    test.subset(&first, format!("{}-first{n}", test.name()))
+}
+
 /// Opens one device per stage on the adapters the selectors name.
 ///
 /// - One selector: every stage on that adapter, each stage with its own device and queue.
@@ -183,7 +199,7 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
 ///
 /// On a CPU adapter (lavapipe), devices of one instance share one thread pool and do not
 /// run at the same time, so each stage gets its own wgpu instance with an equal share of
-/// the cores (`LP_NUM_THREADS`), as `../shared/spec/kernel-performance-facts.md` measured.
+/// the cores (`LP_NUM_THREADS`), as `docs/lavapipe.md` measured.
 pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
     let mut chosen: Vec<AdapterSelector> = Vec::with_capacity(stages);
     for k in 0..stages {
@@ -260,40 +276,100 @@ fn predictor_tensors(st: &PipelineState) -> Vec<(String, crate::gpu::Tensor)> {
         if let Some(p) = &s.predictor {
             for p in p.params() {
                 out.push((p.name.clone(), p.value.clone()));
-                out.push((format!("optimizer.momentum.{}", p.name), p.momentum.clone()));
+                out.push((checkpoint::momentum_name(&p.name), p.momentum.clone()));
             }
         }
     }
     out
 }
 
-/// Host copies of every state tensor, for a checkpoint. Under FR the pipeline's state (each
-/// stage's input history and the gradient in flight) is saved too, so a resumed run
-/// continues the same pipeline; under DNI the predictors (the epoch boundary leaves no
-/// prediction in flight). DDG's stored graphs are not saved (see [`train`]).
-fn checkpoint_of(
-    net: &Network,
-    pipeline: Option<&PipelineState>,
-    cfg: &RunConfig,
-    epoch: usize,
-    best: f64,
-) -> Result<Checkpoint> {
-    let config =
-        serde_json::to_value(cfg).map_err(|e| Error::Data { path: "config".into(), message: e.to_string() })?;
-    let mut meta = CheckpointMeta::new(epoch, net.steps, cfg.seed, config);
-    meta.best_top1 = Some(best);
+/// Prefixes of checkpoint tensors that are training state, not the model: SGD momentum, a
+/// decoupled pipeline's stored inputs and gradient in flight (`pipeline.`, `fr.` before the
+/// rename), DNI's gradient predictors. `eval` ignores them; `--resume` restores them.
+pub const TRAINING_STATE_PREFIXES: [&str; 4] = [checkpoint::MOMENTUM_PREFIX, "pipeline.", "fr.", "dni."];
+
+/// Whether the checkpoint tensor `name` is training state (see [`TRAINING_STATE_PREFIXES`]).
+pub fn is_training_state(name: &str) -> bool {
+    TRAINING_STATE_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The epochs and sigma measurements of a run so far. Checkpoints carry it, so the metrics
+/// files can always be rewritten from the checkpoint (the source of truth): a kill between
+/// the checkpoint and the metrics files loses no row.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct History {
+    pub epochs: Vec<EpochRecord>,
+    #[serde(default)]
+    pub sigma: Vec<SigmaRecord>,
+}
+
+/// What the data looked like when a run started (stored in its checkpoints): `eval` uses
+/// the normalisation as it was, and `--resume` refuses data that would change the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// Per-sample input shape [C, H, W].
+    pub input: Vec<usize>,
+    pub classes: usize,
+    #[serde(default)]
+    pub class_names: Option<Vec<String>>,
+    /// Per-channel mean and standard deviation on the [0, 1] scale: x' = (x / 255 - mean) / std.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub train_images: usize,
+    pub test_images: usize,
+}
+
+impl DataInfo {
+    pub(super) fn of(p: &Prepared) -> DataInfo {
+        DataInfo {
+            input: p.spec.input.clone(),
+            classes: p.spec.classes,
+            class_names: p.train.class_names().map(|c| c.to_vec()),
+            mean: p.norm.mean().to_vec(),
+            std: p.norm.std().to_vec(),
+            train_images: p.train.len(),
+            test_images: p.test.len(),
+        }
+    }
+
+    /// The stored normalisation.
+    pub fn normalization(&self) -> Result<Normalization> {
+        Normalization::new(&self.mean, &self.std)
+    }
+}
+
+/// The JSON value of `v` (these types always serialise).
+fn json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::Data { path: "checkpoint metadata".into(), message: e.to_string() })
+}
+
+/// Host copies of every state tensor, for a checkpoint, with the run's history and data
+/// description in the metadata. Under FR the pipeline's state (each stage's input history
+/// and the gradient in flight) is saved too, so a resumed run continues the same pipeline;
+/// under DNI the predictors (the epoch boundary leaves no prediction in flight). DDG's stored
+/// graphs are not saved (see [`train`]). A non-finite value anywhere is divergence: nothing
+/// is returned to write.
+fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState, epoch: usize) -> Result<Checkpoint> {
+    let mut meta = CheckpointMeta::new(epoch, net.steps, run.cfg.seed, json(&run.cfg)?);
+    meta.best_top1 = Some(run.best);
+    let mut extra = serde_json::json!({
+        "history": json(&run.history)?,
+        "data": json(&run.data)?,
+    });
+    if !run.resumes.is_empty() {
+        extra["resumes"] = serde_json::Value::Array(run.resumes.clone());
+    }
     if let Some(st) = pipeline {
-        meta.extra = serde_json::json!({
-            "pipeline": {
-                "method": st.method.name(),
-                "iteration": st.iteration,
-                "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
-                "predictor_steps": st.stages.iter().map(|s| s.predictor_steps).collect::<Vec<_>>(),
-                "history": st.stages.iter().map(|s| s.input_history.len()).collect::<Vec<_>>(),
-                "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
-            }
+        extra["pipeline"] = serde_json::json!({
+            "method": st.method.name(),
+            "iteration": st.iteration,
+            "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            "predictor_steps": st.stages.iter().map(|s| s.predictor_steps).collect::<Vec<_>>(),
+            "history": st.stages.iter().map(|s| s.input_history.len()).collect::<Vec<_>>(),
+            "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
         });
     }
+    meta.extra = extra;
     let mut ck = Checkpoint::new(meta);
     for (name, t) in net.state() {
         ck.push(name, t.shape(), t.to_vec()?)?;
@@ -310,6 +386,13 @@ fn checkpoint_of(
         for (name, t) in predictor_tensors(st) {
             ck.push(name, t.shape(), t.to_vec()?)?;
         }
+    }
+    if let Some((name, index)) = ck.first_non_finite() {
+        let count = ck.get(name).map_or(0, |t| t.data.iter().filter(|v| !v.is_finite()).count());
+        return Err(Error::Diverged {
+            epoch,
+            reason: format!("{name} holds {count} NaN or infinite values (the first at index {index})"),
+        });
     }
     Ok(ck)
 }
@@ -359,39 +442,200 @@ fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, 
     Ok(())
 }
 
-/// Loads a checkpoint's tensors into `net` (every tensor must be there with its shape).
-pub fn restore(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
-    for (name, t) in net.state() {
+/// Loads `tensors` (name, device tensor) from the checkpoint, each with its exact shape.
+fn take_into(tensors: Vec<(String, crate::gpu::Tensor)>, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    for (name, t) in tensors {
         let data = ck.take(&name, t.shape()).map_err(|e| Error::Data {
             path: path.display().to_string(),
             message: format!("does not fit this model: {e}"),
         })?;
         t.gpu().write(&t, &data)?;
     }
+    Ok(())
+}
+
+/// Errors naming the first checkpoint tensor the model does not have.
+fn refuse_leftovers(ck: &Checkpoint, path: &Path) -> Result<()> {
     if let Some(extra) = ck.names().next() {
         return Err(Error::Data {
             path: path.display().to_string(),
             message: format!("holds tensor '{extra}' that this model does not have (another architecture?)"),
         });
     }
+    Ok(())
+}
+
+/// Loads a checkpoint's whole training state into `net`: weights, BN statistics and SGD
+/// momentum (every tensor must be there with its shape; the pipeline state, if any, must
+/// have been taken by [`restore_pipeline`] first).
+pub fn restore(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    take_into(net.state(), ck, path)?;
+    refuse_leftovers(ck, path)?;
     net.steps = ck.meta.iteration;
     Ok(())
+}
+
+/// Loads only the model (weights and BN statistics) for evaluation: training state
+/// (momentum, pipeline state, DNI predictors) is ignored, any other unknown tensor is an
+/// error, and a model tensor holding a NaN or an infinity is refused (a diverged run's
+/// weights would give meaningless numbers).
+pub fn restore_model(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    let model = net.model_state();
+    for (name, _) in &model {
+        if let Some(t) = ck.get(name) {
+            let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Data {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "tensor '{name}' holds {bad} NaN or infinite values: these weights come from a diverged run"
+                    ),
+                });
+            }
+        }
+    }
+    take_into(model, ck, path)?;
+    ck.tensors.retain(|t| !is_training_state(&t.name));
+    refuse_leftovers(ck, path)
 }
 
 /// The configuration stored in a checkpoint.
 pub fn checkpoint_config(dir: &Path) -> Result<(RunConfig, CheckpointMeta)> {
     let meta = checkpoint::load_meta(dir)?;
-    let cfg: RunConfig = serde_json::from_value(meta.config.clone()).map_err(|e| Error::Data {
-        path: dir.join(checkpoint::SAFETENSORS_FILE).display().to_string(),
-        message: format!("the stored run configuration is unreadable: {e}"),
-    })?;
+    let cfg = stored_config(&meta, dir)?;
     Ok((cfg, meta))
 }
 
-/// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`. With
-/// `resume`, continues the run whose checkpoint is in `out` (its configuration wins, except
-/// `epochs`, which may be raised to train longer). A DDG run cannot be resumed: its stored
-/// graphs (d_k activation sets per module) are not checkpointed.
+/// The run configuration in a checkpoint's metadata (`dir` names the file in errors).
+pub(super) fn stored_config(meta: &CheckpointMeta, dir: &Path) -> Result<RunConfig> {
+    serde_json::from_value(meta.config.clone()).map_err(|e| Error::Data {
+        path: dir.join(checkpoint::SAFETENSORS_FILE).display().to_string(),
+        message: format!("the stored run configuration is unreadable: {e}"),
+    })
+}
+
+/// How a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: its directory must be empty unless `overwrite`, which deletes the previous
+    /// run's outputs there.
+    New { overwrite: bool },
+    /// Continue the run whose checkpoint is in the output directory.
+    Resume,
+}
+
+/// A run's state between epochs, as its checkpoints record it.
+struct RunState {
+    cfg: RunConfig,
+    best: f64,
+    history: History,
+    data: DataInfo,
+    resumes: Vec<serde_json::Value>,
+}
+
+/// Estimated peak device bytes per stage for `cfg` (parameters with their gradients and
+/// momentum, the activations one backward keeps, and what the method stores on top), and
+/// the largest single tensor. Checked before anything is allocated, so an absurd size is a
+/// one-line error instead of an abort.
+pub fn estimate_memory(cfg: &RunConfig, p: &Prepared) -> Result<(Vec<u64>, u64)> {
+    let plans = crate::model::plan(&p.spec, &p.ranges, cfg.batch_size)?;
+    let k = plans.len();
+    let costs = p.spec.costs()?;
+    let batch = cfg.batch_size as u64;
+    let mut largest = 4 * batch * p.spec.input.iter().product::<usize>() as u64;
+    for c in &costs {
+        largest = largest.max(4 * batch * c.out_shape.iter().product::<usize>() as u64).max(4 * c.params as u64);
+    }
+    let method = cfg.method()?;
+    let mut out = Vec::with_capacity(k);
+    for (i, m) in plans.iter().enumerate() {
+        let delay = (k - 1 - i) as u64;
+        let params = 4 * m.params as u64;
+        let mut bytes = m.training_bytes();
+        match method {
+            None => {}
+            Some(Method::Fr) => bytes += (delay + 1) * m.input_bytes,
+            Some(Method::Ddg) => bytes += delay * (m.activation_bytes + params),
+            Some(Method::Dni(d)) if i + 1 < k => {
+                let features = p.spec.input_of(m.layers.end)?;
+                let c = features[0] as u64;
+                let spatial: u64 = features[1..].iter().map(|&v| v as u64).product::<u64>().max(1);
+                let w = if d.width == 0 { c } else { d.width as u64 };
+                let hidden = d.depth.saturating_sub(1) as u64;
+                let weights = 9 * (if hidden == 0 { c * c } else { c * w + hidden.saturating_sub(1) * w * w + w * c });
+                largest = largest.max(36 * w.max(c) * w.max(c)).max(4 * batch * w * spatial);
+                // Parameters (value, gradient, momentum) and the hidden layers' activations.
+                bytes += 12 * weights + 16 * batch * spatial * (hidden * w + c);
+            }
+            Some(Method::Dni(_)) => {}
+        }
+        out.push(bytes);
+    }
+    Ok((out, largest))
+}
+
+/// Refuses a run whose estimated memory exceeds what the machine has: the host must hold a
+/// copy of the training state for checkpoints, and on CPU adapters device memory is host
+/// memory.
+pub fn check_memory(cfg: &RunConfig, p: &Prepared) -> Result<()> {
+    let (stages, largest) = estimate_memory(cfg, p)?;
+    let total: u64 = stages.iter().sum();
+    let limit = crate::data::default_max_host_bytes();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if total > limit {
+        return Err(Error::Unsupported {
+            op: "train",
+            detail: format!(
+                "this configuration needs about {:.1} GiB of memory ({} stage(s), largest tensor {:.2} GiB) but {:.1} GiB are available; lower --batch-size, --depth or --dni-width",
+                gib(total),
+                stages.len(),
+                gib(largest),
+                gib(limit)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a run whose largest tensor exceeds a device's buffer limits, before allocating.
+fn check_device_limits(gpus: &[Gpu], cfg: &RunConfig, p: &Prepared) -> Result<()> {
+    let (_, largest) = estimate_memory(cfg, p)?;
+    for g in gpus {
+        let l = g.limits();
+        let limit = l.max_buffer_size.min(l.max_storage_buffer_binding_size);
+        if largest > limit {
+            return Err(Error::TensorTooLarge {
+                shape: vec![],
+                bytes: largest,
+                limit,
+                what: "the largest tensor of this configuration vs max_storage_buffer_binding_size",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Turns a stage's non-finite report into the run's divergence error for `epoch`.
+fn diverged(epoch: usize) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::NonFinite { .. } => Error::Diverged { epoch, reason: e.to_string() },
+        e => e,
+    }
+}
+
+/// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`.
+///
+/// The run is a sequence of named steps: [`open_resume`] (for [`Start::Resume`]; `cfg` must
+/// continue the checkpoint's run, see [`resume_config`]), [`prepare`] and every check of
+/// the configuration, sizes and output paths, locking `out` for the run's life
+/// ([`rundir::RunLock`]), opening devices, restoring the checkpoint, then one
+/// [`train_epoch`] and one checkpoint per epoch. Nothing is written before every check has
+/// passed.
+///
+/// A DDG run cannot be resumed: its stored graphs (d_k activation sets per module) are not
+/// checkpointed. Divergence (a NaN or infinity in a loss, weight, gradient, momentum, BN
+/// statistic or stage output) ends the run with [`Error::Diverged`] before the epoch's
+/// checkpoint and metrics are written, so the last good ones stay.
 ///
 /// With `measure_sigma = Some(n)`, sigma is measured every n iterations (see
 /// [`super::sigma`]) into `sigma.jsonl`, and each epoch record holds the epoch's mean per
@@ -400,165 +644,228 @@ pub fn checkpoint_config(dir: &Path) -> Result<(RunConfig, CheckpointMeta)> {
 pub fn train(
     cfg: &RunConfig,
     out: &Path,
-    resume: bool,
+    start: Start,
     trace: Option<&Path>,
     obs: &mut dyn Observer,
 ) -> Result<RunSummary> {
-    let (cfg, start_epoch, mut best, ck) = if resume {
-        let (mut stored, meta) = checkpoint_config(out)?;
-        if stored.algo == "ddg" {
-            return Err(Error::Unsupported {
-                op: "resume",
-                detail: format!(
-                    "{}: a DDG run cannot be resumed (its stored graphs are not checkpointed); the checkpoint is left as it is: start a new run or evaluate it",
-                    out.display()
-                ),
-            });
-        }
-        stored.epochs = stored.epochs.max(cfg.epochs);
-        let ck = checkpoint::load(out)?;
-        (stored, meta.epoch, meta.best_top1.unwrap_or(0.0), Some(ck))
-    } else {
-        (cfg.clone(), 0, 0.0, None)
+    // What to run.
+    let mut resumed = match start {
+        Start::Resume => Some(open_resume(cfg, out)?),
+        Start::New { .. } => None,
     };
-    let p = prepare(&cfg)?;
+    let p = prepare(cfg)?;
     let method = cfg.method()?;
+    check_memory(cfg, &p)?;
+    if let Some(r) = &resumed {
+        r.check_continues(cfg, &stored_config(&r.ck.meta, out)?, &p)?;
+    }
+    if let Start::New { overwrite } = start {
+        rundir::check_new_run_dir(out, overwrite)?;
+    }
+    let tracer = trace.map(Tracer::create).transpose()?;
+
+    // The run directory: one run at a time.
+    let _lock = rundir::RunLock::acquire(out)?;
+    if let Start::New { overwrite } = start {
+        rundir::check_new_run_dir(out, overwrite)?;
+        if overwrite {
+            rundir::clear_run_outputs(out)?;
+        }
+    }
+
+    // Devices and the network.
     let gpus = open_devices(&cfg.devices, p.ranges.len())?;
+    check_device_limits(&gpus, cfg, &p)?;
     let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
     let mut pipeline = match method {
         Some(m) => Some(PipelineState::new(m, &net, cfg.seed)?),
         None => None,
     };
-    if let Some(mut ck) = ck {
+    let mut run = RunState {
+        cfg: cfg.clone(),
+        best: 0.0,
+        history: History::default(),
+        data: DataInfo::of(&p),
+        resumes: Vec::new(),
+    };
+    let mut start_epoch = 0;
+    if let Some(r) = resumed.as_mut() {
         let file = out.join(checkpoint::SAFETENSORS_FILE);
         if let Some(st) = pipeline.as_mut() {
-            restore_pipeline(&net, st, &mut ck, &file)?;
+            restore_pipeline(&net, st, &mut r.ck, &file)?;
         }
-        restore(&mut net, &mut ck, &file)?;
+        restore(&mut net, &mut r.ck, &file)?;
+        start_epoch = r.epoch;
+        run.best = r.best;
+        run.history = std::mem::take(&mut r.history);
+        run.resumes = std::mem::take(&mut r.resumes);
+        let stored = stored_config(&r.ck.meta, out)?;
+        let changes = resume_config(&stored, cfg, &RESUMABLE_FLAGS)?.1;
+        run.resumes.push(serde_json::json!({ "epoch": r.epoch, "changed": changes }));
     }
-    let tracer = trace.map(Tracer::new);
-    let mut log = MetricsLog::open(out, start_epoch + 1)?;
-    let mut sigma_log = SigmaLog::open(out, start_epoch + 1)?;
-    let mut records = log.records().to_vec();
+    drop(resumed);
+
+    // The metrics files say what the checkpoint says, whatever a kill left there before.
+    let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
+    let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
     for epoch in start_epoch..cfg.epochs {
-        let lr = cfg.optim.lr_at(epoch);
-        let loader =
-            Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
-        let n = loader.num_batches();
-        obs.epoch_start(epoch + 1, n);
-        let mut peak = vec![0u64; gpus.len()];
-        let note_peak = |peak: &mut Vec<u64>| {
-            for (p, g) in peak.iter_mut().zip(&gpus) {
-                *p = (*p).max(g.memory().peak_bytes);
-            }
-        };
-        let mut sigmas: Vec<SigmaRecord> = Vec::new();
-        let mut measuring = 0.0f64;
-        let t0 = Instant::now();
-        let mut seen = 0usize;
-        // Iterations until the next measurement (None: no measurements).
-        let until_measure = |iteration: u64| cfg.measure_sigma.map(|m| m - (iteration % m as u64) as usize);
-        let train_metrics = if let Some(st) = pipeline.as_mut() {
-            let mut feed = loader.map(|b| {
-                seen += b.len();
-                obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
-                HostBatch { images: b.images, labels: b.labels }
-            });
-            let mut done = 0usize;
-            let mut total = crate::layers::loss::Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
-            while done < n {
-                let chunk = until_measure(st.iteration).unwrap_or(n).min(n - done);
-                for g in &gpus {
-                    g.reset_peak_memory();
-                }
-                let m = schedule::run_epoch(
-                    &mut net,
-                    st,
-                    feed.by_ref().take(chunk),
-                    chunk,
-                    &EpochOptions {
-                        tracer: tracer.as_ref(),
-                        end_of_epoch: done + chunk == n,
-                        ..EpochOptions::new(&cfg.optim, lr)
-                    },
-                )?;
-                note_peak(&mut peak);
-                total = combine(total, m);
-                done += chunk;
-                if cfg.measure_sigma.is_some() && st.iteration % cfg.measure_sigma.unwrap_or(1) as u64 == 0 {
-                    let t = Instant::now();
-                    let sigma = sigma::measure(&mut net, st)?;
-                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: st.iteration, sigma });
-                    measuring += t.elapsed().as_secs_f64();
-                }
-            }
-            total
-        } else {
-            let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
-            for g in &gpus {
-                g.reset_peak_memory();
-            }
-            for batch in loader {
-                let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
-                acc.add(&out, batch.len())?;
-                // One iteration in flight at most: the host never races ahead of the devices.
-                net.sync()?;
-                seen += batch.len();
-                obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
-                if let Some(m) = cfg.measure_sigma {
-                    if net.steps.is_multiple_of(m as u64) {
-                        note_peak(&mut peak);
-                        let t = Instant::now();
-                        let hb = HostBatch { images: batch.images, labels: batch.labels };
-                        let sigma = sigma::measure_bp(&mut net, &hb)?;
-                        sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: net.steps, sigma });
-                        measuring += t.elapsed().as_secs_f64();
-                        for g in &gpus {
-                            g.reset_peak_memory();
-                        }
-                    }
-                }
-            }
-            note_peak(&mut peak);
-            acc.read()?
-        };
+        let trained = train_epoch(&mut net, pipeline.as_mut(), &p, cfg, epoch, tracer.as_ref(), obs)
+            .map_err(diverged(epoch + 1))?;
         if let Some(tr) = &tracer {
             tr.write()?;
         }
-        let epoch_seconds = t0.elapsed().as_secs_f64() - measuring;
-        if !train_metrics.loss.is_finite() {
-            return Err(Error::Diverged { epoch: epoch + 1, loss: train_metrics.loss });
+        if !trained.metrics.loss.is_finite() {
+            return Err(Error::Diverged {
+                epoch: epoch + 1,
+                reason: format!("training loss {}", trained.metrics.loss),
+            });
         }
         let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
-        // Weights that overflowed give a finite training loss on the last batch but NaN on
-        // the test set: diverged too (and nothing NaN reaches the metrics or the checkpoint).
+        // Weights that overflowed can give a finite training loss on the last batch but NaN
+        // on the test set: diverged too (and nothing NaN reaches the metrics or checkpoint).
         if !test.loss.is_finite() {
-            return Err(Error::Diverged { epoch: epoch + 1, loss: test.loss });
+            return Err(Error::Diverged { epoch: epoch + 1, reason: format!("test loss {}", test.loss) });
         }
-        best = best.max(test.top1);
+        run.best = run.best.max(test.top1);
         let record = EpochRecord {
             epoch: epoch + 1,
-            lr: lr as f64,
-            train_loss: train_metrics.loss,
-            train_top1: train_metrics.top1,
+            lr: trained.lr as f64,
+            train_loss: trained.metrics.loss,
+            train_top1: trained.metrics.top1,
             test_loss: test.loss,
             test_top1: test.top1,
             test_top5: test.top5,
-            best_test_top1: best,
-            epoch_seconds,
-            images_per_second: train_metrics.samples as f64 / epoch_seconds,
-            peak_memory_bytes: peak,
-            sigma: SigmaRecord::mean(&sigmas, gpus.len()),
+            best_test_top1: run.best,
+            epoch_seconds: trained.seconds,
+            images_per_second: trained.metrics.samples as f64 / trained.seconds,
+            peak_memory_bytes: trained.peak,
+            sigma: SigmaRecord::mean(&trained.sigma, gpus.len()),
         };
-        checkpoint::save(out, &checkpoint_of(&net, pipeline.as_ref(), &cfg, epoch + 1, best)?)?;
-        for s in sigmas {
+        run.history.epochs.push(record.clone());
+        run.history.sigma.extend(trained.sigma.iter().cloned());
+        // The checkpoint first: it holds this epoch's row, so a kill before the metrics
+        // files are rewritten loses nothing (resume rewrites them from the checkpoint).
+        checkpoint::save(out, &checkpoint_of(&net, pipeline.as_ref(), &run, epoch + 1)?)?;
+        for s in trained.sigma {
             sigma_log.push(s)?;
         }
         log.push(record.clone())?;
         obs.epoch_end(&record);
-        records.push(record);
     }
-    Ok(RunSummary { records, best_test_top1: best, out: out.to_path_buf() })
+    Ok(RunSummary { records: run.history.epochs, best_test_top1: run.best, out: out.to_path_buf() })
+}
+
+/// What one epoch of training produced.
+struct TrainedEpoch {
+    metrics: Metrics,
+    /// Learning rate at the epoch's first iteration.
+    lr: f32,
+    /// Training time, measurements left out.
+    seconds: f64,
+    /// Peak bytes per stage.
+    peak: Vec<u64>,
+    sigma: Vec<SigmaRecord>,
+}
+
+/// One epoch (0-based) of training, BP or a decoupled pipeline, with the learning rate of
+/// each iteration, sigma measurements and divergence checks (every iteration, and the BN
+/// statistics at the end).
+fn train_epoch(
+    net: &mut Network,
+    pipeline: Option<&mut PipelineState>,
+    p: &Prepared,
+    cfg: &RunConfig,
+    epoch: usize,
+    tracer: Option<&Tracer>,
+    obs: &mut dyn Observer,
+) -> Result<TrainedEpoch> {
+    let loader =
+        Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
+    let n = loader.num_batches();
+    obs.epoch_start(epoch + 1, n);
+    let gpus: Vec<Gpu> = net.stages.iter().map(|s| s.gpu.clone()).collect();
+    let mut peak = vec![0u64; gpus.len()];
+    let note_peak = |peak: &mut Vec<u64>| {
+        for (p, g) in peak.iter_mut().zip(&gpus) {
+            *p = (*p).max(g.memory().peak_bytes);
+        }
+    };
+    let reset_peak = || gpus.iter().for_each(|g| g.reset_peak_memory());
+    let mut sigmas: Vec<SigmaRecord> = Vec::new();
+    let mut measuring = 0.0f64;
+    let t0 = Instant::now();
+    let mut seen = 0usize;
+    let first_lr = cfg.optim.lr_at(net.steps, n);
+    let metrics = if let Some(st) = pipeline {
+        let mut feed = loader.map(|b| {
+            seen += b.len();
+            obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
+            HostBatch { images: b.images, labels: b.labels }
+        });
+        let mut done = 0usize;
+        let mut total = Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
+        while done < n {
+            // A chunk runs at one learning rate and ends at the next measurement.
+            let mut chunk = n - done;
+            if let Some(m) = cfg.measure_sigma {
+                chunk = chunk.min(m - (st.iteration % m as u64) as usize);
+            }
+            if let Some(next) = cfg.optim.next_change(st.iteration, n) {
+                chunk = chunk.min((next - st.iteration) as usize);
+            }
+            let lr = cfg.optim.lr_at(st.iteration, n);
+            reset_peak();
+            let m = schedule::run_epoch(
+                net,
+                st,
+                feed.by_ref().take(chunk),
+                chunk,
+                &EpochOptions { tracer, end_of_epoch: done + chunk == n, ..EpochOptions::new(&cfg.optim, lr) },
+            )?;
+            note_peak(&mut peak);
+            total = combine(total, m);
+            done += chunk;
+            if let Some(m) = cfg.measure_sigma {
+                if st.iteration.is_multiple_of(m as u64) {
+                    let t = Instant::now();
+                    let sigma = sigma::measure(net, st)?;
+                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: st.iteration, sigma });
+                    measuring += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+        total
+    } else {
+        let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
+        reset_peak();
+        for batch in loader {
+            let lr = cfg.optim.lr_at(net.steps, n);
+            let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
+            acc.add(&out, batch.len())?;
+            // One iteration in flight at most: the host never races ahead of the devices.
+            net.sync()?;
+            net.check_finite()?;
+            seen += batch.len();
+            obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
+            if let Some(m) = cfg.measure_sigma {
+                if net.steps.is_multiple_of(m as u64) {
+                    note_peak(&mut peak);
+                    let t = Instant::now();
+                    let hb = HostBatch { images: batch.images, labels: batch.labels };
+                    let sigma = sigma::measure_bp(net, &hb)?;
+                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: net.steps, sigma });
+                    measuring += t.elapsed().as_secs_f64();
+                    reset_peak();
+                }
+            }
+        }
+        note_peak(&mut peak);
+        net.watch_buffers()?;
+        net.check_finite()?;
+        acc.read()?
+    };
+    let seconds = t0.elapsed().as_secs_f64() - measuring;
+    Ok(TrainedEpoch { metrics, lr: first_lr, seconds, peak, sigma: sigmas })
 }
 
 /// Metrics of two parts of an epoch, weighted by their samples.

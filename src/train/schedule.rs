@@ -1,4 +1,4 @@
-//! The decoupled schedules of `../shared/spec/features-replay.md` (Features Replay, DDG and
+//! The decoupled schedules of `docs/schedules.md` (Features Replay, DDG and
 //! DNI) on one worker thread per stage, with bounded channels between neighbours: features
 //! (with the labels) go up, gradients go down. This module owns the machinery every method
 //! shares (receiving the input, the last module's exact step, sending, the gradient one
@@ -227,10 +227,7 @@ impl Worker<'_> {
     /// SGD on the stage's parameters with their current gradients.
     pub(super) fn sgd(&mut self) -> Result<()> {
         let cfg = self.optim.sgd(self.step_lr());
-        let first = self.state.steps == 0;
-        for p in self.stage.params() {
-            p.sgd_step(&cfg, first)?;
-        }
+        self.stage.sgd_step(&cfg, self.state.steps == 0)?;
         self.state.steps += 1;
         Ok(())
     }
@@ -238,11 +235,8 @@ impl Worker<'_> {
     /// SGD on the DNI predictor's parameters (same optimiser and learning rate as its module).
     pub(super) fn predictor_sgd(&mut self) -> Result<()> {
         let cfg = self.optim.sgd(self.step_lr());
-        let first = self.state.predictor_steps == 0;
         if let Some(p) = &self.state.predictor {
-            for p in p.params() {
-                p.sgd_step(&cfg, first)?;
-            }
+            p.sgd_step(&cfg, self.state.predictor_steps == 0)?;
         }
         self.state.predictor_steps += 1;
         Ok(())
@@ -251,6 +245,7 @@ impl Worker<'_> {
     /// Sends the gradient of this module's input down (module 0 has nobody to send to).
     pub(super) fn send_down(&mut self, dx: Option<Tensor>, t: u64) -> Result<()> {
         let Some(dx) = dx else { return Ok(()) };
+        self.stage.watch_input_grad(&dx)?;
         let moving: Option<InFlight> = match &self.prev_gpu {
             Some(prev) if self.down_out.is_some() => Some(self.transport.start(&dx, prev)?),
             _ => None,
@@ -272,6 +267,7 @@ impl Worker<'_> {
     /// Sends this module's output (with the labels) to the module above.
     pub(super) fn send_up(&mut self, h: Tensor, labels: Vec<u32>, t: u64) -> Result<()> {
         let next = self.next_gpu.clone().ok_or_else(|| stopped(self.k, "no stage above"))?;
+        self.stage.watch_output(&h)?;
         // The features leave now, before the replay is recorded: on lavapipe, waiting for a
         // copy submitted before the replay also waited for the replay (measured: FR fell from
         // 1.39x to 0.91x of BP at K = 2), so deferring the wait serialised the stages. See
@@ -328,6 +324,7 @@ impl Worker<'_> {
         let y = loss::labels(&self.stage.gpu, &labels, self.classes)?;
         let (out, acts) = self.phase("forward", t, |w| w.stage.forward_train(&x, true))?;
         drop(x);
+        self.stage.watch_output(&out)?;
         let (lo, dlogits) = self.phase("loss", t, |_| loss::forward_backward(&out, &y))?;
         let dx = self.phase("backward", t, |w| w.stage.backward(acts, &dlogits, w.k > 0))?;
         self.send_down(dx, t)?;
@@ -358,6 +355,7 @@ impl Worker<'_> {
                 }
             }
             self.stage.gpu.sync()?;
+            self.check_finite(t)?;
         }
         // The module above sent a gradient during the last iteration if it was past its own
         // warm-up then; keep it for this module's next step (next call).
@@ -372,7 +370,28 @@ impl Worker<'_> {
         }
         if self.end_of_epoch {
             self.finish_epoch()?;
+            // The running statistics are checked once an epoch, before evaluation and the
+            // checkpoint read them.
+            self.stage.watch_buffers()?;
             self.stage.gpu.sync()?;
+            self.check_finite(last.saturating_sub(1))?;
+        }
+        Ok(())
+    }
+
+    /// Errors when anything this stage (or its DNI predictor) trains or produces has held a
+    /// NaN or an infinity: a diverged module stops the run at once, whatever the loss says.
+    fn check_finite(&self, t: u64) -> Result<()> {
+        self.stage.check_finite(t)?;
+        if let Some(p) = &self.state.predictor {
+            let found = p.non_finite()?;
+            if !found.is_empty() {
+                return Err(Error::NonFinite {
+                    stage: self.k,
+                    iteration: t,
+                    detail: format!("{} (its DNI gradient predictor)", crate::layers::watch::describe(&found)),
+                });
+            }
         }
         Ok(())
     }

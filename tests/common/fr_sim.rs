@@ -1,5 +1,5 @@
 //! An independent CPU simulation (candle-core, f32) of the Features Replay schedule of
-//! `shared/spec/features-replay.md`, written from the spec alone: the oracle the GPU
+//! `docs/schedules.md`, written from the spec alone: the oracle the GPU
 //! implementation is tested against. Plain backprop (`simulate_bp`) is simulated with the
 //! same building blocks, for comparison.
 //!

@@ -16,7 +16,7 @@ pub fn resnet8() -> ModelSpec {
 
 /// The paper's SGD at learning rate 0.05, without steps.
 pub fn optim() -> OptimConfig {
-    OptimConfig { lr: 0.05, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) }
+    OptimConfig::constant(0.05)
 }
 
 /// `n` seeded batches of `batch` images and labels for [`resnet8`].

@@ -6,7 +6,7 @@
 //! convolution with weights in a uniform buffer and many FMAs per load, with no shared
 //! memory (`Direct`, `shaders/conv2d_direct.wgsl`). On a discrete GPU the classic
 //! shared-memory tiled implicit GEMM wins (`Tiled`, `shaders/conv2d_tiled.wgsl`). See
-//! `../shared/spec/kernel-performance-facts.md` for the measurements behind this.
+//! `docs/lavapipe.md` for the measurements behind this.
 //!
 //! Choice order: a variant forced on the device ([`Gpu::force_variant`] with op
 //! [`OP`]) or by the `FEATREPLAY_CONV_VARIANT` environment variable (`direct`, `tiled`, or
