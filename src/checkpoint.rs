@@ -1,11 +1,14 @@
-//! Checkpoints: named f32 tensors plus JSON metadata, in one safetensors file written atomically.
+//! Checkpoints: named f32 (and i64) tensors plus JSON metadata, in one safetensors file written
+//! atomically.
 //!
 //! # What a checkpoint holds
 //!
 //! - Named f32 tensors with the names a PyTorch user expects from a `state_dict`: weights
-//!   (`conv1.weight`, `layer1.0.conv1.weight`, `fc.bias`), batch-norm running statistics
+//!   (`conv1.weight`, `layer1.0.conv1.weight`, `linear.bias`), batch-norm running statistics
 //!   (`layer1.0.bn1.running_mean`, `layer1.0.bn1.running_var`) and the optimizer's state under
-//!   [`MOMENTUM_PREFIX`] (`optimizer.momentum.layer1.0.conv1.weight`, see [`momentum_name`]).
+//!   [`MOMENTUM_PREFIX`] (`optimizer.momentum.layer1.0.conv1.weight`, see [`momentum_name`]);
+//!   i64 tensors for PyTorch's int64 buffers (`layer1.0.bn1.num_batches_tracked`), stored after
+//!   the f32 ones. What the names mean is the trainer's business (`train::run`).
 //! - [`CheckpointMeta`]: format version, epoch, iteration (global step), seed, best test
 //!   accuracy so far, the full training configuration, an optional RNG-state field and free-form
 //!   extra fields. Data order and augmentation are deterministic functions of
@@ -17,7 +20,7 @@
 //! [`save`] writes two files into a directory:
 //!
 //! - `checkpoint.safetensors` ([`SAFETENSORS_FILE`]): the checkpoint itself, a standard
-//!   safetensors file (all tensors `F32`, little endian, C order) whose header's `__metadata__`
+//!   safetensors file (tensors `F32` or `I64`, little endian, C order) whose header's `__metadata__`
 //!   map holds the metadata as a JSON string under the key `featreplay` ([`METADATA_KEY`]) and
 //!   `"format": "pt"`. This file alone is a complete checkpoint; PyTorch opens it with
 //!   `safetensors.torch.load_file(path)` and reads the metadata with
@@ -57,7 +60,8 @@
 //! # Validation
 //!
 //! [`load`] reports [`Error::Data`] naming the file for a missing file, a file that is not
-//! safetensors, a truncated or corrupt file, a checksum mismatch, a tensor that is not `F32`,
+//! safetensors, a truncated or corrupt file, a checksum mismatch, a tensor that is neither `F32`
+//! nor `I64`,
 //! missing or unparsable metadata and an unsupported `format_version`; other I/O failures are
 //! [`Error::Io`]. Non-finite values are loaded as they are (a diverged run's checkpoint is still
 //! data): see [`Checkpoint::all_finite`] and [`Checkpoint::non_finite_tensors`].
@@ -74,6 +78,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+
+/// The `format_version` of a [`Checkpoint`] read by [`load_weights`] from a plain safetensors
+/// file that has no featreplay metadata (never written).
+pub const PLAIN_FORMAT_VERSION: u32 = 0;
 
 /// The checkpoint format version this build writes. [`load`] reads this one and every version
 /// from [`OLDEST_FORMAT_VERSION`] on.
@@ -123,6 +131,16 @@ impl NamedTensor {
     pub fn new(name: impl Into<String>, shape: &[usize], data: Vec<f32>) -> Self {
         NamedTensor { name: name.into(), shape: shape.to_vec(), data }
     }
+}
+
+/// One host-side i64 tensor of a checkpoint (PyTorch's `num_batches_tracked` buffers are
+/// int64 scalars), in C order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedIntTensor {
+    pub name: String,
+    /// The shape; `[]` is a scalar (one value).
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
 }
 
 /// Everything about a checkpoint except its tensors. Stored as JSON in the safetensors header
@@ -198,8 +216,10 @@ impl CheckpointMeta {
 pub struct Checkpoint {
     /// Epoch, iteration, seed, configuration and the rest.
     pub meta: CheckpointMeta,
-    /// The tensors, names unique.
+    /// The f32 tensors, names unique.
     pub tensors: Vec<NamedTensor>,
+    /// The i64 tensors (stored after the f32 ones), names unique across both lists.
+    pub int_tensors: Vec<NamedIntTensor>,
     /// Names removed by [`Checkpoint::take`], in the order taken.
     taken: Vec<String>,
 }
@@ -207,14 +227,56 @@ pub struct Checkpoint {
 impl PartialEq for Checkpoint {
     /// What was taken is bookkeeping for error messages, not content.
     fn eq(&self, other: &Self) -> bool {
-        self.meta == other.meta && self.tensors == other.tensors
+        self.meta == other.meta && self.tensors == other.tensors && self.int_tensors == other.int_tensors
     }
 }
 
 impl Checkpoint {
     /// A checkpoint with no tensors yet.
     pub fn new(meta: CheckpointMeta) -> Self {
-        Checkpoint { meta, tensors: Vec::new(), taken: Vec::new() }
+        Checkpoint { meta, tensors: Vec::new(), int_tensors: Vec::new(), taken: Vec::new() }
+    }
+
+    /// Appends an i64 tensor (checked like [`Checkpoint::push`]).
+    pub fn push_i64(&mut self, name: impl Into<String>, shape: &[usize], data: Vec<i64>) -> Result<()> {
+        let name = name.into();
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel != Some(data.len()) {
+            return Err(self
+                .error(format!("tensor `{name}` has {} values, but its shape {shape:?} needs {numel:?}", data.len())));
+        }
+        check_tensor(&NamedTensor::new(name.clone(), &[0], vec![])).map_err(|message| self.error(message))?;
+        if self.names().any(|n| n == name) {
+            return Err(self.error(format!("tensor `{name}` is already in the checkpoint")));
+        }
+        self.int_tensors.push(NamedIntTensor { name, shape: shape.to_vec(), data });
+        Ok(())
+    }
+
+    /// Removes the i64 tensor called `name` and returns its values, checking its shape (see
+    /// [`Checkpoint::take`]).
+    pub fn take_i64(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<i64>> {
+        let Some(index) = self.int_tensors.iter().position(|t| t.name == name) else {
+            if self.get(name).is_some() {
+                return Err(self.error(format!("tensor `{name}` is F32 in the checkpoint but I64 is expected")));
+            }
+            return Err(self.error(self.missing_message(name)));
+        };
+        let shape = &self.int_tensors[index].shape;
+        if shape.as_slice() != expected_shape {
+            return Err(self.error(format!(
+                "tensor `{name}` has shape {shape:?} in the checkpoint but {expected_shape:?} is expected"
+            )));
+        }
+        let tensor = self.int_tensors.remove(index);
+        self.taken.push(tensor.name);
+        Ok(tensor.data)
+    }
+
+    /// Whether this came from a plain safetensors file without featreplay's metadata (a
+    /// PyTorch `state_dict` saved with `save_file`; see [`load_weights`]).
+    pub fn is_plain(&self) -> bool {
+        self.meta.format_version == PLAIN_FORMAT_VERSION
     }
 
     /// Appends a tensor, checking that `data` fills `shape` and that the name is valid and new.
@@ -240,6 +302,9 @@ impl Checkpoint {
     /// model did not use.
     pub fn take(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
         let Some(index) = self.tensors.iter().position(|t| t.name == name) else {
+            if self.int_tensors.iter().any(|t| t.name == name) {
+                return Err(self.error(format!("tensor `{name}` is I64 in the checkpoint but F32 is expected")));
+            }
             return Err(self.error(self.missing_message(name)));
         };
         let shape = &self.tensors[index].shape;
@@ -253,9 +318,9 @@ impl Checkpoint {
         Ok(tensor.data)
     }
 
-    /// The tensor names, in order.
+    /// The tensor names, in order (the f32 tensors, then the i64 ones).
     pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
-        self.tensors.iter().map(|t| t.name.as_str())
+        self.tensors.iter().map(|t| t.name.as_str()).chain(self.int_tensors.iter().map(|t| t.name.as_str()))
     }
 
     /// Whether every value of every tensor is finite (no NaN, no infinity).
@@ -290,19 +355,23 @@ impl Checkpoint {
     /// The number of tensors the checkpoint held before any [`Checkpoint::take`]: for a loaded
     /// checkpoint, the number of tensors in the file.
     pub fn held_tensors(&self) -> usize {
-        self.tensors.len() + self.taken.len()
+        self.tensors.len() + self.int_tensors.len() + self.taken.len()
     }
 
     /// The integrity checksum of the tensors as they are now, in order: `"crc32c:<8 hex
     /// digits>"`, the value [`save`] stores in [`CheckpointMeta::checksum`].
     ///
-    /// CRC-32C over, for each tensor, the name, the dtype (`F32`), the shape and the data bytes
-    /// (little-endian f32), each preceded by its length (or rank) as a little-endian u64 so
+    /// CRC-32C over, for each tensor (the f32 ones, then the i64 ones), the name, the dtype
+    /// (`F32` or `I64`), the shape and the data bytes
+    /// (little-endian), each preceded by its length (or rank) as a little-endian u64 so
     /// that no two different sequences of tensors hash the same bytes.
     pub fn checksum(&self) -> String {
         let mut crc = TensorCrc::default();
         for t in &self.tensors {
             crc.tensor(&t.name, Dtype::F32, &t.shape, &f32_le_bytes(&t.data));
+        }
+        for t in &self.int_tensors {
+            crc.tensor(&t.name, Dtype::I64, &t.shape, &i64_le_bytes(&t.data));
         }
         crc.value()
     }
@@ -374,7 +443,7 @@ fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Resul
     // The file is written in this build's format whatever the caller's metadata says (it may
     // come from a loaded version 1 file), with the checksum of exactly the tensors written.
     let meta = CheckpointMeta { format_version: FORMAT_VERSION, checksum: Some(ckpt.checksum()), ..ckpt.meta.clone() };
-    let header = build_header(&meta, &ckpt.tensors).map_err(|message| data_error(&final_path, message))?;
+    let header = build_header(&meta, ckpt).map_err(|message| data_error(&final_path, message))?;
     let json = serde_json::to_vec_pretty(&meta)
         .map_err(|e| data_error(&dir.join(JSON_FILE), format!("cannot serialise the metadata: {e}")))?;
 
@@ -386,6 +455,9 @@ fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Resul
         w.write_all(&header)?;
         for tensor in &ckpt.tensors {
             write_f32s(w, &tensor.data)?;
+        }
+        for tensor in &ckpt.int_tensors {
+            w.write_all(&i64_le_bytes(&tensor.data))?;
         }
         Ok(())
     })?;
@@ -420,6 +492,20 @@ pub fn load(dir_or_file: &Path) -> Result<Checkpoint> {
         Err(source) => return Err(io_error(&path, source)),
     };
     parse(&path, &bytes)
+}
+
+/// Reads the weights of a featreplay checkpoint (as [`load`], checksum verified) or of a
+/// plain safetensors file without featreplay's metadata, such as a PyTorch
+/// `safetensors.torch.save_file(model.state_dict(), path)`: its tensors (F32, and I64 for
+/// `num_batches_tracked`) with a placeholder metadata ([`Checkpoint::is_plain`]).
+pub fn load_weights(dir_or_file: &Path) -> Result<Checkpoint> {
+    let path = resolve(dir_or_file);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(&path)),
+        Err(source) => return Err(io_error(&path, source)),
+    };
+    parse_as(&path, &bytes, true)
 }
 
 /// Reads only the metadata of a checkpoint (the safetensors header), without reading or
@@ -483,20 +569,28 @@ fn check_tensor(t: &NamedTensor) -> std::result::Result<usize, String> {
 
 /// The safetensors header (JSON, space-padded to a multiple of 8 bytes) for `meta` and
 /// `tensors`, tensors laid out in the given order.
-fn build_header(meta: &CheckpointMeta, tensors: &[NamedTensor]) -> std::result::Result<Vec<u8>, String> {
-    let mut seen = HashSet::with_capacity(tensors.len());
-    let mut infos = Vec::with_capacity(tensors.len());
+fn build_header(meta: &CheckpointMeta, ckpt: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
+    let n = ckpt.tensors.len() + ckpt.int_tensors.len();
+    let mut seen = HashSet::with_capacity(n);
+    let mut infos = Vec::with_capacity(n);
     let mut offset = 0usize;
-    for t in tensors {
-        let bytes = check_tensor(t)? * 4;
-        if !seen.insert(t.name.as_str()) {
-            return Err(format!("tensor `{}` appears twice", t.name));
+    let ints = ckpt.int_tensors.iter().map(|t| {
+        let numel: usize = t.shape.iter().product();
+        let len = if numel == t.data.len() {
+            Ok(numel * 8)
+        } else {
+            Err(format!("tensor `{}` does not fill its shape", t.name))
+        };
+        (t.name.as_str(), Dtype::I64, &t.shape, len)
+    });
+    let floats = ckpt.tensors.iter().map(|t| (t.name.as_str(), Dtype::F32, &t.shape, check_tensor(t).map(|n| n * 4)));
+    for (name, dtype, shape, bytes) in floats.chain(ints) {
+        let bytes = bytes?;
+        if !seen.insert(name) {
+            return Err(format!("tensor `{name}` appears twice"));
         }
         let end = offset.checked_add(bytes).ok_or_else(|| "the tensors are too large to store".to_string())?;
-        infos.push((
-            t.name.clone(),
-            TensorInfo { dtype: Dtype::F32, shape: t.shape.clone(), data_offsets: (offset, end) },
-        ));
+        infos.push((name.to_string(), TensorInfo { dtype, shape: shape.clone(), data_offsets: (offset, end) }));
         offset = end;
     }
     let meta_json = serde_json::to_string(meta).map_err(|e| format!("cannot serialise the metadata: {e}"))?;
@@ -508,6 +602,11 @@ fn build_header(meta: &CheckpointMeta, tensors: &[NamedTensor]) -> std::result::
         return Err(format!("the header would take {} bytes, more than safetensors allows", header.len()));
     }
     Ok(header)
+}
+
+/// The little-endian bytes of i64 values (the file's encoding).
+fn i64_le_bytes(data: &[i64]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 #[cfg(target_endian = "little")]
@@ -633,8 +732,9 @@ fn clean_stale_temps(dir: &Path) {
     }
 }
 
-/// Makes the renames in `dir` durable where the platform supports syncing a directory.
-fn sync_dir(dir: &Path) {
+/// Makes the renames in `dir` durable where the platform supports syncing a directory (also
+/// used by `report::write_atomic`).
+pub(crate) fn sync_dir(dir: &Path) {
     #[cfg(unix)]
     if let Ok(d) = File::open(dir) {
         if let Err(e) = d.sync_all() {
@@ -692,6 +792,12 @@ fn check_header_len(path: &Path, header_len: u64, file_len: u64) -> Result<usize
 }
 
 fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
+    parse_as(path, bytes, false)
+}
+
+/// Parses a safetensors file; with `plain_ok`, one without featreplay's metadata too (its
+/// meta says [`PLAIN_FORMAT_VERSION`] and there is no checksum to verify).
+fn parse_as(path: &Path, bytes: &[u8], plain_ok: bool) -> Result<Checkpoint> {
     let file_len = bytes.len() as u64;
     let Some(len_field) = bytes.get(..LEN_FIELD) else {
         return Err(too_short(path, file_len));
@@ -708,20 +814,29 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
         }
         e => data_error(path, format!("corrupt safetensors file: {e}")),
     })?;
-    let meta = parse_meta(path, metadata.metadata().as_ref())?;
+    let has_ours = metadata.metadata().as_ref().is_some_and(|m| m.contains_key(METADATA_KEY));
+    let meta = if plain_ok && !has_ours {
+        CheckpointMeta { format_version: PLAIN_FORMAT_VERSION, ..CheckpointMeta::new(0, 0, 0, Value::Null) }
+    } else {
+        parse_meta(path, metadata.metadata().as_ref())?
+    };
 
     let mut crc = TensorCrc::default();
     let data_start = LEN_FIELD + header_len;
     let names = metadata.offset_keys();
     let mut tensors = Vec::with_capacity(names.len());
+    let mut int_tensors = Vec::new();
     for name in names {
         let Some(info) = metadata.info(&name) else {
             return Err(data_error(path, format!("tensor `{name}` is listed but has no entry in the header")));
         };
-        if info.dtype != Dtype::F32 {
+        if info.dtype != Dtype::F32 && info.dtype != Dtype::I64 {
             return Err(data_error(
                 path,
-                format!("tensor `{name}` has dtype {}, but featreplay checkpoints hold F32 tensors only", info.dtype),
+                format!(
+                    "tensor `{name}` has dtype {}, but featreplay reads F32 tensors (and I64 ones, such as num_batches_tracked) only",
+                    info.dtype
+                ),
             ));
         }
         let (start, end) = info.data_offsets;
@@ -731,8 +846,16 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
             .and_then(|(s, e)| bytes.get(s..e))
             .ok_or_else(|| data_error(path, format!("tensor `{name}` lies outside the file")))?;
         crc.tensor(&name, info.dtype, &info.shape, raw);
-        let data = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        tensors.push(NamedTensor { name, shape: info.shape.clone(), data });
+        if info.dtype == Dtype::I64 {
+            let data = raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+            int_tensors.push(NamedIntTensor { name, shape: info.shape.clone(), data });
+        } else {
+            let data = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.push(NamedTensor { name, shape: info.shape.clone(), data });
+        }
+    }
+    if meta.format_version == PLAIN_FORMAT_VERSION {
+        return Ok(Checkpoint { meta, tensors, int_tensors, taken: Vec::new() });
     }
     let computed = crc.value();
     match &meta.checksum {
@@ -751,7 +874,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
             tensors.len()
         ),
     }
-    Ok(Checkpoint { meta, tensors, taken: Vec::new() })
+    Ok(Checkpoint { meta, tensors, int_tensors, taken: Vec::new() })
 }
 
 /// Parses the featreplay metadata out of a safetensors header's `__metadata__` map.

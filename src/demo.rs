@@ -77,7 +77,7 @@ pub fn tiny_resnet(cfg: &DemoConfig) -> ModelSpec {
             LayerSpec::Basic { name: "layer1.0".into(), in_channels: w, out_channels: w, stride: 1 },
             LayerSpec::Basic { name: "layer2.0".into(), in_channels: w, out_channels: 2 * w, stride: 2 },
             LayerSpec::GlobalAvgPool,
-            LayerSpec::Linear { name: "fc".into(), in_features: 2 * w, out_features: cfg.classes },
+            LayerSpec::Linear { name: "linear".into(), in_features: 2 * w, out_features: cfg.classes },
         ],
     }
 }

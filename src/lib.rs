@@ -9,12 +9,15 @@
 //! - [`layers`]: parameters with forward and backward built from kernels;
 //! - [`model`]: ResNets as flat lists of layers, split into stages on devices;
 //! - [`pipeline`]: moving tensors between stages' devices;
-//! - [`train`]: the training schedules (backprop for now) over a split network;
+//! - [`train`]: the training schedules (BP, FR, DDG, DNI) over a split network, the run
+//!   driver, resuming and evaluation;
+//! - [`predict`]: per-image top-k classes and probabilities from a saved model;
+//! - [`compare`]: every method at every K, with plots and a summary;
 //! - [`report`]: per-epoch metrics (JSONL, CSV) and curves (PNG);
 //! - [`trace`]: the pipeline's timeline as Chrome trace events;
 //! - [`data`]: datasets (CIFAR binary, IDX, image folders, the embedded default), augmentation
 //!   and a background loader;
-//! - [`checkpoint`]: safetensors checkpoints written atomically;
+//! - [`checkpoint`]: safetensors checkpoints with checksums, written atomically;
 //! - [`rundir`]: run output directories: a lock per run, no new run over an old one;
 //! - [`demo`]: the foundation's demo job (a small residual net on random data).
 
@@ -28,6 +31,7 @@ pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod pipeline;
+pub mod predict;
 pub mod report;
 pub mod rundir;
 pub mod trace;

@@ -10,8 +10,9 @@ use featreplay::gpu::{list_adapters, AdapterSelector};
 use featreplay::kernels::conv2d;
 use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
+use featreplay::predict;
 use featreplay::report::EpochRecord;
-use featreplay::train::eval::{self, EvalOptions, TestSubset};
+use featreplay::train::eval::{self, InferenceOptions, TestSubset};
 use featreplay::train::resume;
 use featreplay::train::run::{self, Observer, RunConfig, Start};
 use featreplay::train::OptimConfig;
@@ -64,6 +65,63 @@ struct ModelArgs {
     image_size: usize,
 }
 
+/// Where `eval` and `predict` get the model's data and, for a plain state_dict, its shape.
+#[derive(Args, Clone)]
+struct SourceArgs {
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The first N test images, or `all`. Default: the run's own --test-subset, or all
+    /// images with --dataset / --data-dir (the run's subset was of its own test set).
+    #[arg(long, value_name = "N|all")]
+    test_subset: Option<String>,
+    /// For a plain state_dict: resnet, resnet-bottleneck, resnet101, resnet152 (a checkpoint
+    /// stores its own; a different value is an error).
+    #[arg(long)]
+    arch: Option<String>,
+    /// For a plain state_dict: the depth (default 20).
+    #[arg(long)]
+    depth: Option<usize>,
+    /// For a plain state_dict of a folder dataset: the image side.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Input normalisation, per channel on the [0, 1] scale, comma-separated (default: the
+    /// checkpoint's; for a plain state_dict, the dataset's statistics).
+    #[arg(long, value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    #[arg(long, value_delimiter = ',')]
+    std: Option<Vec<f32>>,
+}
+
+impl SourceArgs {
+    fn options(&self, cli: &Cli, batch_size: usize) -> Result<InferenceOptions> {
+        let test_subset = match self.test_subset.as_deref().map(str::trim) {
+            None => TestSubset::Stored,
+            Some("all") => TestSubset::All,
+            Some(n) => TestSubset::First(
+                n.parse().map_err(|_| anyhow::anyhow!("--test-subset {n}: give a number of images or 'all'"))?,
+            ),
+        };
+        if let Some(v) = cli.conv_variant.as_deref().filter(|v| v.trim() != "tune") {
+            v.parse::<conv2d::ConvVariant>().context("reading --conv-variant")?;
+        }
+        Ok(InferenceOptions {
+            dataset: self.dataset.clone(),
+            data_dir: self.data_dir.clone(),
+            test_subset,
+            batch_size,
+            devices: selectors(&cli.device),
+            arch: self.arch.clone(),
+            depth: self.depth,
+            image_size: self.image_size,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            conv_variant: cli.conv_variant.as_ref().map(|v| v.trim().to_string()),
+        })
+    }
+}
+
 /// Optimisation and run flags shared by `train` and `compare`.
 #[derive(Args, Clone)]
 struct TrainArgs {
@@ -109,6 +167,11 @@ struct TrainArgs {
     /// No progress bar (one line per epoch only).
     #[arg(long)]
     quiet: bool,
+    /// Start from the model in FILE (a featreplay checkpoint or run directory, or a plain
+    /// PyTorch state_dict saved as safetensors) instead of the seeded initialisation; its
+    /// tensors must match the model (the error lists what differs). Momentum starts at zero.
+    #[arg(long, value_name = "FILE")]
+    init_from: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -146,6 +209,7 @@ impl TrainArgs {
             algo: algo.to_string(),
             measure_sigma: self.measure_sigma,
             dni: PredictorConfig { depth: self.dni_depth, width: self.dni_width },
+            init_from: self.init_from.clone(),
         }
     }
 }
@@ -206,18 +270,40 @@ enum Command {
     },
     /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir),
     /// with the input normalisation stored in the checkpoint. Training state (momentum, a
-    /// pipeline's stored inputs, DNI predictors) is ignored.
+    /// pipeline's stored inputs, DNI predictors) is ignored. Also takes a plain PyTorch
+    /// state_dict saved as safetensors (give --arch, --depth, --dataset, and --mean/--std
+    /// unless the dataset's own statistics apply).
     Eval {
-        /// Directory holding checkpoint.safetensors (a `train --out` directory), or the file.
+        /// A `train --out` directory, its checkpoint.safetensors, or a plain state_dict file.
         checkpoint: PathBuf,
-        #[arg(long)]
-        dataset: Option<String>,
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// The first N test images, or `all`. Default: the run's own --test-subset, or all
-        /// images with --dataset / --data-dir (the run's subset was of its own test set).
-        #[arg(long, value_name = "N|all")]
-        test_subset: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+    },
+    /// Per image, the model's top-k classes and probabilities (CSV or JSON lines), for image
+    /// files or a dataset split, with the checkpoint's normalisation.
+    Predict {
+        /// A `train --out` directory, its checkpoint.safetensors, or a plain state_dict file.
+        checkpoint: PathBuf,
+        /// Image files (PNG, JPEG), resized to the model's input; without them, the images of
+        /// --split of the model's dataset (or --dataset / --data-dir).
+        #[arg(long, num_args = 1.., value_name = "FILE")]
+        images: Vec<PathBuf>,
+        /// The dataset split to predict when no --images are given.
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Classes per image.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// csv or jsonl.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
     },
@@ -434,37 +520,58 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             print!("{}", compare::summary_markdown(&cfg, &summary));
             println!("summary.md, summary.json, curves/memory/speed/sigma plots in {}", out.display());
         }
-        Command::Eval { checkpoint, dataset, data_dir, test_subset, batch_size } => {
-            let test_subset = match test_subset.as_deref().map(str::trim) {
-                None => TestSubset::Stored,
-                Some("all") => TestSubset::All,
-                Some(n) => TestSubset::First(
-                    n.parse().map_err(|_| anyhow::anyhow!("--test-subset {n}: give a number of images or 'all'"))?,
-                ),
-            };
-            let opts = EvalOptions {
-                dataset: dataset.clone(),
-                data_dir: data_dir.clone(),
-                test_subset,
-                batch_size: *batch_size,
-                devices: selectors(&cli.device),
-            };
-            if let Some(v) = &cli.conv_variant {
-                apply_conv_variant(&cli.conv_variant, &[])?;
-                std::env::set_var(conv2d::VARIANT_ENV, v);
-            }
-            let r = eval::evaluate_checkpoint(checkpoint, &opts, cli.conv_variant.as_deref())
+        Command::Eval { checkpoint, source, batch_size } => {
+            let opts = source.options(&cli, *batch_size)?;
+            let r = eval::evaluate_checkpoint(checkpoint, &opts)
                 .with_context(|| format!("evaluating {}", checkpoint.display()))?;
+            let after = r.epoch.map_or_else(|| "(plain state_dict)".to_string(), |e| format!("after epoch {e}"));
             println!(
-                "{} after epoch {} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
+                "{} {after} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
                 r.model,
-                r.epoch,
                 r.data,
                 r.metrics.samples,
                 r.metrics.loss,
                 100.0 * r.metrics.top1,
                 100.0 * r.metrics.top5
             );
+        }
+        Command::Predict { checkpoint, images, split, source, top_k, format, output, batch_size } => {
+            if !["csv", "jsonl"].contains(&format.as_str()) {
+                anyhow::bail!("--format {format}: choose csv or jsonl");
+            }
+            if *top_k == 0 {
+                anyhow::bail!("--top-k must be at least 1");
+            }
+            let split: featreplay::data::Split = split.parse().map_err(|m: String| anyhow::anyhow!(m))?;
+            for f in images {
+                if !f.is_file() {
+                    anyhow::bail!("{}: no such image file", f.display());
+                }
+            }
+            if let Some(o) = output {
+                if o.is_dir() {
+                    anyhow::bail!("--output {} is a directory; give a file name", o.display());
+                }
+            }
+            let opts = source.options(&cli, *batch_size)?;
+            let model =
+                eval::load_model(checkpoint, &opts).with_context(|| format!("loading {}", checkpoint.display()))?;
+            let inputs = if images.is_empty() {
+                predict::Inputs::Dataset(split)
+            } else {
+                predict::Inputs::Images(images.clone())
+            };
+            let preds = predict::predict(&model, &inputs, *top_k, *batch_size).context("predicting")?;
+            let mut text = Vec::new();
+            if format == "csv" {
+                predict::write_csv(&mut text, &preds)?;
+            } else {
+                predict::write_jsonl(&mut text, &preds)?;
+            }
+            match output {
+                Some(o) => featreplay::report::write_atomic(o, &text)?,
+                None => std::io::Write::write_all(&mut std::io::stdout().lock(), &text)?,
+            }
         }
         Command::Plan { model } => {
             let mut cfg = RunConfig::default_for(1);

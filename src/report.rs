@@ -329,7 +329,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&temp);
         return Err(io(path)(source));
     }
-    sync_dir(dir);
+    crate::checkpoint::sync_dir(dir);
     Ok(())
 }
 
@@ -377,18 +377,6 @@ fn remove_stale_temps(dir: &Path, names: &[&str]) {
             }
         }
     }
-}
-
-/// Makes a rename in `dir` durable where the platform supports syncing a directory.
-fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
-        if let Err(e) = d.sync_all() {
-            log::debug!("could not sync directory {}: {e}", dir.display());
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
 }
 
 /// Encodes an RGB8 buffer as PNG and writes it to `path` with [`write_atomic`].

@@ -335,7 +335,7 @@ fn missing_files_are_data_errors_naming_the_file() {
 }
 
 #[test]
-fn non_f32_tensors_are_rejected() {
+fn tensors_neither_f32_nor_i64_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f64.safetensors");
     // A checksum that cannot match: the dtype is reported first, as the more useful message.
@@ -348,8 +348,11 @@ fn non_f32_tensors_are_rejected() {
     );
     expect_data_error(checkpoint::load(&path), &path, &["fc.weight", "F64", "F32"]);
 
+    write_raw(&path, &[("half", Dtype::F16, vec![2], vec![0, 60, 0, 64])], featreplay_metadata(meta.clone()));
+    expect_data_error(checkpoint::load(&path), &path, &["half", "F16"]);
+    // I64 is read (PyTorch's num_batches_tracked): here the checksum is what fails.
     write_raw(&path, &[("step", Dtype::I64, vec![1], 7i64.to_le_bytes().to_vec())], featreplay_metadata(meta));
-    expect_data_error(checkpoint::load(&path), &path, &["step", "I64"]);
+    expect_data_error(checkpoint::load(&path), &path, &["checksum mismatch"]);
 }
 
 #[test]
@@ -721,4 +724,38 @@ fn non_finite_tensors_are_counted_per_tensor() {
     checkpoint::save(dir.path(), &ckpt).unwrap();
     let loaded = checkpoint::load(dir.path()).unwrap();
     assert_eq!(loaded.non_finite_tensors(|_| true), vec![("b", 3), ("optimizer.momentum.b", 2)]);
+}
+
+#[test]
+fn i64_tensors_round_trip_are_checksummed_and_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ckpt = sample(3);
+    ckpt.push_i64("bn1.num_batches_tracked", &[], vec![1 << 40]).unwrap();
+    ckpt.push_i64("steps", &[2], vec![-1, 7]).unwrap();
+    assert!(ckpt.push_i64("bn1.num_batches_tracked", &[], vec![0]).is_err(), "duplicate name");
+    assert!(ckpt.push_i64("conv1.weight", &[], vec![0]).is_err(), "a name taken by an f32 tensor");
+    assert!(ckpt.push_i64("bad", &[3], vec![0]).is_err(), "values must fill the shape");
+    let path = checkpoint::save(dir.path(), &ckpt).unwrap();
+    let mut loaded = checkpoint::load(dir.path()).unwrap();
+    assert_eq!(loaded.int_tensors, ckpt.int_tensors);
+    assert!(loaded.names().any(|n| n == "steps"));
+    let e = loaded.take("steps", &[2]).unwrap_err().to_string();
+    assert!(e.contains("I64 in the checkpoint but F32 is expected"), "{e}");
+    let e = loaded.take_i64("conv1.weight", &[16, 3, 3, 3]).unwrap_err().to_string();
+    assert!(e.contains("F32 in the checkpoint but I64 is expected"), "{e}");
+    assert_eq!(loaded.take_i64("bn1.num_batches_tracked", &[]).unwrap(), vec![1 << 40]);
+    // The i64 data is covered by the checksum: its last 8 bytes are the second `steps` value.
+    let mut bytes = fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 8] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    expect_data_error(checkpoint::load(dir.path()), &path, &["checksum mismatch"]);
+    // A plain file (no featreplay metadata) reads through load_weights only.
+    let plain = dir.path().join("plain.safetensors");
+    let v = 5i64.to_le_bytes();
+    let views = vec![("x".to_string(), TensorView::new(Dtype::I64, vec![], &v).unwrap())];
+    fs::write(&plain, safetensors::serialize(views, None).unwrap()).unwrap();
+    assert!(checkpoint::load(&plain).is_err());
+    let w = checkpoint::load_weights(&plain).unwrap();
+    assert!(w.is_plain() && w.int_tensors[0].data == vec![5]);
 }

@@ -86,11 +86,11 @@ fn init_state_follows_the_naming_scheme() {
         "layer1.0.bn1.running_var",
         "layer2.0.conv2.weight",
         "layer3.0.bn2.bias",
-        "fc.weight",
-        "fc.bias",
+        "linear.weight",
+        "linear.bias",
         "optimizer.momentum.conv1.weight",
         "optimizer.momentum.layer3.0.bn2.weight",
-        "optimizer.momentum.fc.bias",
+        "optimizer.momentum.linear.bias",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -99,8 +99,8 @@ fn init_state_follows_the_naming_scheme() {
     assert_eq!(shape("conv1.weight"), [16, 3, 3, 3]);
     assert_eq!(shape("layer2.0.conv1.weight"), [32, 16, 3, 3]);
     assert_eq!(shape("layer2.0.conv2.weight"), [32, 32, 3, 3]);
-    assert_eq!(shape("fc.weight"), [CLASSES, 64]);
-    assert_eq!(shape("fc.bias"), [CLASSES]);
+    assert_eq!(shape("linear.weight"), [CLASSES, 64]);
+    assert_eq!(shape("linear.bias"), [CLASSES]);
     assert!(m["bn1.running_mean"].iter().all(|&v| v == 0.0) && m["bn1.running_var"].iter().all(|&v| v == 1.0));
     assert!(state
         .iter()

@@ -22,7 +22,7 @@ fn poisoned(n: usize, seed: u64, every: usize) -> Vec<f32> {
         .enumerate()
         .map(|(i, v)| {
             let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(seed) >> 33;
-            if h as usize % every == 0 {
+            if (h as usize).is_multiple_of(every) {
                 specials[(h as usize / every) % specials.len()]
             } else {
                 v * 1e30

@@ -215,7 +215,7 @@ fn compare_writes_every_file_and_records_divergence() {
     let ck = std::fs::read(out.join("dni-k2/checkpoint.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(ck[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8_lossy(&ck[8..8 + header_len]);
-    assert!(header.contains("\"dni.stage0.out.conv.weight\""), "{header}");
+    assert!(header.contains("\"training.dni.stage0.out.conv.weight\""), "{header}");
 
     // A learning rate that overflows the weights: every run is recorded as diverged and the
     // command still succeeds with its summary.

@@ -135,6 +135,36 @@ fn decode_into(path: &Path, h: u32, w: u32, out: &mut [u8]) -> Result<bool> {
     Ok(gray)
 }
 
+/// Decodes one image file for a model that takes `channels x h x w` inputs (1: grayscale,
+/// luma of a colour image; 3: RGB), resized as folder datasets are, CHW bytes. For
+/// `featreplay predict --images`.
+pub fn decode_image(path: &Path, channels: usize, h: u32, w: u32) -> Result<Vec<u8>> {
+    if channels != 1 && channels != 3 {
+        return Err(data_err(path, format!("images for a model of {channels} input channels: only 1 or 3 are read")));
+    }
+    let (file, len) = open_regular(path)?;
+    if len > MAX_IMAGE_FILE_BYTES {
+        return Err(data_err(path, format!("is {len} bytes, more than an image file may be ({MAX_IMAGE_FILE_BYTES})")));
+    }
+    let reader = ImageReader::new(std::io::BufReader::new(file)).with_guessed_format().map_err(|e| io_err(path, e))?;
+    let img = reader.decode().map_err(|e| data_err(path, format!("cannot decode image: {e}")))?;
+    let plane = h as usize * w as usize;
+    if channels == 1 {
+        let luma = img.to_luma8();
+        let luma = if luma.dimensions() == (w, h) { luma } else { imageops::resize(&luma, w, h, FilterType::Triangle) };
+        return Ok(luma.into_raw());
+    }
+    let mut out = vec![0u8; 3 * plane];
+    let rgb = img.to_rgb8();
+    let rgb = if rgb.dimensions() == (w, h) { rgb } else { imageops::resize(&rgb, w, h, FilterType::Triangle) };
+    for (k, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + k] = px[c];
+        }
+    }
+    Ok(out)
+}
+
 /// Decodes all `files` on up to `available_parallelism` threads into `out` (`3 * h * w`
 /// bytes per file, CHW, in order); returns which sources were grayscale.
 fn decode_all(files: &[PathBuf], h: u32, w: u32, out: &mut [u8]) -> Result<Vec<bool>> {

@@ -1,5 +1,7 @@
 //! BatchNorm2d layer with PyTorch semantics (momentum 0.1, eps 1e-5, unbiased running var).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::Param;
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
@@ -13,6 +15,9 @@ pub struct BatchNorm2d {
     pub running_var: Tensor,
     pub momentum: f32,
     pub eps: f32,
+    /// Training-mode passes that updated the running statistics (PyTorch's
+    /// `num_batches_tracked`, saved as an int64 scalar like PyTorch's).
+    pub num_batches_tracked: AtomicU64,
 }
 
 impl BatchNorm2d {
@@ -25,6 +30,7 @@ impl BatchNorm2d {
             running_var: gpu.tensor(&[channels], &vec![1.0; channels])?,
             momentum: bn::DEFAULT_MOMENTUM,
             eps: bn::DEFAULT_EPS,
+            num_batches_tracked: AtomicU64::new(0),
         })
     }
 
@@ -42,6 +48,9 @@ impl BatchNorm2d {
             momentum,
             self.eps,
         )?;
+        if update_running {
+            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+        }
         Ok((out.y, out.saved))
     }
 
@@ -54,6 +63,12 @@ impl BatchNorm2d {
     pub fn buffers(&self) -> Vec<(String, &Tensor)> {
         let base = self.gamma.name.strip_suffix(".weight").unwrap_or(&self.gamma.name);
         vec![(format!("{base}.running_mean"), &self.running_mean), (format!("{base}.running_var"), &self.running_var)]
+    }
+
+    /// PyTorch's name of the update counter (`<name>.num_batches_tracked`) and the counter.
+    pub fn counter(&self) -> (String, &AtomicU64) {
+        let base = self.gamma.name.strip_suffix(".weight").unwrap_or(&self.gamma.name);
+        (format!("{base}.num_batches_tracked"), &self.num_batches_tracked)
     }
 
     /// Writes the gamma and beta gradients and returns the input gradient.

@@ -10,6 +10,8 @@
 pub mod resnet;
 pub mod split;
 
+use std::sync::atomic::AtomicU64;
+
 use rand::SeedableRng;
 
 use crate::error::{Error, Result};
@@ -390,7 +392,16 @@ impl Layer {
 
     /// Non-trainable state (BN running statistics) with PyTorch names.
     pub fn buffers(&self) -> Vec<(String, &Tensor)> {
-        let bns: Vec<&BatchNorm2d> = match self {
+        self.batch_norms().into_iter().flat_map(|b| b.buffers()).collect()
+    }
+
+    /// The BN update counters (`num_batches_tracked`) with PyTorch names.
+    pub fn counters(&self) -> Vec<(String, &AtomicU64)> {
+        self.batch_norms().into_iter().map(|b| b.counter()).collect()
+    }
+
+    fn batch_norms(&self) -> Vec<&BatchNorm2d> {
+        match self {
             Layer::BatchNorm(b) => vec![b],
             Layer::Basic(b) => vec![&b.bn1, &b.bn2],
             Layer::Bottleneck(b) => {
@@ -401,8 +412,7 @@ impl Layer {
                 v
             }
             _ => vec![],
-        };
-        bns.into_iter().flat_map(|b| b.buffers()).collect()
+        }
     }
 }
 
@@ -554,6 +564,10 @@ impl Stage {
 
     pub fn buffers(&self) -> Vec<(String, &Tensor)> {
         self.layers.iter().flat_map(|l| l.buffers()).collect()
+    }
+
+    pub fn counters(&self) -> Vec<(String, &AtomicU64)> {
+        self.layers.iter().flat_map(|l| l.counters()).collect()
     }
 
     /// Device copies of the current parameter values (in [`Self::params`] order).

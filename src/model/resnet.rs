@@ -115,7 +115,7 @@ pub fn build(cfg: &ResNetConfig) -> Result<ModelSpec> {
         }
     }
     layers.push(LayerSpec::GlobalAvgPool);
-    layers.push(LayerSpec::Linear { name: "fc".into(), in_features: channels, out_features: cfg.classes });
+    layers.push(LayerSpec::Linear { name: "linear".into(), in_features: channels, out_features: cfg.classes });
     let depth = match cfg.arch {
         Arch::ResNet101 => 101,
         Arch::ResNet152 => 152,

@@ -1,33 +1,39 @@
-//! `featreplay eval`: a checkpoint on its test set or another, with the normalisation the
-//! run stored.
+//! Inference from a saved model: `featreplay eval` (a checkpoint on its test set or another)
+//! and the model loading that `featreplay predict` shares. A model comes from a featreplay
+//! checkpoint (its architecture, data shape and normalisation are in the metadata) or from a
+//! plain PyTorch `state_dict` saved as safetensors (the architecture and data come from the
+//! options, the normalisation from the options or, as a new run would compute it, from the
+//! dataset's training images).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::run::{evaluate, open_devices, prepare, restore_model, stored_config, test_subset, DataInfo};
+use super::run::{
+    evaluate, load_weights, open_devices, prepare, restore_model, stored_config, test_subset, DataInfo, RunConfig,
+};
 use super::Network;
 use crate::checkpoint;
-use crate::data::{DatasetKind, LoadOptions};
+use crate::data::{Dataset, DatasetKind, LoadOptions, Normalization, Split};
 use crate::error::{Error, Result};
 use crate::layers::loss::Metrics;
 use crate::model::resnet::{build, ResNetConfig};
 use crate::model::split;
 
-/// Which test images `eval` uses.
+/// Which test images to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestSubset {
-    /// The run's own `--test-subset` (all images when it had none).
+    /// The run's own `--test-subset` (all images when it had none, or for a plain file).
     Stored,
-    /// The first N test images.
+    /// The first N images.
     First(usize),
-    /// Every test image.
+    /// Every image.
     All,
 }
 
-/// What `featreplay eval` evaluates, and where.
+/// Where a model and its data come from, for `eval` and `predict`.
 #[derive(Debug, Clone)]
-pub struct EvalOptions {
-    /// Another dataset kind than the run's (None: the run's).
+pub struct InferenceOptions {
+    /// Another dataset kind than the run's (None: the run's; `embedded` for a plain file).
     pub dataset: Option<String>,
     /// Another data directory (None: the run's).
     pub data_dir: Option<PathBuf>,
@@ -35,98 +41,218 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Adapter selectors (one, or one per stage).
     pub devices: Vec<String>,
+    /// The architecture of a plain state_dict (for a checkpoint: must equal the stored one).
+    pub arch: Option<String>,
+    pub depth: Option<usize>,
+    /// Folder images' side for a plain state_dict (a checkpoint stores its input shape).
+    pub image_size: Option<usize>,
+    /// The normalisation of a plain state_dict (per channel, on the [0, 1] scale).
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    /// Conv kernel variant to force (`direct`, `tiled`, `tune`).
+    pub conv_variant: Option<String>,
 }
 
-/// What `eval` measured.
-#[derive(Debug, Clone)]
-pub struct EvalReport {
-    pub model: String,
-    pub epoch: usize,
-    pub data: String,
-    pub metrics: Metrics,
-}
-
-/// Evaluates the checkpoint in `dir` on its test set (or another, per `opts`), with the
-/// normalisation stored in the checkpoint (recomputed from the training data only for
-/// checkpoints that predate storing it). Training state in the checkpoint (momentum, pipeline
-/// state, DNI predictors) is ignored. With another dataset or data directory, every test
-/// image is used unless `opts.test_subset` says otherwise (the run's subset referred to its
-/// own test set).
-pub fn evaluate_checkpoint(dir: &Path, opts: &EvalOptions, conv_variant: Option<&str>) -> Result<EvalReport> {
-    if opts.batch_size == 0 {
-        return Err(Error::Unsupported { op: "eval", detail: "--batch-size must be at least 1".into() });
+impl InferenceOptions {
+    /// Defaults: the run's own data and subset, batch 256, the best adapter.
+    pub fn new() -> InferenceOptions {
+        InferenceOptions {
+            dataset: None,
+            data_dir: None,
+            test_subset: TestSubset::Stored,
+            batch_size: 256,
+            devices: vec!["auto".into()],
+            arch: None,
+            depth: None,
+            image_size: None,
+            mean: None,
+            std: None,
+            conv_variant: None,
+        }
     }
-    let mut ck = checkpoint::load(dir)?;
-    let mut cfg = stored_config(&ck.meta, dir)?;
-    let elsewhere = opts.dataset.is_some() || opts.data_dir.is_some();
+}
+
+impl Default for InferenceOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A model ready for inference, with what it expects of its input.
+pub struct LoadedModel {
+    pub net: Network,
+    pub norm: Normalization,
+    /// The configuration the data is read with (the run's, with the options applied).
+    pub cfg: RunConfig,
+    /// Per-sample input shape [C, H, W] and class count.
+    pub input: Vec<usize>,
+    pub classes: usize,
+    pub class_names: Option<Vec<String>>,
+    /// Epochs trained (None for a plain state_dict).
+    pub epoch: Option<usize>,
+}
+
+impl LoadedModel {
+    /// The name of class `c` (its index when the model has no names).
+    pub fn class_name(&self, c: usize) -> String {
+        self.class_names.as_ref().and_then(|n| n.get(c).cloned()).unwrap_or_else(|| c.to_string())
+    }
+}
+
+fn bad(detail: String) -> Error {
+    Error::Unsupported { op: "eval", detail }
+}
+
+fn load_options(cfg: &RunConfig) -> LoadOptions {
+    LoadOptions {
+        root: cfg.data_dir.clone(),
+        image_size: (cfg.image_size as u32, cfg.image_size as u32),
+        ..Default::default()
+    }
+}
+
+fn kind_of(cfg: &RunConfig) -> Result<DatasetKind> {
+    cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })
+}
+
+/// Loads the model in `path` (a run directory, a checkpoint file or a plain safetensors
+/// state_dict) onto the devices of `opts`, checking its tensors' names and shapes against the
+/// model (the error lists what differs).
+pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
+    if opts.batch_size == 0 {
+        return Err(bad("--batch-size must be at least 1".into()));
+    }
+    if opts.mean.is_some() != opts.std.is_some() {
+        return Err(bad("give --mean and --std together".into()));
+    }
+    let mut ck = load_weights(path)?;
+    let file = if path.is_dir() { path.join(checkpoint::SAFETENSORS_FILE) } else { path.to_path_buf() };
+    let plain = ck.is_plain();
+    let mut cfg = if plain { RunConfig::default_for(1) } else { stored_config(&ck.meta, &file)? };
+    if !plain {
+        for (flag, given, stored) in [
+            ("--arch", opts.arch.clone(), cfg.arch.clone()),
+            ("--depth", opts.depth.map(|d| d.to_string()), cfg.depth.to_string()),
+        ] {
+            if let Some(g) = given.filter(|g| *g != stored) {
+                return Err(bad(format!(
+                    "{flag} {g}: the checkpoint holds a {} of depth {} ({flag} is for plain state_dict files)",
+                    cfg.arch, cfg.depth
+                )));
+            }
+        }
+    }
+    if let Some(a) = &opts.arch {
+        cfg.arch = a.clone();
+    }
+    if let Some(d) = opts.depth {
+        cfg.depth = d;
+    }
+    if let Some(s) = opts.image_size {
+        cfg.image_size = s;
+    }
     if let Some(d) = &opts.dataset {
         cfg.dataset = d.clone();
     }
     if opts.data_dir.is_some() {
         cfg.data_dir = opts.data_dir.clone();
     }
+    let elsewhere = opts.dataset.is_some() || opts.data_dir.is_some();
     cfg.test_subset = match opts.test_subset {
-        TestSubset::Stored if elsewhere => None,
+        TestSubset::Stored if elsewhere || plain => None,
         TestSubset::Stored => cfg.test_subset,
         TestSubset::First(n) => Some(n),
         TestSubset::All => None,
     };
-    cfg.devices = if opts.devices.len() == 1 || opts.devices.len() == cfg.splits {
-        opts.devices.clone()
-    } else {
-        vec![opts.devices[0].clone()]
+    cfg.train_subset = None;
+    cfg.splits = if opts.devices.len() == cfg.splits { cfg.splits } else { 1 };
+    cfg.split = "even".into();
+    cfg.devices = opts.devices.clone();
+    cfg.check()?;
+    let stored: Option<DataInfo> = ck.meta.extra.get("data").and_then(|d| serde_json::from_value(d.clone()).ok());
+    let given_norm = match (&opts.mean, &opts.std) {
+        (Some(m), Some(s)) => Some(Normalization::new(m, s)?),
+        _ => None,
     };
-    let data: Option<DataInfo> = ck.meta.extra.get("data").and_then(|d| serde_json::from_value(d.clone()).ok());
-    let file = dir.join(checkpoint::SAFETENSORS_FILE);
-    let (spec, ranges, test, norm) = match &data {
-        Some(info) => {
-            // Only the test split is needed: the model's shape and normalisation are stored.
-            cfg.check()?;
-            let kind: DatasetKind =
-                cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })?;
-            let opts = LoadOptions {
-                root: cfg.data_dir.clone(),
-                image_size: (cfg.image_size as u32, cfg.image_size as u32),
-                ..Default::default()
-            };
-            let test = test_subset(kind.load(crate::data::Split::Test, &opts)?, cfg.test_subset)?;
-            let shape = test.image_shape().to_vec();
-            if shape != info.input || test.num_classes() > info.classes {
-                return Err(Error::Data {
-                    path: file.display().to_string(),
-                    message: format!(
-                        "the model takes {:?} images in {} classes, but {} holds {:?} images in {} classes",
-                        info.input,
-                        info.classes,
-                        test.name(),
-                        shape,
-                        test.num_classes()
-                    ),
-                });
-            }
-            let spec = build(&ResNetConfig {
-                arch: cfg.arch.parse()?,
-                depth: cfg.depth,
-                input: info.input.clone(),
-                classes: info.classes,
-            })?;
-            let ranges = split(&spec, cfg.splits, cfg.split.parse()?)?;
-            (spec, ranges, Arc::new(test), info.normalization()?)
-        }
-        None => {
-            log::warn!("{}: no stored normalisation (an older checkpoint); recomputing it", file.display());
+    let (input, classes, class_names, norm) = match (&stored, given_norm) {
+        (Some(info), norm) => (
+            info.input.clone(),
+            info.classes,
+            info.class_names.clone(),
+            match norm {
+                Some(n) => n,
+                None => info.normalization()?,
+            },
+        ),
+        (None, norm) => {
+            // A plain file, or a checkpoint from before the data description was stored: the
+            // data says the shape; the normalisation is given or computed as a run would.
             let p = prepare(&cfg)?;
-            (p.spec, p.ranges, p.test, p.norm)
+            let names = p.train.class_names().map(|c| c.to_vec());
+            if !plain {
+                log::warn!("{}: no stored normalisation (an older checkpoint); recomputing it", file.display());
+            }
+            (p.spec.input.clone(), p.spec.classes, names, norm.unwrap_or(p.norm))
         }
     };
+    if norm.channels() != input[0] {
+        return Err(bad(format!("--mean/--std give {} channels but the model takes {}", norm.channels(), input[0])));
+    }
+    let spec = build(&ResNetConfig { arch: cfg.arch.parse()?, depth: cfg.depth, input: input.clone(), classes })?;
+    let ranges = split(&spec, cfg.splits, cfg.split.parse()?)?;
     let gpus = open_devices(&cfg.devices, ranges.len())?;
-    if let Some(v) = conv_variant {
+    if let Some(v) = &opts.conv_variant {
         for g in &gpus {
             g.force_variant(crate::kernels::conv2d::OP, Some(v));
         }
     }
-    let mut net = Network::new(spec.clone(), &ranges, &gpus, cfg.seed)?;
+    let mut net = Network::new(spec, &ranges, &gpus, cfg.seed)?;
     restore_model(&mut net, &mut ck, &file)?;
-    let metrics = evaluate(&net, test.clone(), &norm, opts.batch_size)?;
-    Ok(EvalReport { model: spec.name, epoch: ck.meta.epoch, data: test.name().to_string(), metrics })
+    let epoch = (!plain).then_some(ck.meta.epoch);
+    Ok(LoadedModel { net, norm, cfg, input, classes, class_names, epoch })
+}
+
+impl LoadedModel {
+    /// The split of the model's dataset (the test split with its subset, or the whole
+    /// training split), checked against the model's input shape and classes.
+    pub fn dataset(&self, split: Split) -> Result<Arc<Dataset>> {
+        let kind = kind_of(&self.cfg)?;
+        let data = kind.load(split, &load_options(&self.cfg))?;
+        let data = if split == Split::Test { test_subset(data, self.cfg.test_subset)? } else { data };
+        if data.image_shape().as_slice() != self.input.as_slice() || data.num_classes() > self.classes {
+            return Err(Error::Data {
+                path: data.name().to_string(),
+                message: format!(
+                    "holds {:?} images in {} classes, but the model takes {:?} images in {} classes",
+                    data.image_shape(),
+                    data.num_classes(),
+                    self.input,
+                    self.classes
+                ),
+            });
+        }
+        Ok(Arc::new(data))
+    }
+}
+
+/// What `eval` measured.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub model: String,
+    /// Epochs trained (None for a plain state_dict).
+    pub epoch: Option<usize>,
+    pub data: String,
+    pub metrics: Metrics,
+}
+
+/// Evaluates the model in `path` on its test set (or another, per `opts`), with the
+/// normalisation stored in the checkpoint. Training state in the checkpoint (momentum,
+/// pipeline state, DNI predictors) is ignored. With another dataset or data directory, every
+/// test image is used unless `opts.test_subset` says otherwise (the run's subset referred to
+/// its own test set).
+pub fn evaluate_checkpoint(path: &Path, opts: &InferenceOptions) -> Result<EvalReport> {
+    let m = load_model(path, opts)?;
+    let test = m.dataset(Split::Test)?;
+    let metrics = evaluate(&m.net, test.clone(), &m.norm, opts.batch_size)?;
+    Ok(EvalReport { model: m.net.spec.name.clone(), epoch: m.epoch, data: test.name().to_string(), metrics })
 }

@@ -241,6 +241,16 @@ impl Network {
         Ok(())
     }
 
+    /// Evaluation-mode logits `[N, classes]` of a batch of `n` images (on the last device).
+    pub fn eval_logits(&self, images: &[f32], n: usize) -> Result<Tensor> {
+        let mut h = self.input(images, n)?;
+        for s in &self.stages {
+            h = self.transport.transfer(&h, &s.gpu)?;
+            h = s.forward_eval(&h)?;
+        }
+        Ok(h)
+    }
+
     /// Evaluation-mode forward and loss on a batch (running BN statistics).
     pub fn eval_batch(&self, images: &[f32], labels: &[u32]) -> Result<LossOutput> {
         let mut h = self.input(images, labels.len())?;
@@ -275,19 +285,18 @@ impl Network {
         out
     }
 
-    /// Every tensor of the training state with PyTorch-style names: parameters, BN running
+    /// The BN update counters (`<bn>.num_batches_tracked`, int64 scalars in checkpoints).
+    pub fn counter_state(&self) -> Vec<(String, &std::sync::atomic::AtomicU64)> {
+        self.stages.iter().flat_map(|s| s.counters()).collect()
+    }
+
+    /// Every f32 tensor of the training state with PyTorch-style names: parameters, BN running
     /// statistics and SGD momentum buffers (`optimizer.momentum.<param>`).
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
+        let mut out = self.model_state();
         for s in &self.stages {
             for p in s.params() {
-                out.push((p.name.clone(), p.value.clone()));
-            }
-            for (name, t) in s.buffers() {
-                out.push((name, t.clone()));
-            }
-            for p in s.params() {
-                out.push((format!("optimizer.momentum.{}", p.name), p.momentum.clone()));
+                out.push((crate::checkpoint::momentum_name(&p.name), p.momentum.clone()));
             }
         }
         out

@@ -36,12 +36,14 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
         "algo" => c.algo.clone(),
         "dni-depth" => c.dni.depth.to_string(),
         "dni-width" => c.dni.width.to_string(),
+        "init-from" => c.init_from.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
         _ => return None,
     })
 }
 
 /// Every flag [`fixed_value`] knows.
-const FIXED_FLAGS: [&str; 17] = [
+const FIXED_FLAGS: [&str; 18] = [
+    "init-from",
     "dataset",
     "arch",
     "depth",
@@ -125,13 +127,15 @@ pub(super) struct Resumed {
     pub(super) history: History,
     pub(super) data: Option<DataInfo>,
     pub(super) resumes: Vec<serde_json::Value>,
+    /// The run's `--init-from` record.
+    pub(super) init_from: Option<String>,
 }
 
 /// Reads the checkpoint a run resumes from and checks that `cfg` continues it: the same
 /// model, data, method and optimiser (only [`RESUMABLE_FLAGS`] may differ) and more epochs
 /// than it has trained. A DDG run cannot be resumed: its stored graphs are not checkpointed.
 pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
-    let ck = checkpoint::load(out)?;
+    let ck = super::run::load_checkpoint(out)?;
     let stored = stored_config(&ck.meta, out)?;
     if stored.algo == "ddg" {
         return Err(Error::Unsupported {
@@ -181,6 +185,7 @@ pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
     };
     let data = ck.meta.extra.get("data").and_then(|d| serde_json::from_value(d.clone()).ok());
     let resumes = ck.meta.extra.get("resumes").and_then(|r| r.as_array().cloned()).unwrap_or_default();
+    let init_from = ck.meta.extra.get("init_from").and_then(|r| r.as_str().map(String::from));
     Ok(Resumed {
         epoch,
         iteration: ck.meta.iteration,
@@ -188,6 +193,7 @@ pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
         history,
         data,
         resumes,
+        init_from,
         ck,
     })
 }

@@ -8,6 +8,7 @@
 //! same momentum, same BN statistics.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,6 +59,10 @@ pub struct RunConfig {
     /// DNI's gradient predictors.
     #[serde(default)]
     pub dni: PredictorConfig,
+    /// Start from the model in this file (a featreplay checkpoint or a plain PyTorch
+    /// state_dict) instead of the seeded initialisation.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -81,6 +86,7 @@ impl RunConfig {
             algo: "bp".into(),
             measure_sigma: None,
             dni: PredictorConfig::default(),
+            init_from: None,
         }
     }
 
@@ -283,10 +289,20 @@ fn predictor_tensors(st: &PipelineState) -> Vec<(String, crate::gpu::Tensor)> {
     out
 }
 
-/// Prefixes of checkpoint tensors that are training state, not the model: SGD momentum, a
-/// decoupled pipeline's stored inputs and gradient in flight (`pipeline.`, `fr.` before the
-/// rename), DNI's gradient predictors. `eval` ignores them; `--resume` restores them.
-pub const TRAINING_STATE_PREFIXES: [&str; 4] = [checkpoint::MOMENTUM_PREFIX, "pipeline.", "fr.", "dni."];
+/// The prefix of checkpoint tensors that are training state other than the optimizer's: a
+/// decoupled pipeline's stored inputs and gradient in flight (`training.pipeline.`) and DNI's
+/// gradient predictors (`training.dni.`).
+pub const TRAINING_PREFIX: &str = "training.";
+
+/// Prefixes of checkpoint tensors that are not the model: the optimizer's state (SGD
+/// momentum, `optimizer.momentum.<param>`) and the rest of the training state. Everything
+/// else is exactly the model's PyTorch `state_dict()`: `eval` ignores these, `--resume`
+/// restores them, and a PyTorch user drops them before `load_state_dict(strict=True)`.
+pub const TRAINING_STATE_PREFIXES: [&str; 2] = ["optimizer.", TRAINING_PREFIX];
+
+/// The prefix of a decoupled pipeline's state: `training.pipeline.stage<k>.input_history.<i>`
+/// and `training.pipeline.stage<k>.pending_grad`.
+const PIPELINE: &str = "training.pipeline";
 
 /// Whether the checkpoint tensor `name` is training state (see [`TRAINING_STATE_PREFIXES`]).
 pub fn is_training_state(name: &str) -> bool {
@@ -343,6 +359,49 @@ fn json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::Data { path: "checkpoint metadata".into(), message: e.to_string() })
 }
 
+/// Renames the tensors of a checkpoint of format version 1 to today's names: the classifier
+/// was `fc` (now `linear`, as in the CIFAR ResNets PyTorch users have), and the training state
+/// was under `pipeline.` (or `fr.`) and `dni.` (now under [`TRAINING_PREFIX`]).
+fn upgrade_names(ck: &mut Checkpoint) {
+    if ck.meta.format_version != 1 {
+        return;
+    }
+    let rename = |name: &str| -> String {
+        let (head, rest) = match name.strip_prefix(checkpoint::MOMENTUM_PREFIX) {
+            Some(rest) => (checkpoint::MOMENTUM_PREFIX, rest),
+            None => ("", name),
+        };
+        let rest = if let Some(r) = rest.strip_prefix("fc.") {
+            format!("linear.{r}")
+        } else if let Some(r) = rest.strip_prefix("pipeline.").or_else(|| rest.strip_prefix("fr.")) {
+            format!("{TRAINING_PREFIX}pipeline.{r}")
+        } else if let Some(r) = rest.strip_prefix("dni.") {
+            format!("{TRAINING_PREFIX}dni.{r}")
+        } else {
+            rest.to_string()
+        };
+        format!("{head}{rest}")
+    };
+    for t in &mut ck.tensors {
+        t.name = rename(&t.name);
+    }
+}
+
+/// Reads a checkpoint (checksum verified) with today's tensor names.
+pub fn load_checkpoint(dir_or_file: &Path) -> Result<Checkpoint> {
+    let mut ck = checkpoint::load(dir_or_file)?;
+    upgrade_names(&mut ck);
+    Ok(ck)
+}
+
+/// Reads weights from a featreplay checkpoint (as [`load_checkpoint`]) or a plain PyTorch
+/// `state_dict` saved as safetensors ([`checkpoint::load_weights`]).
+pub fn load_weights(file: &Path) -> Result<Checkpoint> {
+    let mut ck = checkpoint::load_weights(file)?;
+    upgrade_names(&mut ck);
+    Ok(ck)
+}
+
 /// Host copies of every state tensor, for a checkpoint, with the run's history and data
 /// description in the metadata. Under FR the pipeline's state (each stage's input history
 /// and the gradient in flight) is saved too, so a resumed run continues the same pipeline;
@@ -359,6 +418,9 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
     if !run.resumes.is_empty() {
         extra["resumes"] = serde_json::Value::Array(run.resumes.clone());
     }
+    if let Some(i) = &run.init_from {
+        extra["init_from"] = serde_json::json!(i);
+    }
     if let Some(st) = pipeline {
         extra["pipeline"] = serde_json::json!({
             "method": st.method.name(),
@@ -374,13 +436,16 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
     for (name, t) in net.state() {
         ck.push(name, t.shape(), t.to_vec()?)?;
     }
+    for (name, c) in net.counter_state() {
+        ck.push_i64(name, &[], vec![c.load(Ordering::Relaxed) as i64])?;
+    }
     if let Some(st) = pipeline {
         for (k, s) in st.stages.iter().enumerate() {
             for (i, t) in s.input_history.iter().enumerate() {
-                ck.push(format!("pipeline.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
+                ck.push(format!("{PIPELINE}.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
             }
             if let Some(g) = &s.pending_grad {
-                ck.push(format!("pipeline.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
+                ck.push(format!("{PIPELINE}.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
             }
         }
         for (name, t) in predictor_tensors(st) {
@@ -401,15 +466,17 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
 /// predictors built).
 fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, path: &Path) -> Result<()> {
     let bad = |message: String| Error::Data { path: path.display().to_string(), message };
-    // Checkpoints written before DDG and DNI existed hold an FR pipeline under "fr".
-    let (mut saved, prefix) = match (ck.meta.extra.get("pipeline"), ck.meta.extra.get("fr")) {
-        (Some(p), _) => (p.clone(), "pipeline"),
-        (None, Some(f)) => (f.clone(), "fr"),
+    // Checkpoints written before DDG and DNI existed describe an FR pipeline under "fr".
+    let saved = match (ck.meta.extra.get("pipeline"), ck.meta.extra.get("fr")) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            let mut f = f.clone();
+            f["method"] = serde_json::json!("fr");
+            f
+        }
         _ => return Err(bad("no pipeline state in the checkpoint (another --algo?)".into())),
     };
-    if prefix == "fr" {
-        saved["method"] = serde_json::json!("fr");
-    }
+    let prefix = PIPELINE;
     if saved["method"].as_str() != Some(st.method.name()) {
         return Err(bad(format!("the checkpoint's pipeline runs {}, not {}", saved["method"], st.method.name())));
     }
@@ -465,14 +532,100 @@ fn refuse_leftovers(ck: &Checkpoint, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads a checkpoint's whole training state into `net`: weights, BN statistics and SGD
-/// momentum (every tensor must be there with its shape; the pipeline state, if any, must
-/// have been taken by [`restore_pipeline`] first).
+/// Sets the BN update counters from the checkpoint. Checkpoints of format version 1 have
+/// none: their BN layers were updated once per iteration, so the iteration count stands in.
+/// With `missing_ok` (weights from another tool), an absent counter is left at zero.
+fn take_counters(net: &Network, ck: &mut Checkpoint, path: &Path, missing_ok: bool) -> Result<()> {
+    for (name, c) in net.counter_state() {
+        let value = if ck.meta.format_version == 1 && ck.int_tensors.iter().all(|t| t.name != name) {
+            ck.meta.iteration as i64
+        } else if missing_ok && ck.int_tensors.iter().all(|t| t.name != name) {
+            0
+        } else {
+            ck.take_i64(&name, &[]).map_err(|e| Error::Data {
+                path: path.display().to_string(),
+                message: format!("does not fit this model: {e}"),
+            })?[0]
+        };
+        c.store(value.max(0) as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint's whole training state into `net`: weights, BN statistics and their
+/// counters, and SGD momentum (every tensor must be there with its shape; the pipeline state,
+/// if any, must have been taken by [`restore_pipeline`] first).
 pub fn restore(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    check_fits(net, ck, path)?;
     take_into(net.state(), ck, path)?;
+    take_counters(net, ck, path, false)?;
     refuse_leftovers(ck, path)?;
     net.steps = ck.meta.iteration;
     Ok(())
+}
+
+/// Errors when the checkpoint's model tensors are not exactly the model's (names and
+/// shapes), listing what differs, as PyTorch's `load_state_dict(strict=True)` does.
+/// Training state is not compared; a missing `num_batches_tracked` is tolerated (it does not
+/// change what the model computes).
+fn check_fits(net: &Network, ck: &Checkpoint, path: &Path) -> Result<()> {
+    let model: Vec<(String, Vec<usize>)> = net
+        .model_state()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec()))
+        .chain(net.counter_state().into_iter().map(|(n, _)| (n, vec![])))
+        .collect();
+    let file: Vec<(&str, &[usize])> = ck
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .chain(ck.int_tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())))
+        .filter(|(n, _)| !is_training_state(n))
+        .collect();
+    let counter = |n: &str| n.ends_with(".num_batches_tracked");
+    let missing: Vec<&str> = model
+        .iter()
+        .filter(|(n, _)| !counter(n) && !file.iter().any(|(f, _)| f == n))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let unexpected: Vec<&str> =
+        file.iter().filter(|(f, _)| !model.iter().any(|(n, _)| n == f)).map(|(f, _)| *f).collect();
+    let shapes: Vec<String> = model
+        .iter()
+        .filter_map(|(n, s)| {
+            let (_, fs) = file.iter().find(|(f, _)| f == n)?;
+            (*fs != s.as_slice()).then(|| format!("{n}: {fs:?} in the file, {s:?} in the model"))
+        })
+        .collect();
+    if missing.is_empty() && unexpected.is_empty() && shapes.is_empty() {
+        return Ok(());
+    }
+    let list = |v: &[&str]| {
+        let mut s = v.iter().take(4).copied().collect::<Vec<_>>().join(", ");
+        if v.len() > 4 {
+            s.push_str(&format!(", and {} more", v.len() - 4));
+        }
+        s
+    };
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing {} ({})", missing.len(), list(&missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected {} ({})", unexpected.len(), list(&unexpected)));
+    }
+    if !shapes.is_empty() {
+        let v: Vec<&str> = shapes.iter().map(String::as_str).collect();
+        parts.push(format!("other shapes for {} ({})", shapes.len(), list(&v)));
+    }
+    Err(Error::Data {
+        path: path.display().to_string(),
+        message: format!(
+            "does not fit {}: {} (another --arch, --depth, dataset or number of classes?)",
+            net.spec.name,
+            parts.join("; ")
+        ),
+    })
 }
 
 /// Loads only the model (weights and BN statistics) for evaluation: training state
@@ -480,6 +633,7 @@ pub fn restore(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()
 /// error, and a model tensor holding a NaN or an infinity is refused (a diverged run's
 /// weights would give meaningless numbers).
 pub fn restore_model(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
+    check_fits(net, ck, path)?;
     let model = net.model_state();
     for (name, _) in &model {
         if let Some(t) = ck.get(name) {
@@ -495,7 +649,9 @@ pub fn restore_model(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Res
         }
     }
     take_into(model, ck, path)?;
+    take_counters(net, ck, path, true)?;
     ck.tensors.retain(|t| !is_training_state(&t.name));
+    ck.int_tensors.retain(|t| !is_training_state(&t.name));
     refuse_leftovers(ck, path)
 }
 
@@ -531,6 +687,8 @@ struct RunState {
     history: History,
     data: DataInfo,
     resumes: Vec<serde_json::Value>,
+    /// Where the initial weights came from (`--init-from`), for the record.
+    init_from: Option<String>,
 }
 
 /// Estimated peak device bytes per stage for `cfg` (parameters with their gradients and
@@ -586,11 +744,12 @@ pub fn check_memory(cfg: &RunConfig, p: &Prepared) -> Result<()> {
         return Err(Error::Unsupported {
             op: "train",
             detail: format!(
-                "this configuration needs about {:.1} GiB of memory ({} stage(s), largest tensor {:.2} GiB) but {:.1} GiB are available; lower --batch-size, --depth or --dni-width",
+                "this configuration needs about {:.1} GiB of memory ({} stage(s), largest tensor {:.2} GiB) but {:.1} GiB are available; lower --batch-size, --depth{}",
                 gib(total),
                 stages.len(),
                 gib(largest),
-                gib(limit)
+                gib(limit),
+                if cfg.algo == "dni" { " or --dni-width" } else { " or the image size" }
             ),
         });
     }
@@ -663,6 +822,11 @@ pub fn train(
         rundir::check_new_run_dir(out, overwrite)?;
     }
     let tracer = trace.map(Tracer::create).transpose()?;
+    // Read (and checked as far as it can be without the model) before anything is written.
+    let init = match (&start, &cfg.init_from) {
+        (Start::New { .. }, Some(f)) => Some((f.clone(), load_weights(f)?)),
+        _ => None,
+    };
 
     // The run directory: one run at a time.
     let _lock = rundir::RunLock::acquire(out)?;
@@ -687,9 +851,20 @@ pub fn train(
         history: History::default(),
         data: DataInfo::of(&p),
         resumes: Vec::new(),
+        init_from: None,
     };
+    if let Some((file, mut ck)) = init {
+        restore_model(&mut net, &mut ck, &file)?;
+        let what = if ck.is_plain() {
+            "a plain state_dict".to_string()
+        } else {
+            format!("a featreplay checkpoint after epoch {}", ck.meta.epoch)
+        };
+        run.init_from = Some(format!("{} ({what})", file.display()));
+    }
     let mut start_epoch = 0;
     if let Some(r) = resumed.as_mut() {
+        run.init_from = r.init_from.take();
         let file = out.join(checkpoint::SAFETENSORS_FILE);
         if let Some(st) = pipeline.as_mut() {
             restore_pipeline(&net, st, &mut r.ck, &file)?;

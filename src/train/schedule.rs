@@ -108,7 +108,7 @@ impl PipelineState {
                 let features = net.spec.input_of(stage.first_layer + stage.layers.len())?;
                 st.predictor = Some(GradientPredictor::new(
                     &stage.gpu,
-                    &format!("dni.stage{k}"),
+                    &format!("{}dni.stage{k}", super::run::TRAINING_PREFIX),
                     &features,
                     &cfg,
                     seed.wrapping_add(k as u64),
