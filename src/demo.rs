@@ -108,24 +108,9 @@ impl DemoConfig {
             .saturating_mul(cfg.channels as u64)
             .saturating_mul((cfg.size as u64).saturating_mul(cfg.size as u64))
             .saturating_mul(4);
-        let need = step.saturating_add(images);
-        let limit = crate::data::default_max_host_bytes();
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        if need > limit {
-            return Err(Error::Unsupported {
-                op: "demo",
-                detail: format!(
-                    "--samples {} of {}x{} images with --width {} need about {:.1} GiB of memory but {:.1} GiB are available",
-                    cfg.samples,
-                    cfg.size,
-                    cfg.size,
-                    cfg.width,
-                    gib(need),
-                    gib(limit)
-                ),
-            });
-        }
-        Ok(())
+        let what =
+            format!("--samples {} of {}x{} images with --width {} need", cfg.samples, cfg.size, cfg.size, cfg.width);
+        crate::data::refuse_beyond_host_memory("demo", &what, step.saturating_add(images), "", "")
     }
 }
 

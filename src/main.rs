@@ -367,6 +367,20 @@ struct Console {
 }
 
 impl Observer for Console {
+    fn run_start(&mut self, cfg: &RunConfig, p: &run::Prepared) {
+        println!(
+            "{}: {} on {} ({} train / {} test images {:?}), {} module(s), {} parameters",
+            cfg.algo,
+            p.spec.name,
+            p.train.name(),
+            p.train.len(),
+            p.test.len(),
+            p.train.image_shape(),
+            p.ranges.len(),
+            p.spec.params().unwrap_or(0)
+        );
+    }
+
     fn epoch_start(&mut self, epoch: usize, batches: usize) {
         if self.quiet {
             return;
@@ -471,19 +485,6 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 }
                 None => (out.clone(), requested, Start::New { overwrite: *overwrite }),
             };
-            let p = run::prepare(&cfg).context("preparing the run")?;
-            println!(
-                "{}: {} on {} ({} train / {} test images {:?}), {} module(s), {} parameters",
-                cfg.algo,
-                p.spec.name,
-                p.train.name(),
-                p.train.len(),
-                p.test.len(),
-                p.train.image_shape(),
-                p.ranges.len(),
-                p.spec.params()?
-            );
-            drop(p);
             let mut console = Console { bar: None, quiet: train.quiet };
             let summary = run::train(&cfg, &dir, start, trace.as_deref(), &mut console)
                 .with_context(|| format!("training into {}", dir.display()))?;

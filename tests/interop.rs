@@ -8,33 +8,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use featreplay::checkpoint;
+use process::{fails_with_all, succeeds};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::Value;
 
-fn featreplay(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_featreplay")).args(args).output().expect("run featreplay");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn succeeds(args: &[&str]) -> String {
-    let (ok, o, e) = featreplay(args);
-    assert!(ok, "{args:?} failed: {o}{e}");
-    o
-}
-
-fn fails_with(args: &[&str], expect: &[&str]) -> String {
-    let (ok, o, e) = featreplay(args);
-    assert!(!ok, "{args:?} succeeded: {o}");
-    assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: not one line: {e}");
-    for x in expect {
-        assert!(e.contains(x), "{args:?}: '{e}' does not mention '{x}'");
-    }
-    e
-}
+#[path = "common/process.rs"]
+mod process;
 
 /// A ResNet-8 trained for one epoch on 256 embedded images (evaluated on 64).
 fn trained(dir: &Path, extra: &[&str]) -> PathBuf {
@@ -197,12 +179,12 @@ fn a_plain_state_dict_evaluates_trains_and_reports_what_differs() {
     });
     let mut a = vec!["eval", renamed.to_str().unwrap()];
     a.extend(base);
-    fails_with(&a, &["missing 3", "linear.weight", "layer1.0.bn1.running_var", "unexpected 2", "fc.weight"]);
+    fails_with_all(&a, &["missing 3", "linear.weight", "layer1.0.bn1.running_var", "unexpected 2", "fc.weight"]);
     let mut a = vec!["eval", p, "--arch", "resnet", "--depth", "14", "--dataset", "embedded"];
     a.extend(["--test-subset", "8"]);
-    fails_with(&a, &["does not fit resnet14", "missing"]);
+    fails_with_all(&a, &["does not fit resnet14", "missing"]);
     // A featreplay checkpoint knows its architecture.
-    fails_with(&["eval", run.to_str().unwrap(), "--depth", "20"], &["--depth 20", "resnet"]);
+    fails_with_all(&["eval", run.to_str().unwrap(), "--depth", "20"], &["--depth 20", "resnet"]);
 
     // train --init-from: the run starts from the file's weights (momentum fresh) and says so.
     let tuned = tmp.path().join("tuned");
@@ -235,7 +217,7 @@ fn a_plain_state_dict_evaluates_trains_and_reports_what_differs() {
     let moved = before.data.iter().zip(&after.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(moved < 1e-6, "at lr 1e-9 the weights stay those of the file: moved {moved}");
     // --init-from refuses a model of another shape before training.
-    fails_with(
+    fails_with_all(
         &["train", "--depth", "14", "--quiet", "--init-from", p, "--out", tmp.path().join("bad").to_str().unwrap()],
         &["does not fit resnet14"],
     );
@@ -322,6 +304,6 @@ fn predict_gives_top_k_per_image_consistent_with_eval() {
         assert_eq!(x["top"], y["top"], "{x} vs {y}");
         assert!(y["label"].is_null() && y["image"].as_str().unwrap().ends_with(".png"));
     }
-    fails_with(&["predict", r, "--images", "/nonexistent.png"], &["/nonexistent.png"]);
-    fails_with(&["predict", r, "--format", "xml"], &["--format xml"]);
+    fails_with_all(&["predict", r, "--images", "/nonexistent.png"], &["/nonexistent.png"]);
+    fails_with_all(&["predict", r, "--format", "xml"], &["--format xml"]);
 }

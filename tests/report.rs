@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use featreplay::report::{
@@ -14,7 +14,11 @@ use featreplay::report::{
     CURVES_PNG, METRICS_CSV, METRICS_JSONL, SIGMA_JSONL,
 };
 use featreplay::Error;
+use process::KillOnDrop;
 use rand::Rng;
+
+#[path = "common/process.rs"]
+mod process;
 
 fn record(epoch: usize) -> EpochRecord {
     let e = epoch as f64;
@@ -283,15 +287,6 @@ fn writer_loop(dir: &Path) -> ! {
         log.push(record(epoch)).unwrap();
     }
     unreachable!("the epochs never run out")
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -6,38 +6,15 @@
 //! and bad flags or sizes fail before any work. Each test states the defect it guards.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use featreplay::checkpoint;
+use process::{bin, fails_with, succeeds, KillOnDrop};
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_featreplay"))
-}
-
-/// Runs featreplay: (exit code, stdout, stderr).
-fn featreplay(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = bin().args(args).output().expect("run featreplay");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-/// Asserts a failure with a one-line error containing `expect`.
-fn fails_with(args: &[&str], expect: &str) -> String {
-    let (code, o, e) = featreplay(args);
-    assert_eq!(code, Some(1), "{args:?} should fail: {o}{e}");
-    assert!(e.starts_with("featreplay: error: "), "{args:?}: {e}");
-    assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: not one line: {e}");
-    assert!(e.contains(expect), "{args:?}: '{e}' does not mention '{expect}'");
-    assert!(!e.contains("panicked"), "{args:?}: {e}");
-    e
-}
-
-fn succeeds(args: &[&str]) -> String {
-    let (code, o, e) = featreplay(args);
-    assert_eq!(code, Some(0), "{args:?} failed: {o}{e}");
-    o
-}
+#[path = "common/process.rs"]
+mod process;
 
 /// A ResNet-8 on 128 embedded images, 4 iterations per epoch, 64 test images.
 fn tiny(out: &Path, epochs: usize) -> Vec<String> {
@@ -294,18 +271,18 @@ fn run_directories_are_locked_and_protected() {
 
     // A second run while the first is training: refused, naming the holder's pid.
     let busy = tmp.path().join("busy");
-    let mut first = bin().args(strs(&tiny(&busy, 50))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let first =
+        KillOnDrop(bin().args(strs(&tiny(&busy, 50))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     // Wait for its first checkpoint, so a resume gets as far as the lock.
     let t0 = Instant::now();
     while !busy.join(checkpoint::SAFETENSORS_FILE).exists() && t0.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let e = fails_with(&strs(&with(tiny(&busy, 1), &["--overwrite"])), "in use by another featreplay run");
-    assert!(e.contains(&format!("pid {}", first.id())), "{e}");
+    assert!(e.contains(&format!("pid {}", first.0.id())), "{e}");
     fails_with(&["train", "--resume", busy.to_str().unwrap(), "--epochs", "60"], "in use");
-    first.kill().unwrap();
-    first.wait().unwrap();
-    // The lock died with its process (kill -9): the directory is usable again.
+    drop(first); // SIGKILL, then reaped
+                 // The lock died with its process (kill -9): the directory is usable again.
     succeeds(&strs(&with(tiny(&busy, 1), &["--overwrite"])));
 }
 
@@ -358,7 +335,7 @@ fn kill_9_at_any_moment_loses_no_row_and_tears_no_file() {
             args(40, true)
         };
         let before = checkpoint::load_meta(&out).ok().and_then(|m| m.checksum);
-        let mut child = bin().args(strs(&a)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = KillOnDrop(bin().args(strs(&a)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
         // Wait for this process's first checkpoint (opening the device and compiling the
         // pipelines takes seconds on lavapipe, more on a loaded machine), then kill anywhere
         // in the next epochs (about 0.6 s each: training, evaluation, checkpoint, metrics).
@@ -369,8 +346,7 @@ fn kill_9_at_any_moment_loses_no_row_and_tears_no_file() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(next() % 1500));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(child); // SIGKILL at this moment, then reaped
         check_after_kill(&out, &mut killed_with_checkpoint);
     }
     assert!(killed_with_checkpoint > 0, "no kill landed after a checkpoint: the test proved nothing");

@@ -5,11 +5,15 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use featreplay::rundir::{self, RunLock, LOCK_FILE, RUN_OUTPUTS};
 use featreplay::Error;
+use process::KillOnDrop;
+
+#[path = "common/process.rs"]
+mod process;
 
 fn listing(dir: &Path) -> BTreeSet<String> {
     fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
@@ -88,16 +92,6 @@ fn a_stale_lock_file_is_taken_over() {
 const HOLDER_ENV: &str = "FEATREPLAY_TEST_LOCK_HOLDER";
 const HOLDER_TEST: &str = "a_lock_held_by_another_process_blocks_until_it_is_killed";
 const READY: &str = "lock-holder: locked";
-
-/// Kills the child if the test fails before it does.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn a_lock_held_by_another_process_blocks_until_it_is_killed() {

@@ -296,6 +296,25 @@ pub fn default_max_host_bytes() -> u64 {
         .unwrap_or(FALLBACK_MAX_HOST_BYTES)
 }
 
+/// Errors when `need` bytes exceed the host memory available now ([`default_max_host_bytes`]):
+/// `"<what> about X GiB of memory<detail> but Y GiB are available<hint>"`, where `what` ends
+/// in its verb ("this configuration needs").
+pub fn refuse_beyond_host_memory(op: &'static str, what: &str, need: u64, detail: &str, hint: &str) -> Result<()> {
+    let limit = default_max_host_bytes();
+    if need <= limit {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(Error::Unsupported {
+        op,
+        detail: format!(
+            "{what} about {:.1} GiB of memory{detail} but {:.1} GiB are available{hint}",
+            gib(need),
+            gib(limit)
+        ),
+    })
+}
+
 /// The `MemAvailable:` line of a `/proc/meminfo` text, in bytes (the file gives kB, i.e.
 /// KiB). `None` if the line is missing or malformed.
 pub fn parse_mem_available(meminfo: &str) -> Option<u64> {

@@ -242,6 +242,9 @@ pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
 
 /// Progress callbacks (the CLI draws a progress bar from them).
 pub trait Observer {
+    /// Once every check has passed and the devices are open, before the first epoch: what
+    /// is about to be trained (data and model as prepared once for the run).
+    fn run_start(&mut self, _cfg: &RunConfig, _prepared: &Prepared) {}
     /// Before the first batch of an epoch (1-based) of `batches` batches.
     fn epoch_start(&mut self, _epoch: usize, _batches: usize) {}
     /// After each training batch; `images_per_second` since the epoch started.
@@ -452,12 +455,8 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
             ck.push(name, t.shape(), t.to_vec()?)?;
         }
     }
-    if let Some((name, index)) = ck.first_non_finite() {
-        let count = ck.get(name).map_or(0, |t| t.data.iter().filter(|v| !v.is_finite()).count());
-        return Err(Error::Diverged {
-            epoch,
-            reason: format!("{name} holds {count} NaN or infinite values (the first at index {index})"),
-        });
+    if let Some((name, count)) = ck.non_finite_tensors(|_| true).first() {
+        return Err(Error::Diverged { epoch, reason: format!("{name} holds {count} NaN or infinite values") });
     }
     Ok(ck)
 }
@@ -634,21 +633,15 @@ fn check_fits(net: &Network, ck: &Checkpoint, path: &Path) -> Result<()> {
 /// weights would give meaningless numbers).
 pub fn restore_model(net: &mut Network, ck: &mut Checkpoint, path: &Path) -> Result<()> {
     check_fits(net, ck, path)?;
-    let model = net.model_state();
-    for (name, _) in &model {
-        if let Some(t) = ck.get(name) {
-            let bad = t.data.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
-                return Err(Error::Data {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "tensor '{name}' holds {bad} NaN or infinite values: these weights come from a diverged run"
-                    ),
-                });
-            }
-        }
+    if let Some((name, bad)) = ck.non_finite_tensors(|n| !is_training_state(n)).first() {
+        return Err(Error::Data {
+            path: path.display().to_string(),
+            message: format!(
+                "tensor '{name}' holds {bad} NaN or infinite values: these weights come from a diverged run"
+            ),
+        });
     }
-    take_into(model, ck, path)?;
+    take_into(net.model_state(), ck, path)?;
     take_counters(net, ck, path, true)?;
     ck.tensors.retain(|t| !is_training_state(&t.name));
     ck.int_tensors.retain(|t| !is_training_state(&t.name));
@@ -737,23 +730,14 @@ pub fn estimate_memory(cfg: &RunConfig, p: &Prepared) -> Result<(Vec<u64>, u64)>
 /// memory.
 pub fn check_memory(cfg: &RunConfig, p: &Prepared) -> Result<()> {
     let (stages, largest) = estimate_memory(cfg, p)?;
-    let total: u64 = stages.iter().sum();
-    let limit = crate::data::default_max_host_bytes();
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    if total > limit {
-        return Err(Error::Unsupported {
-            op: "train",
-            detail: format!(
-                "this configuration needs about {:.1} GiB of memory ({} stage(s), largest tensor {:.2} GiB) but {:.1} GiB are available; lower --batch-size, --depth{}",
-                gib(total),
-                stages.len(),
-                gib(largest),
-                gib(limit),
-                if cfg.algo == "dni" { " or --dni-width" } else { " or the image size" }
-            ),
-        });
-    }
-    Ok(())
+    let detail =
+        format!(" ({} stage(s), largest tensor {:.2} GiB)", stages.len(), largest as f64 / (1u64 << 30) as f64);
+    let hint = if cfg.algo == "dni" {
+        "; lower --batch-size, --depth or --dni-width"
+    } else {
+        "; lower --batch-size, --depth or the image size"
+    };
+    crate::data::refuse_beyond_host_memory("train", "this configuration needs", stages.iter().sum(), &detail, hint)
 }
 
 /// Refuses a run whose largest tensor exceeds a device's buffer limits, before allocating.
@@ -880,6 +864,7 @@ pub fn train(
     }
     drop(resumed);
 
+    obs.run_start(cfg, &p);
     // The metrics files say what the checkpoint says, whatever a kill left there before.
     let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
     let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
@@ -1017,8 +1002,8 @@ fn train_epoch(
             let lr = cfg.optim.lr_at(net.steps, n);
             let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
             acc.add(&out, batch.len())?;
-            // One iteration in flight at most: the host never races ahead of the devices.
-            net.sync()?;
+            // One iteration in flight at most: reading the divergence counters waits for every
+            // stage's work, so the host never races ahead of the devices.
             net.check_finite()?;
             seen += batch.len();
             obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());

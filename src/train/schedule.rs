@@ -354,7 +354,8 @@ impl Worker<'_> {
                     Method::Dni(_) => self.dni_step(x, labels, t)?,
                 }
             }
-            self.stage.gpu.sync()?;
+            // Reading the divergence counters waits for this iteration's work: the one host
+            // wait of the iteration (a separate sync would be a second).
             self.check_finite(t)?;
         }
         // The module above sent a gradient during the last iteration if it was past its own
@@ -373,7 +374,6 @@ impl Worker<'_> {
             // The running statistics are checked once an epoch, before evaluation and the
             // checkpoint read them.
             self.stage.watch_buffers()?;
-            self.stage.gpu.sync()?;
             self.check_finite(last.saturating_sub(1))?;
         }
         Ok(())
