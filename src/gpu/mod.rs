@@ -305,6 +305,12 @@ impl Gpu {
         Ok(Tensor { buf: Arc::new(buf), shape: shape.to_vec(), gpu: self.clone() })
     }
 
+    /// A tensor whose contents are unspecified: for outputs a kernel overwrites entirely
+    /// (reused memory is not cleared). Use [`Gpu::zeros`] where a kernel accumulates.
+    pub fn empty(&self, shape: &[usize]) -> Result<Tensor> {
+        self.zeros(shape)
+    }
+
     /// A tensor holding `data` (row-major, `shape`'s element count).
     pub fn tensor(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         let want: usize = shape.iter().product();
