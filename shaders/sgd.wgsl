@@ -22,7 +22,7 @@ struct Params {
     one_minus_dampening: f32,
     weight_decay: f32,
     slot: u32,  // step_watched: first of the three counters (gradient, parameter, buffer)
-    _pad1: u32,
+    chunk: u32, // step_packed: vec4s per entry of `chunk_slot`
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,6 +30,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> grad: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> buf: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> counts: array<atomic<u32>>;
+@group(0) @binding(5) var<storage, read> chunk_slot: array<u32>;
 
 struct Update {
     grad: vec4<f32>,
@@ -97,6 +98,21 @@ fn non_finite(v: vec4<f32>, e: u32) -> u32 {
     return hits.x + hits.y + hits.z + hits.w;
 }
 
+fn count(u: Update, e: u32, slot: u32) {
+    let g = non_finite(u.grad, e);
+    let w = non_finite(u.param, e);
+    let b = select(0u, non_finite(u.buf, e), (p.flags & MOMENTUM) != 0u);
+    if (g > 0u) {
+        atomicAdd(&counts[slot], g);
+    }
+    if (w > 0u) {
+        atomicAdd(&counts[slot + 1u], w);
+    }
+    if (b > 0u) {
+        atomicAdd(&counts[slot + 2u], b);
+    }
+}
+
 // step, and counts the non-finite values of the gradient, the new parameter and the new
 // momentum buffer into counts[slot], counts[slot + 1] and counts[slot + 2]: divergence is
 // seen in the step that produces it, with no extra pass over the weights.
@@ -107,17 +123,19 @@ fn step_watched(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (e >= p.n) {
         return;
     }
-    let u = update(i, e);
-    let g = non_finite(u.grad, e);
-    let w = non_finite(u.param, e);
-    let b = select(0u, non_finite(u.buf, e), (p.flags & MOMENTUM) != 0u);
-    if (g > 0u) {
-        atomicAdd(&counts[p.slot], g);
+    count(update(i, e), e, p.slot);
+}
+
+// step_watched over all parameters of a stage packed in one buffer each (values, gradients,
+// momentum): one dispatch per stage. Each parameter starts at an aligned chunk of `p.chunk`
+// vec4s, and chunk_slot[c] is the first counter of the parameter chunk c belongs to, so the
+// counts still name the tensor. Padding between parameters is zero and stays zero.
+@compute @workgroup_size(256)
+fn step_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    let e = 4u * i;
+    if (e >= p.n) {
+        return;
     }
-    if (w > 0u) {
-        atomicAdd(&counts[p.slot + 1u], w);
-    }
-    if (b > 0u) {
-        atomicAdd(&counts[p.slot + 2u], b);
-    }
+    count(update(i, e), e, chunk_slot[i / p.chunk]);
 }

@@ -32,6 +32,7 @@ pub mod layers;
 pub mod model;
 pub mod pipeline;
 pub mod predict;
+pub mod profile;
 pub mod report;
 pub mod rundir;
 pub mod trace;

@@ -33,6 +33,11 @@ struct Cli {
     #[arg(long, global = true, env = "FEATREPLAY_CONV_VARIANT")]
     conv_variant: Option<String>,
 
+    /// Keep wgpu's runtime bounds checks in the shaders (off by default: every kernel guards
+    /// its own indices). Turn on to rule out an out-of-bounds access.
+    #[arg(long, global = true)]
+    shader_checks: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -307,6 +312,31 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
     },
+    /// Measure one steady-state training iteration (model, batch, method and K as for
+    /// `train`): dispatches, compute passes, submits, host waits, buffers created, bytes
+    /// zero-filled and CPU time recording per iteration, and device time by layer type and
+    /// kernel; prints a markdown report and writes it as JSON.
+    Profile {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        train: TrainArgs,
+        /// bp, fr, ddg or dni, as for `train`.
+        #[arg(long, default_value = "bp")]
+        algo: String,
+        /// Iterations run before counting (pipelines compile, the allocator fills).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Iterations counted and timed.
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        /// Iterations timed kernel by kernel afterwards (0: skip the device-time table).
+        #[arg(long, default_value_t = 1)]
+        timed_iterations: usize,
+        /// Where to write the report as JSON.
+        #[arg(long, default_value = "profile.json")]
+        json: PathBuf,
+    },
     /// Show how a model splits into modules: layers, parameters, memory and cost per module.
     Plan {
         #[command(flatten)]
@@ -452,6 +482,7 @@ fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
 }
 
 fn run(cli: Cli, given: &[&str]) -> Result<()> {
+    featreplay::gpu::set_shader_runtime_checks(cli.shader_checks);
     match &cli.command {
         Command::Devices => {
             let adapters = list_adapters();
@@ -573,6 +604,35 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 Some(o) => featreplay::report::write_atomic(o, &text)?,
                 None => std::io::Write::write_all(&mut std::io::stdout().lock(), &text)?,
             }
+        }
+        Command::Profile { model, train, algo, warmup, iterations, timed_iterations, json } => {
+            if json.is_dir() {
+                anyhow::bail!("--json {} is a directory; give a file name, e.g. profile.json", json.display());
+            }
+            if let Some(parent) = json.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if !parent.is_dir() {
+                    anyhow::bail!("--json {}: the directory {} does not exist", json.display(), parent.display());
+                }
+            }
+            if *iterations == 0 {
+                anyhow::bail!("--iterations must be at least 1");
+            }
+            if let Some(v) = &cli.conv_variant {
+                std::env::set_var(conv2d::VARIANT_ENV, v);
+                apply_conv_variant(&cli.conv_variant, &[])?;
+            }
+            let cfg = featreplay::profile::ProfileConfig {
+                run: train.run_config(model, selectors(&cli.device), algo),
+                warmup: *warmup,
+                iterations: *iterations,
+                timed_iterations: *timed_iterations,
+            };
+            let p = featreplay::profile::profile(&cfg).context("profiling")?;
+            print!("{}", p.markdown());
+            let text = serde_json::to_string_pretty(&p).context("writing the profile as JSON")?;
+            featreplay::report::write_atomic(json, text.as_bytes())
+                .with_context(|| format!("writing {}", json.display()))?;
+            println!("\nwritten: {}", json.display());
         }
         Command::Plan { model } => {
             let mut cfg = RunConfig::default_for(1);

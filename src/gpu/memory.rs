@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::pool::BufferPool;
+
 /// What a buffer is for: tensors are the model's memory; staging and parameter buffers are
 /// the runtime's transient overhead, counted separately so reports can show both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +51,11 @@ pub struct MemoryStats {
     pub live_tensor_bytes: u64,
     /// Highest `live_tensor_bytes` since creation or the last reset.
     pub peak_tensor_bytes: u64,
-    /// Buffers ever created.
+    /// Tensors and internal buffers ever handed out (from the pool or newly created).
     pub allocations: u64,
+    /// Bytes of every buffer the device's caching allocator owns, in use or free: the memory
+    /// the driver really holds for tensors and reused staging buffers.
+    pub pool_bytes: u64,
 }
 
 impl MemoryTracker {
@@ -80,6 +85,7 @@ impl MemoryTracker {
             live_tensor_bytes: self.tensors.live.load(Ordering::SeqCst),
             peak_tensor_bytes: self.tensors.peak.load(Ordering::SeqCst),
             allocations: self.total.allocations.load(Ordering::SeqCst),
+            pool_bytes: 0,
         }
     }
 
@@ -90,44 +96,71 @@ impl MemoryTracker {
     }
 }
 
-/// A wgpu buffer whose bytes are counted in its device's tracker until it is dropped.
+/// A wgpu buffer whose bytes are counted in its device's tracker until it is dropped; a
+/// pooled one then goes back to its pool for reuse.
 #[derive(Debug)]
 pub struct TrackedBuffer {
     pub(crate) buffer: wgpu::Buffer,
+    /// The bytes asked for (what the tracker counts); a pooled buffer may be larger.
     pub(crate) bytes: u64,
     kind: BufferKind,
     tracker: Arc<MemoryTracker>,
+    pool: Option<Pooled>,
+}
+
+struct Pooled {
+    pool: Arc<BufferPool>,
+    class: u64,
+    usage: wgpu::BufferUsages,
+}
+
+impl std::fmt::Debug for Pooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pooled({} bytes)", self.class)
+    }
 }
 
 impl TrackedBuffer {
-    pub(crate) fn new(
-        device: &wgpu::Device,
+    /// `buffer` (of size class `class`, from or for `pool`) lent out for `bytes`.
+    pub(crate) fn pooled(
+        buffer: wgpu::Buffer,
         tracker: &Arc<MemoryTracker>,
         kind: BufferKind,
-        label: &str,
         bytes: u64,
+        pool: &Arc<BufferPool>,
+        class: u64,
         usage: wgpu::BufferUsages,
-        mapped_at_creation: bool,
     ) -> Self {
-        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage,
-            mapped_at_creation,
-        });
         tracker.alloc(kind, bytes);
-        TrackedBuffer { buffer, bytes, kind, tracker: tracker.clone() }
+        TrackedBuffer {
+            buffer,
+            bytes,
+            kind,
+            tracker: tracker.clone(),
+            pool: Some(Pooled { pool: pool.clone(), class, usage }),
+        }
     }
 
     /// The underlying wgpu buffer.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+
+    /// Keeps this buffer out of the pool when it drops (e.g. a staging buffer whose mapping
+    /// may still be pending).
+    pub(crate) fn unpool(&mut self) {
+        if let Some(p) = self.pool.take() {
+            p.pool.forget(p.class);
+        }
+    }
 }
 
 impl Drop for TrackedBuffer {
     fn drop(&mut self) {
         self.tracker.free(self.kind, self.bytes);
+        if let Some(p) = self.pool.take() {
+            p.pool.put(p.class, p.usage, self.buffer.clone());
+        }
     }
 }
 

@@ -1,36 +1,64 @@
 //! The GPU runtime: adapters, one device handle per pipeline stage, device-resident tensors,
 //! a pipeline cache, command batching and exact memory accounting.
 //!
-//! Kernels record dispatches into a per-device command encoder; nothing waits on the GPU
-//! until a host read ([`Gpu::read`]) or an explicit [`Gpu::sync`]. The encoder is submitted
-//! when it holds [`MAX_BATCH`] dispatches, so long runs never block on the CPU side either.
+//! Kernels record dispatches into one compute pass of a per-device command encoder; nothing
+//! waits on the GPU until a host read ([`Gpu::read`]) or an explicit [`Gpu::sync`]. The
+//! encoder is submitted early after the device went idle (after [`FIRST_SUBMIT`]
+//! dispatches, so it starts working while the host records the rest) and then every
+//! [`MAX_BATCH`] dispatches. Tensors come from a caching allocator ([`pool`]); bind groups
+//! are cached per pipeline and buffers, and each dispatch's parameters go into one
+//! persistent uniform buffer at a dynamic offset, so a steady-state step creates nothing.
 
 pub mod adapter;
+pub mod counters;
 pub mod memory;
 pub mod pipeline;
+mod pool;
 mod tensor;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use adapter::{list_adapters, AdapterSelector, AdapterSummary};
+pub use counters::Counters;
+use counters::RuntimeCounters;
 use memory::TrackedBuffer;
 pub use memory::{BufferKind, MemoryStats, MemoryTracker};
+use pool::{size_class, BufferPool};
 pub use tensor::Tensor;
 
 use crate::error::{Error, Result};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
 pub const MAX_BATCH: usize = 256;
+/// Dispatches recorded after the device went idle before the first submit: small, so the
+/// device starts while the host records the rest of the step; later batches double up to
+/// [`MAX_BATCH`].
+pub const FIRST_SUBMIT: usize = 16;
+/// Bind groups kept per device before the cache starts over (a ResNet-20 step on a CPU
+/// adapter binds about 4,400 distinct windows; a pipeline of steps may cycle through a few).
+const BIND_GROUP_CACHE: usize = 65536;
+
+/// Whether shader modules keep wgpu's runtime bounds checks (see [`set_shader_runtime_checks`]).
+static RUNTIME_CHECKS: AtomicBool = AtomicBool::new(false);
+
+/// Builds the shader modules of devices opened from now on with (true) or without (false,
+/// the default) wgpu's runtime bounds checks. Every kernel guards its own indices and naga
+/// validates each module, so the checks only cost time; turn them on (`--shader-checks`)
+/// to rule out an out-of-bounds access when a result looks wrong.
+pub fn set_shader_runtime_checks(on: bool) {
+    RUNTIME_CHECKS.store(on, Ordering::Relaxed);
+}
 /// Bytes of the per-batch uniform buffer that holds every dispatch's parameters.
 const PARAMS_CAPACITY: u64 = 64 * 1024;
 
 /// A copy to the host in flight (see [`Gpu::read_async`]).
 pub struct PendingRead {
     gpu: Gpu,
-    staging: TrackedBuffer,
+    /// A pooled staging buffer; back in the pool once read and unmapped.
+    staging: Option<TrackedBuffer>,
     index: Option<wgpu::SubmissionIndex>,
     rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
     numel: usize,
@@ -38,21 +66,34 @@ pub struct PendingRead {
 
 impl PendingRead {
     /// Waits for the copy's submission (not for work submitted after it) and returns the data.
-    pub fn wait(self) -> Result<Vec<f32>> {
-        let g = &self.gpu;
+    pub fn wait(mut self) -> Result<Vec<f32>> {
+        let g = self.gpu.clone();
+        g.inner.counters.host_wait();
         g.inner
             .device
-            .poll(wgpu::PollType::Wait { submission_index: self.index, timeout: None })
+            .poll(wgpu::PollType::Wait { submission_index: self.index.take(), timeout: None })
             .map_err(|e| Error::DeviceLost { adapter: g.inner.adapter.name.clone(), message: e.to_string() })?;
+        g.idle();
         g.check_fault()?;
         let mapped = self.rx.recv_timeout(Duration::from_secs(60)).map_err(|e| g.map_error(e))?;
         mapped.map_err(|e| g.map_error(e))?;
+        let staging = self.staging.take().expect("staging buffer of an unread PendingRead");
         let out = {
-            let view = self.staging.buffer.slice(..).get_mapped_range().map_err(|e| g.map_error(e))?;
+            let bytes = (self.numel as u64 * 4).max(4);
+            let view = staging.buffer.slice(..bytes).get_mapped_range().map_err(|e| g.map_error(e))?;
             bytemuck::cast_slice::<u8, f32>(&view)[..self.numel].to_vec()
         };
-        self.staging.buffer.unmap();
+        staging.buffer.unmap();
         Ok(out)
+    }
+}
+
+impl Drop for PendingRead {
+    fn drop(&mut self) {
+        // Never waited for: the mapping may still be pending, so the buffer cannot be reused.
+        if let Some(s) = self.staging.as_mut() {
+            s.unpool();
+        }
     }
 }
 
@@ -87,11 +128,45 @@ impl<'a> Kernel<'a> {
 }
 
 struct Recorder {
+    /// The open compute pass (declared before the encoder: it must end first). Dispatches
+    /// share it until a copy, a clear or a submit needs the encoder.
+    pass: Option<wgpu::ComputePass<'static>>,
     encoder: Option<wgpu::CommandEncoder>,
-    /// Parameters of this batch's dispatches, copied into `params_buffer` at submit.
+    /// Parameters of this batch's dispatches, written to the persistent parameter buffer
+    /// right before the batch is submitted.
     params: Vec<u8>,
-    params_buffer: Option<TrackedBuffer>,
     dispatches: usize,
+    /// Dispatches after which the batch is submitted (grows from [`FIRST_SUBMIT`]).
+    submit_after: usize,
+}
+
+type BindKey = (u64, Vec<(u32, wgpu::Buffer, u64, u64)>);
+
+/// Per-dispatch device time by kernel, while [`Gpu::start_op_timing`] is on.
+struct OpTiming {
+    times: HashMap<(&'static str, &'static str), (u64, f64)>,
+    /// Timestamp queries (adapters with `TIMESTAMP_QUERY`): query set, resolve buffer and
+    /// read-back buffer for one dispatch.
+    timestamps: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
+}
+
+/// How [`Gpu::op_times`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum OpTimingMethod {
+    /// GPU timestamps written at the start and end of each dispatch's compute pass.
+    Timestamps,
+    /// The adapter has no timestamp queries: each dispatch is submitted alone and timed on
+    /// the host until the device reports it done (includes the submit's overhead).
+    HostWait,
+}
+
+/// Device time of one kernel (shader file and entry point) while op timing was on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpTime {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 struct Inner {
@@ -101,8 +176,16 @@ struct Inner {
     adapter: AdapterSummary,
     limits: wgpu::Limits,
     memory: Arc<MemoryTracker>,
+    pool: Arc<BufferPool>,
+    counters: RuntimeCounters,
     pipelines: pipeline::PipelineCache,
+    runtime_checks: bool,
+    timestamps: bool,
+    bind_groups: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+    /// Every dispatch's parameter struct, at a dynamic offset (written at submit).
+    params_buffer: wgpu::Buffer,
     recorder: Mutex<Recorder>,
+    op_timing: Mutex<Option<OpTiming>>,
     /// First uncaptured error or loss reported by wgpu: (lost, message).
     fault: Arc<Mutex<Option<(bool, String)>>>,
     /// Kernel variants forced by the user, per op family.
@@ -137,9 +220,11 @@ impl Gpu {
         // The adapter's real limits: wgpu's defaults ask for less than most devices have
         // (16 KiB of workgroup memory, 256 invocations).
         let limits = adapter.limits();
+        // Timestamps let `featreplay profile` time each kernel on the device itself.
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("featreplay"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -164,6 +249,14 @@ impl Gpu {
             }
         });
 
+        let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dispatch params"),
+            size: PARAMS_CAPACITY,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let pool: Arc<BufferPool> = Default::default();
+        pool.created(PARAMS_CAPACITY);
         Ok(Gpu {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -172,13 +265,21 @@ impl Gpu {
                 adapter: summary,
                 limits,
                 memory: MemoryTracker::new(),
+                pool,
+                counters: Default::default(),
                 pipelines: Default::default(),
+                runtime_checks: RUNTIME_CHECKS.load(Ordering::Relaxed),
+                timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+                bind_groups: Mutex::new(HashMap::new()),
+                params_buffer,
                 recorder: Mutex::new(Recorder {
+                    pass: None,
                     encoder: None,
                     params: Vec::new(),
-                    params_buffer: None,
                     dispatches: 0,
+                    submit_after: FIRST_SUBMIT,
                 }),
+                op_timing: Mutex::new(None),
                 fault,
                 forced_variants: Mutex::new(HashMap::new()),
                 tuned_choices: Mutex::new(HashMap::new()),
@@ -206,9 +307,30 @@ impl Gpu {
         self.inner.id
     }
 
-    /// Live and peak memory of this device.
+    /// Live and peak memory of this device, and the caching allocator's capacity.
     pub fn memory(&self) -> MemoryStats {
-        self.inner.memory.stats()
+        MemoryStats { pool_bytes: self.inner.pool.capacity(), ..self.inner.memory.stats() }
+    }
+
+    /// Destroys the buffers the caching allocator holds for reuse, returning their memory to
+    /// the driver (e.g. between training and a large evaluation); returns the bytes freed.
+    pub fn trim_pool(&self) -> u64 {
+        self.inner.pool.trim()
+    }
+
+    /// What the runtime has done on this device so far (subtract two snapshots).
+    pub fn counters(&self) -> Counters {
+        self.inner.counters.snapshot()
+    }
+
+    /// Whether the device writes GPU timestamps (`TIMESTAMP_QUERY`).
+    pub fn has_timestamps(&self) -> bool {
+        self.inner.timestamps
+    }
+
+    /// Whether shader modules keep wgpu's runtime bounds checks.
+    pub fn runtime_checks(&self) -> bool {
+        self.inner.runtime_checks
     }
 
     /// Starts a new peak-memory measurement.
@@ -253,15 +375,34 @@ impl Gpu {
         Ok(())
     }
 
-    fn new_buffer(
+    /// A buffer of at least `bytes` from the pool (or newly created for it); the flag says
+    /// whether it was created now (wgpu zero-fills a new buffer before its first use).
+    fn pooled_buffer(
         &self,
         kind: BufferKind,
         label: &str,
         bytes: u64,
         usage: wgpu::BufferUsages,
-        mapped: bool,
-    ) -> TrackedBuffer {
-        TrackedBuffer::new(&self.inner.device, &self.inner.memory, kind, label, bytes, usage, mapped)
+    ) -> (TrackedBuffer, bool) {
+        let mut class = size_class(bytes);
+        if class > self.inner.limits.max_buffer_size.min(self.inner.limits.max_storage_buffer_binding_size) {
+            class = bytes;
+        }
+        let inner = &self.inner;
+        match inner.pool.take(class, usage) {
+            Some(b) => (TrackedBuffer::pooled(b, &inner.memory, kind, bytes, &inner.pool, class, usage), false),
+            None => {
+                let b = inner.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: class,
+                    usage,
+                    mapped_at_creation: false,
+                });
+                inner.pool.created(class);
+                inner.counters.buffer_created(class);
+                (TrackedBuffer::pooled(b, &inner.memory, kind, bytes, &inner.pool, class, usage), true)
+            }
+        }
     }
 
     fn map_error(&self, e: impl std::fmt::Display) -> Error {
@@ -298,17 +439,39 @@ impl Gpu {
         .union(wgpu::BufferUsages::COPY_SRC)
         .union(wgpu::BufferUsages::COPY_DST);
 
-    /// A zero-filled tensor (wgpu zero-initialises buffers).
+    /// A zero-filled tensor: a reused buffer is cleared on the device (recorded in order), a
+    /// new one is zero-filled by wgpu.
     pub fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
         let bytes = self.check_size(shape)?;
-        let buf = self.new_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE, false);
-        Ok(Tensor { buf: Arc::new(buf), shape: shape.to_vec(), gpu: self.clone() })
+        let (buf, new) = self.pooled_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE);
+        let (t0, sub0) = (Instant::now(), self.inner.counters.submit_ns());
+        if !new {
+            let mut rec = self.inner.recorder.lock().unwrap();
+            rec.pass = None;
+            Self::encoder(&self.inner.device, &mut rec).clear_buffer(&buf.buffer, 0, Some(bytes));
+            self.inner.counters.copy();
+        }
+        self.inner.counters.zero_filled(bytes);
+        self.inner.counters.recorded(t0, sub0);
+        Ok(Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() })
     }
 
     /// A tensor whose contents are unspecified: for outputs a kernel overwrites entirely
     /// (reused memory is not cleared). Use [`Gpu::zeros`] where a kernel accumulates.
     pub fn empty(&self, shape: &[usize]) -> Result<Tensor> {
-        self.zeros(shape)
+        let bytes = self.check_size(shape)?;
+        let (buf, new) = self.pooled_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE);
+        if new {
+            self.inner.counters.zero_filled(bytes);
+        }
+        Ok(Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() })
+    }
+
+    /// Byte alignment of [`Tensor::views`]: every view may be bound as a storage or uniform
+    /// buffer at its offset.
+    pub fn view_alignment(&self) -> u64 {
+        let l = &self.inner.limits;
+        (l.min_storage_buffer_offset_alignment.max(l.min_uniform_buffer_offset_alignment) as u64).max(16)
     }
 
     /// A tensor holding `data` (row-major, `shape`'s element count).
@@ -318,14 +481,24 @@ impl Gpu {
             return Err(Error::DataLength { shape: shape.to_vec(), got: data.len(), want });
         }
         let bytes = self.check_size(shape)?;
-        let buf = self.new_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE, true);
-        if !data.is_empty() {
-            let mut view =
-                buf.buffer.slice(..(data.len() * 4) as u64).get_mapped_range_mut().map_err(|e| self.map_error(e))?;
-            view.copy_from_slice(bytemuck::cast_slice(data));
+        let (buf, _) = self.pooled_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE);
+        let t = Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() };
+        self.upload(&t, data)?;
+        Ok(t)
+    }
+
+    /// Writes `data` at the start of `t`'s buffer after all work recorded so far: the
+    /// recorded work is submitted first, and the queue runs a write after what was
+    /// submitted before it (no staging buffer of ours, no wait).
+    fn upload(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
         }
-        buf.buffer.unmap();
-        Ok(Tensor { buf: Arc::new(buf), shape: shape.to_vec(), gpu: self.clone() })
+        let mut rec = self.inner.recorder.lock().unwrap();
+        self.submit_locked(&mut rec);
+        self.inner.queue.write_buffer(&t.buf.buffer, t.offset, bytemuck::cast_slice(data));
+        self.inner.counters.copy();
+        Ok(())
     }
 
     fn check_owned(&self, t: &Tensor, op: &'static str) -> Result<()> {
@@ -345,30 +518,13 @@ impl Gpu {
         Ok(())
     }
 
-    /// Overwrites `tensor` with `data`, in order with the work recorded before (the upload is
-    /// a copy recorded in the same command stream, so no flush or wait is needed).
+    /// Overwrites `tensor` with `data`, in order with the work recorded before.
     pub fn write(&self, tensor: &Tensor, data: &[f32]) -> Result<()> {
         self.check_owned(tensor, "write")?;
         if data.len() != tensor.numel() {
             return Err(Error::DataLength { shape: tensor.shape.clone(), got: data.len(), want: tensor.numel() });
         }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let bytes = (data.len() * 4) as u64;
-        let padded = bytes;
-        let staging = self.new_buffer(BufferKind::Internal, "upload", padded, wgpu::BufferUsages::COPY_SRC, true);
-        staging
-            .buffer
-            .slice(..bytes)
-            .get_mapped_range_mut()
-            .map_err(|e| self.map_error(e))?
-            .copy_from_slice(bytemuck::cast_slice(data));
-        staging.buffer.unmap();
-        let mut rec = self.inner.recorder.lock().unwrap();
-        let enc = Self::encoder(&self.inner.device, &mut rec);
-        enc.copy_buffer_to_buffer(&staging.buffer, 0, &tensor.buf.buffer, 0, padded);
-        Ok(())
+        self.upload(tensor, data)
     }
 
     /// Copies `src` into `dst` (same element count) on the device.
@@ -383,8 +539,10 @@ impl Gpu {
             return Ok(());
         }
         let mut rec = self.inner.recorder.lock().unwrap();
+        rec.pass = None;
         let enc = Self::encoder(&self.inner.device, &mut rec);
-        enc.copy_buffer_to_buffer(&src.buf.buffer, 0, &dst.buf.buffer, 0, bytes);
+        enc.copy_buffer_to_buffer(&src.buf.buffer, src.offset, &dst.buf.buffer, dst.offset, bytes);
+        self.inner.counters.copy();
         Ok(())
     }
 
@@ -423,47 +581,34 @@ impl Gpu {
             };
             self.check_owned(t, kernel.shader)?;
         }
-        let pipe = self.inner.pipelines.get(&self.inner.device, kernel.shader, kernel.entry, kernel.constants)?;
+        let inner = &self.inner;
+        let pipe =
+            inner.pipelines.get(&inner.device, kernel.shader, kernel.entry, kernel.constants, inner.runtime_checks)?;
+        let (t0, sub0) = (Instant::now(), inner.counters.submit_ns());
 
-        let align = self.inner.limits.min_uniform_buffer_offset_alignment as u64;
+        let align = inner.limits.min_uniform_buffer_offset_alignment as u64;
         let pbytes = bytemuck::bytes_of(params);
         let psize = (pbytes.len() as u64).div_ceil(16).max(1) * 16;
-        let mut rec = self.inner.recorder.lock().unwrap();
+        let mut rec = inner.recorder.lock().unwrap();
         let mut offset = (rec.params.len() as u64).div_ceil(align) * align;
-        if offset + psize > PARAMS_CAPACITY || rec.dispatches >= MAX_BATCH {
+        if offset + psize > PARAMS_CAPACITY || rec.dispatches >= rec.submit_after {
             self.submit_locked(&mut rec);
             offset = 0;
-        }
-        if rec.params_buffer.is_none() {
-            rec.params_buffer = Some(self.new_buffer(
-                BufferKind::Internal,
-                "dispatch params",
-                PARAMS_CAPACITY,
-                wgpu::BufferUsages::UNIFORM,
-                true,
-            ));
         }
         rec.params.resize(offset as usize, 0);
         rec.params.extend_from_slice(pbytes);
         rec.params.resize((offset + psize) as usize, 0);
 
-        let params_buffer = &rec.params_buffer.as_ref().unwrap().buffer;
-        let mut entries = Vec::with_capacity(args.len() + 1);
+        let mut key: BindKey = (pipe.id, Vec::with_capacity(pipe.used_bindings.len()));
         for &b in &pipe.used_bindings {
-            let resource = if b == 0 {
-                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: params_buffer,
-                    offset,
-                    size: wgpu::BufferSize::new(psize),
-                })
+            let entry = if b == 0 {
+                (0, inner.params_buffer.clone(), 0, psize)
             } else {
                 match args.get(b as usize - 1) {
-                    Some(Arg::Storage(t)) => t.buf.buffer.as_entire_binding(),
-                    Some(Arg::Uniform { tensor, offset, size }) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &tensor.buf.buffer,
-                        offset: *offset,
-                        size: wgpu::BufferSize::new(*size),
-                    }),
+                    Some(Arg::Storage(t)) => (b, t.buf.buffer.clone(), t.offset, t.buffer_bytes()),
+                    Some(Arg::Uniform { tensor, offset, size }) => {
+                        (b, tensor.buf.buffer.clone(), tensor.offset + *offset, *size)
+                    }
                     None => {
                         return Err(Error::Unsupported {
                             op: kernel.shader,
@@ -476,40 +621,193 @@ impl Gpu {
                     }
                 }
             };
-            entries.push(wgpu::BindGroupEntry { binding: b, resource });
+            key.1.push(entry);
         }
-        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry),
-            layout: &pipe.layout,
-            entries: &entries,
-        });
-        let enc = Self::encoder(&self.inner.device, &mut rec);
-        {
-            let mut pass = enc
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.entry), timestamp_writes: None });
-            pass.set_pipeline(&pipe.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        let bind_group = {
+            let mut cache = inner.bind_groups.lock().unwrap();
+            match cache.get(&key) {
+                Some(bg) => bg.clone(),
+                None => {
+                    let entries: Vec<wgpu::BindGroupEntry> = key
+                        .1
+                        .iter()
+                        .map(|(binding, buffer, offset, size)| wgpu::BindGroupEntry {
+                            binding: *binding,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer,
+                                offset: *offset,
+                                size: wgpu::BufferSize::new(*size),
+                            }),
+                        })
+                        .collect();
+                    let bg = inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(kernel.entry),
+                        layout: &pipe.layout,
+                        entries: &entries,
+                    });
+                    inner.counters.bind_group_created();
+                    if cache.len() >= BIND_GROUP_CACHE {
+                        cache.clear();
+                    }
+                    cache.insert(key, bg.clone());
+                    bg
+                }
+            }
+        };
+        let dynamic = [offset as u32];
+        let dynamic: &[u32] = if pipe.used_bindings.first() == Some(&0) { &dynamic } else { &[] };
+        let timing = inner.op_timing.lock().unwrap().is_some();
+        if timing {
+            drop(rec);
+            return self.timed_dispatch(kernel, &pipe, &bind_group, dynamic, workgroups);
         }
+        if rec.pass.is_none() {
+            let enc = Self::encoder(&inner.device, &mut rec);
+            let pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            rec.pass = Some(pass.forget_lifetime());
+            inner.counters.pass();
+        }
+        let pass = rec.pass.as_mut().unwrap();
+        pass.set_pipeline(&pipe.pipeline);
+        pass.set_bind_group(0, &bind_group, dynamic);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         rec.dispatches += 1;
+        inner.counters.dispatch();
+        inner.counters.recorded(t0, sub0);
         Ok(())
     }
 
-    fn submit_locked(&self, rec: &mut Recorder) -> Option<wgpu::SubmissionIndex> {
-        if let Some(pb) = rec.params_buffer.take() {
-            if !rec.params.is_empty() {
-                // The params length is a multiple of 16 and within the buffer: mapping succeeds.
-                if let Ok(mut view) = pb.buffer.slice(..rec.params.len() as u64).get_mapped_range_mut() {
-                    view.copy_from_slice(&rec.params);
-                }
-            }
-            pb.buffer.unmap();
-            // `pb` drops here: wgpu keeps the buffer alive until the submission completes.
-            drop(pb);
+    /// Op-timing mode: submits the dispatch alone and records its device time.
+    fn timed_dispatch(
+        &self,
+        kernel: &Kernel,
+        pipe: &pipeline::CachedPipeline,
+        bind_group: &wgpu::BindGroup,
+        dynamic: &[u32],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let inner = &self.inner;
+        // Everything recorded before runs first, untimed.
+        let mut rec = inner.recorder.lock().unwrap();
+        let params = std::mem::take(&mut rec.params);
+        rec.pass = None;
+        let mut timing = inner.op_timing.lock().unwrap();
+        let Some(timing) = timing.as_mut() else { return Ok(()) };
+        let prior = rec.encoder.take();
+        let mut enc = inner.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
+        {
+            let ts = timing.timestamps.as_ref().map(|(q, _, _)| wgpu::ComputePassTimestampWrites {
+                query_set: q,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: ts });
+            pass.set_pipeline(&pipe.pipeline);
+            pass.set_bind_group(0, bind_group, dynamic);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         }
-        rec.params.clear();
+        if let Some((q, resolve, read)) = timing.timestamps.as_ref() {
+            enc.resolve_query_set(q, 0..2, resolve, 0);
+            enc.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
+        }
+        inner.queue.write_buffer(&inner.params_buffer, 0, &params);
+        if let Some(p) = prior {
+            inner.queue.submit([p.finish()]);
+        }
         rec.dispatches = 0;
-        rec.encoder.take().map(|enc| self.inner.queue.submit([enc.finish()]))
+        let wait = |index| {
+            inner
+                .device
+                .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+                .map_err(|e| Error::DeviceLost { adapter: inner.adapter.name.clone(), message: e.to_string() })
+        };
+        wait(inner.queue.submit([]))?;
+        let t0 = Instant::now();
+        let index = inner.queue.submit([enc.finish()]);
+        wait(index)?;
+        let mut seconds = t0.elapsed().as_secs_f64();
+        if let Some((_, _, read)) = timing.timestamps.as_ref() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            wait(inner.queue.submit([]))?;
+            rx.recv_timeout(Duration::from_secs(60)).map_err(|e| self.map_error(e))?.map_err(|e| self.map_error(e))?;
+            {
+                let view = read.slice(..).get_mapped_range().map_err(|e| self.map_error(e))?;
+                let t: &[u64] = bytemuck::cast_slice(&view);
+                let period = inner.queue.get_timestamp_period() as f64;
+                seconds = t[1].saturating_sub(t[0]) as f64 * period * 1e-9;
+            }
+            read.unmap();
+        }
+        let e = timing.times.entry((kernel.shader, kernel.entry)).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += seconds;
+        inner.counters.dispatch();
+        self.check_fault()
+    }
+
+    /// Starts timing every dispatch on its own (slow: each is submitted and waited for);
+    /// [`Gpu::op_times`] returns the times and stops.
+    pub fn start_op_timing(&self) -> Result<OpTimingMethod> {
+        self.sync()?;
+        let timestamps = self.inner.timestamps.then(|| {
+            let d = &self.inner.device;
+            let q = d.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("op timing"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let buf = |usage| {
+                d.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("op timing"),
+                    size: 16,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            let resolve = buf(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+            let read = buf(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+            (q, resolve, read)
+        });
+        let method = if timestamps.is_some() { OpTimingMethod::Timestamps } else { OpTimingMethod::HostWait };
+        *self.inner.op_timing.lock().unwrap() = Some(OpTiming { times: HashMap::new(), timestamps });
+        Ok(method)
+    }
+
+    /// The device time per kernel since [`Gpu::start_op_timing`], longest first; stops timing.
+    pub fn op_times(&self) -> Result<Vec<OpTime>> {
+        self.sync()?;
+        let timing = self.inner.op_timing.lock().unwrap().take();
+        let mut v: Vec<OpTime> = timing
+            .map(|t| t.times)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|((shader, entry), (calls, seconds))| OpTime { shader, entry, calls, seconds })
+            .collect();
+        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        Ok(v)
+    }
+
+    fn submit_locked(&self, rec: &mut Recorder) -> Option<wgpu::SubmissionIndex> {
+        rec.pass = None;
+        if !rec.params.is_empty() {
+            self.inner.queue.write_buffer(&self.inner.params_buffer, 0, &rec.params);
+            rec.params.clear();
+        }
+        rec.dispatches = 0;
+        let enc = rec.encoder.take()?;
+        rec.submit_after = (rec.submit_after * 2).min(MAX_BATCH);
+        let t0 = Instant::now();
+        let index = self.inner.queue.submit([enc.finish()]);
+        self.inner.counters.submitted(t0);
+        Some(index)
+    }
+
+    /// After a host wait the device is idle: the next batch is submitted early again.
+    fn idle(&self) {
+        self.inner.recorder.lock().unwrap().submit_after = FIRST_SUBMIT;
     }
 
     /// Submits recorded work without waiting for it.
@@ -523,10 +821,12 @@ impl Gpu {
     /// Submits recorded work and waits until the device has finished it.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
+        self.inner.counters.host_wait();
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::DeviceLost { adapter: self.inner.adapter.name.clone(), message: e.to_string() })?;
+        self.idle();
         self.check_fault()
     }
 
@@ -535,39 +835,38 @@ impl Gpu {
         self.read_async(tensor)?.wait()
     }
 
-    /// Starts copying `tensor` to the host without waiting: records the copy into a staging
-    /// buffer of its own after all work recorded so far, submits, and returns. The device goes
+    /// Starts copying `tensor` to the host without waiting: records the copy into a pooled
+    /// staging buffer after all work recorded so far, submits, and returns. The device goes
     /// on with whatever is submitted next while the copy is read with [`PendingRead::wait`],
     /// which waits for this submission only. Each read has its own staging buffer, so any
     /// number of transfers can be in flight.
     pub fn read_async(&self, tensor: &Tensor) -> Result<PendingRead> {
         self.check_owned(tensor, "read")?;
-        let bytes = (tensor.numel() as u64 * 4).max(4);
-        let staging = self.new_buffer(
-            BufferKind::Internal,
-            "read-back",
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            false,
-        );
+        let bytes = (tensor.numel() as u64 * 4).max(4).div_ceil(16) * 16;
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let (staging, _) = self.pooled_buffer(BufferKind::Internal, "read-back", bytes, usage);
         let index = {
             let mut rec = self.inner.recorder.lock().unwrap();
             if tensor.numel() > 0 {
+                rec.pass = None;
                 Self::encoder(&self.inner.device, &mut rec).copy_buffer_to_buffer(
                     &tensor.buf.buffer,
-                    0,
+                    tensor.offset,
                     &staging.buffer,
                     0,
-                    bytes,
+                    (tensor.numel() as u64 * 4).div_ceil(4) * 4,
                 );
+                self.inner.counters.copy();
             }
+            // An empty encoder still gives a submission index to wait for.
+            Self::encoder(&self.inner.device, &mut rec);
             self.submit_locked(&mut rec)
         };
         let (tx, rx) = std::sync::mpsc::channel();
         staging.buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        Ok(PendingRead { gpu: self.clone(), staging, index, rx, numel: tensor.numel() })
+        Ok(PendingRead { gpu: self.clone(), staging: Some(staging), index, rx, numel: tensor.numel() })
     }
 
     /// Seconds `f` takes on the device, from an idle device to its completion.

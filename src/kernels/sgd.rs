@@ -61,7 +61,7 @@ struct Params {
     one_minus_dampening: f32,
     weight_decay: f32,
     slot: u32,
-    _pad: u32,
+    chunk: u32,
 }
 
 fn check(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor) -> Result<()> {
@@ -79,8 +79,15 @@ fn check(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Counters of a watched step: the buffer and the first of the step's three slots.
-type Watch<'a> = Option<(&'a Tensor, usize)>;
+/// How a step counts non-finite values.
+#[derive(Clone, Copy)]
+enum Watch<'a> {
+    None,
+    /// Into three counters from a slot.
+    Slot(&'a Tensor, usize),
+    /// Packed parameters: the counters, the chunk -> slot table and vec4s per chunk.
+    Packed(&'a Tensor, &'a Tensor, u32),
+}
 
 fn dispatch(
     param: &Tensor,
@@ -103,22 +110,34 @@ fn dispatch(
         // dtype.
         one_minus_dampening: (1.0 - cfg.dampening as f64) as f32,
         weight_decay: cfg.weight_decay,
-        slot: watch.map_or(0, |(_, slot)| slot as u32),
-        _pad: 0,
+        slot: if let Watch::Slot(_, slot) = watch { slot as u32 } else { 0 },
+        chunk: if let Watch::Packed(_, _, chunk) = watch { chunk } else { 1 },
     };
     let gpu = param.gpu();
     let grid = gpu.grid_1d(param.numel().div_ceil(4), WG);
     match watch {
-        None => gpu.dispatch(
+        Watch::None => gpu.dispatch(
             &Kernel::new("sgd", "step"),
             &params,
             &[Arg::Storage(param), Arg::Storage(grad), Arg::Storage(momentum_buf)],
             grid,
         ),
-        Some((counters, _)) => gpu.dispatch(
+        Watch::Slot(counters, _) => gpu.dispatch(
             &Kernel::new("sgd", "step_watched"),
             &params,
             &[Arg::Storage(param), Arg::Storage(grad), Arg::Storage(momentum_buf), Arg::Storage(counters)],
+            grid,
+        ),
+        Watch::Packed(counters, slots, _) => gpu.dispatch(
+            &Kernel::new("sgd", "step_packed"),
+            &params,
+            &[
+                Arg::Storage(param),
+                Arg::Storage(grad),
+                Arg::Storage(momentum_buf),
+                Arg::Storage(counters),
+                Arg::Storage(slots),
+            ],
             grid,
         ),
     }
@@ -131,7 +150,7 @@ fn dispatch(
 pub fn step(param: &Tensor, grad: &Tensor, momentum_buf: &Tensor, cfg: &SgdConfig, first_step: bool) -> Result<()> {
     cfg.validate()?;
     check(param, grad, momentum_buf)?;
-    dispatch(param, grad, momentum_buf, cfg, first_step, None)
+    dispatch(param, grad, momentum_buf, cfg, first_step, Watch::None)
 }
 
 /// [`step`] that also counts the non-finite values of the gradient, the updated parameter and
@@ -153,7 +172,7 @@ pub fn step_watched(
     if [grad, momentum_buf].iter().any(|t| t.same_buffer(counters)) {
         return Err(Error::ShapeMismatch { op: OP, detail: "the counters must be a tensor of their own".into() });
     }
-    dispatch(param, grad, momentum_buf, cfg, first_step, Some((counters, slot)))
+    dispatch(param, grad, momentum_buf, cfg, first_step, Watch::Slot(counters, slot))
 }
 
 /// [`step`] over a list of `(param, grad, momentum_buf)`: everything is checked before the
@@ -179,7 +198,37 @@ pub fn step_all(items: &[(&Tensor, &Tensor, &Tensor)], cfg: &SgdConfig, first_st
         }
     }
     for (p, g, b) in items {
-        dispatch(p, g, b, cfg, first_step, None)?;
+        dispatch(p, g, b, cfg, first_step, Watch::None)?;
     }
     Ok(())
+}
+
+/// [`step_watched`] over parameters packed into one buffer each (values, gradients,
+/// momentum; see [`crate::gpu::Tensor::views`]): a single dispatch. `chunk_slots` maps each
+/// chunk of `chunk` floats (the view alignment: every parameter starts at a chunk) to the
+/// first of its parameter's three counters in `counters`; it holds u32 values as f32 bits.
+#[allow(clippy::too_many_arguments)]
+pub fn step_packed(
+    param: &Tensor,
+    grad: &Tensor,
+    momentum_buf: &Tensor,
+    cfg: &SgdConfig,
+    first_step: bool,
+    counters: &Tensor,
+    chunk_slots: &Tensor,
+    chunk: usize,
+) -> Result<()> {
+    cfg.validate()?;
+    check(param, grad, momentum_buf)?;
+    if chunk % 4 != 0 || chunk == 0 || chunk_slots.numel() * chunk < param.numel() {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!(
+                "{} chunk slots of {chunk} floats do not cover {} packed parameter values",
+                chunk_slots.numel(),
+                param.numel()
+            ),
+        });
+    }
+    dispatch(param, grad, momentum_buf, cfg, first_step, Watch::Packed(counters, chunk_slots, (chunk / 4) as u32))
 }

@@ -119,4 +119,10 @@ impl BasicBlock {
     pub fn params(&self) -> Vec<&Param> {
         vec![&self.conv1.weight, &self.bn1.gamma, &self.bn1.beta, &self.conv2.weight, &self.bn2.gamma, &self.bn2.beta]
     }
+
+    /// [`Self::params`], mutable.
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let (c1, b1, c2, b2) = (&mut self.conv1, &mut self.bn1, &mut self.conv2, &mut self.bn2);
+        vec![&mut c1.weight, &mut b1.gamma, &mut b1.beta, &mut c2.weight, &mut b2.gamma, &mut b2.beta]
+    }
 }

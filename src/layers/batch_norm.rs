@@ -74,8 +74,8 @@ impl BatchNorm2d {
     /// Writes the gamma and beta gradients and returns the input gradient.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, saved: &BnSaved) -> Result<Tensor> {
         let (dx, dgamma, dbeta) = bn::backward(x, dy, &self.gamma.value, saved)?;
-        self.gamma.grad = dgamma;
-        self.beta.grad = dbeta;
+        self.gamma.set_grad(dgamma)?;
+        self.beta.set_grad(dbeta)?;
         Ok(dx)
     }
 }

@@ -214,4 +214,23 @@ impl Bottleneck {
         }
         params
     }
+
+    /// [`Self::params`], mutable.
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut params = vec![
+            &mut self.conv1.weight,
+            &mut self.bn1.gamma,
+            &mut self.bn1.beta,
+            &mut self.conv2.weight,
+            &mut self.bn2.gamma,
+            &mut self.bn2.beta,
+            &mut self.conv3.weight,
+            &mut self.bn3.gamma,
+            &mut self.bn3.beta,
+        ];
+        if let Some(p) = &mut self.downsample {
+            params.extend([&mut p.conv.weight, &mut p.bn.gamma, &mut p.bn.beta]);
+        }
+        params
+    }
 }

@@ -47,7 +47,7 @@ impl Conv2d {
     /// Writes the weight gradient only: the first layer of a network needs no input gradient.
     pub fn backward_weight(&mut self, x: &Tensor, dy: &Tensor) -> Result<()> {
         let w = &self.weight.value;
-        self.weight.grad = conv2d::backward_filter(x, dy, w.shape(), self.stride, self.pad)?;
-        Ok(())
+        let dw = conv2d::backward_filter(x, dy, w.shape(), self.stride, self.pad)?;
+        self.weight.set_grad(dw)
     }
 }

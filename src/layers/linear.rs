@@ -33,8 +33,8 @@ impl Linear {
     /// Writes the weight and bias gradients and returns the input gradient.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let (dx, dw, db) = linear::backward(x, &self.weight.value, dy)?;
-        self.weight.grad = dw;
-        self.bias.grad = db;
+        self.weight.set_grad(dw)?;
+        self.bias.set_grad(db)?;
         Ok(dx)
     }
 }

@@ -45,6 +45,17 @@ impl Param {
         })
     }
 
+    /// Takes `g` as the gradient: a packed gradient (a view into its stage's gradient buffer,
+    /// which one SGD dispatch updates from) receives a device copy, else `g` replaces it.
+    pub fn set_grad(&mut self, g: Tensor) -> Result<()> {
+        if self.grad.is_view() {
+            g.gpu().copy(&g, &self.grad)
+        } else {
+            self.grad = g;
+            Ok(())
+        }
+    }
+
     /// One SGD step on this parameter with its current gradient.
     pub fn sgd_step(&self, config: &SgdConfig, first_step: bool) -> Result<()> {
         sgd::step(&self.value, &self.grad, &self.momentum, config, first_step)

@@ -50,8 +50,13 @@ impl FiniteWatch {
     }
 
     /// The first slot of parameter `index` (in the order given to [`Self::new`]).
-    fn param_slot(index: usize) -> usize {
+    pub fn param_slot(index: usize) -> usize {
         2 + 3 * index
+    }
+
+    /// The counter buffer (for kernels that count into the slots themselves).
+    pub fn counters(&self) -> &Tensor {
+        &self.counters
     }
 
     /// Counts the non-finite values of `t` into `slot` ([`OUTPUT`] or [`INPUT_GRAD`]).

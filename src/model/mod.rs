@@ -378,6 +378,18 @@ impl Layer {
         })
     }
 
+    /// [`Self::params`], mutable.
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        match self {
+            Layer::Conv(c) => vec![&mut c.weight],
+            Layer::BatchNorm(b) => vec![&mut b.gamma, &mut b.beta],
+            Layer::Basic(b) => b.params_mut(),
+            Layer::Bottleneck(b) => b.params_mut(),
+            Layer::Linear(l) => vec![&mut l.weight, &mut l.bias],
+            Layer::Relu | Layer::GlobalAvgPool => vec![],
+        }
+    }
+
     /// Trainable parameters, in PyTorch's order.
     pub fn params(&self) -> Vec<&Param> {
         match self {
@@ -425,6 +437,47 @@ pub struct Stage {
     pub layers: Vec<Layer>,
     /// Counts NaN and infinite values in what the stage produces (divergence detection).
     watch: FiniteWatch,
+    /// Every parameter's value, gradient and momentum as views of three buffers, so one
+    /// SGD dispatch updates the whole stage.
+    packed: PackedParams,
+}
+
+/// A stage's parameters packed for the single-dispatch SGD step.
+struct PackedParams {
+    values: Tensor,
+    grads: Tensor,
+    momentum: Tensor,
+    /// Per chunk of `chunk` floats, the first divergence counter of its parameter.
+    chunk_slots: Tensor,
+    chunk: usize,
+}
+
+impl PackedParams {
+    /// Moves the parameters of `layers` into packed buffers (values copied on the device;
+    /// gradients and momentum start at zero, as [`Param::new`] makes them).
+    fn pack(gpu: &Gpu, layers: &mut [Layer]) -> Result<PackedParams> {
+        let mut params: Vec<&mut Param> = layers.iter_mut().flat_map(|l| l.params_mut()).collect();
+        let shapes: Vec<Vec<usize>> = params.iter().map(|p| p.value.shape().to_vec()).collect();
+        let n = Tensor::packed_len(gpu, &shapes).max(1);
+        let (values, grads, momentum) = (gpu.zeros(&[n])?, gpu.zeros(&[n])?, gpu.zeros(&[n])?);
+        let (vv, gv, mv) = (values.views(&shapes)?, grads.views(&shapes)?, momentum.views(&shapes)?);
+        let chunk = (gpu.view_alignment() / 4) as usize;
+        let mut slots = vec![0u32; n.div_ceil(chunk)];
+        for (i, (((p, v), g), m)) in params.iter_mut().zip(vv).zip(gv).zip(mv).enumerate() {
+            gpu.copy(&p.value, &v)?;
+            let first = v.byte_offset() as usize / 4 / chunk;
+            let last = (v.byte_offset() as usize / 4 + v.numel()).div_ceil(chunk);
+            for s in &mut slots[first..last.max(first + 1)] {
+                *s = FiniteWatch::param_slot(i) as u32;
+            }
+            p.value = v;
+            p.grad = g;
+            p.momentum = m;
+        }
+        let bits: Vec<f32> = slots.iter().map(|&s| f32::from_bits(s)).collect();
+        let chunk_slots = gpu.tensor(&[bits.len()], &bits)?;
+        Ok(PackedParams { values, grads, momentum, chunk_slots, chunk })
+    }
 }
 
 /// Everything a stage's backward needs from its forward.
@@ -441,20 +494,29 @@ impl StageActivations {
 impl Stage {
     /// Instantiates layers `range` of `spec` on `gpu`.
     pub fn new(index: usize, gpu: &Gpu, spec: &ModelSpec, range: std::ops::Range<usize>, seed: u64) -> Result<Stage> {
-        let layers = range.clone().map(|i| Layer::new(gpu, &spec.layers[i], seed, i)).collect::<Result<Vec<_>>>()?;
+        let mut layers =
+            range.clone().map(|i| Layer::new(gpu, &spec.layers[i], seed, i)).collect::<Result<Vec<_>>>()?;
+        let packed = PackedParams::pack(gpu, &mut layers)?;
         let params: Vec<&Param> = layers.iter().flat_map(|l| l.params()).collect();
         let buffers: Vec<(String, &Tensor)> = layers.iter().flat_map(|l| l.buffers()).collect();
         let watch = FiniteWatch::new(gpu, &params, &buffers)?;
-        Ok(Stage { index, gpu: gpu.clone(), first_layer: range.start, layers, watch })
+        Ok(Stage { index, gpu: gpu.clone(), first_layer: range.start, layers, watch, packed })
     }
 
-    /// One SGD step of every parameter with its current gradient; the step counts the
-    /// non-finite values of each gradient, weight and momentum buffer.
+    /// One SGD step of every parameter with its current gradient, in one dispatch; the step
+    /// counts the non-finite values of each gradient, weight and momentum buffer.
     pub fn sgd_step(&self, cfg: &SgdConfig, first_step: bool) -> Result<()> {
-        for (i, p) in self.params().into_iter().enumerate() {
-            self.watch.sgd_step(i, p, cfg, first_step)?;
-        }
-        Ok(())
+        let p = &self.packed;
+        crate::kernels::sgd::step_packed(
+            &p.values,
+            &p.grads,
+            &p.momentum,
+            cfg,
+            first_step,
+            self.watch.counters(),
+            &p.chunk_slots,
+            p.chunk,
+        )
     }
 
     /// Counts the non-finite values of this stage's output (features sent up, or logits).
