@@ -113,11 +113,18 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     let mut run = |net: &mut Network, batches: &[HostBatch]| -> Result<()> {
         match state.as_mut() {
             None => {
+                // As the training loop does: the step, the loss sums, and the one host wait
+                // (for the previous iteration's divergence counters).
+                let mut pending = None;
                 for b in batches {
-                    // As the training loop does: the step, the loss sums, the one host wait.
                     let out = net.bp_step(&b.images, &b.labels, optim, lr)?;
                     acc.add(&out, b.labels.len())?;
-                    net.check_finite()?;
+                    if let Some(p) = pending.replace(net.start_check_finite()?) {
+                        p.finish()?;
+                    }
+                }
+                if let Some(p) = pending {
+                    p.finish()?;
                 }
             }
             Some(st) => {

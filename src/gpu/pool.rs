@@ -6,14 +6,18 @@
 //! wgpu orders every dispatch and copy after the earlier ones touching the same buffer, so a
 //! buffer freed by a kernel recorded earlier may be written by one recorded later.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Buffers of one size class waiting for reuse, and the bytes of all buffers the pool owns.
 #[derive(Default)]
 pub(crate) struct BufferPool {
-    free: Mutex<HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>>,
+    /// Free buffers by (size class, usage), ordered by wgpu's id: the lowest is taken, so the
+    /// buffer a tensor gets depends only on which buffers are free, and a training step that
+    /// repeats the same allocations gets the same buffers every iteration (and so the same
+    /// cached bind groups).
+    free: Mutex<HashMap<(u64, wgpu::BufferUsages), BTreeSet<wgpu::Buffer>>>,
     /// Bytes of every buffer created through the pool, in use or free.
     capacity: AtomicU64,
 }
@@ -33,7 +37,7 @@ pub(crate) fn size_class(bytes: u64) -> u64 {
 impl BufferPool {
     /// A free buffer of `class` bytes and `usage`, if the pool holds one.
     pub fn take(&self, class: u64, usage: wgpu::BufferUsages) -> Option<wgpu::Buffer> {
-        self.free.lock().unwrap().get_mut(&(class, usage)).and_then(|v| v.pop())
+        self.free.lock().unwrap().get_mut(&(class, usage)).and_then(|v| v.pop_first())
     }
 
     /// Counts a buffer created for the pool.
@@ -43,7 +47,7 @@ impl BufferPool {
 
     /// Hands a buffer back for reuse.
     pub fn put(&self, class: u64, usage: wgpu::BufferUsages, buffer: wgpu::Buffer) {
-        self.free.lock().unwrap().entry((class, usage)).or_default().push(buffer);
+        self.free.lock().unwrap().entry((class, usage)).or_default().insert(buffer);
     }
 
     /// Stops counting a buffer that will not come back.

@@ -107,10 +107,10 @@ fn run(logits: &Tensor, labels: &Tensor, grad: bool) -> Result<CrossEntropyOut> 
     }
     let gpu = logits.gpu();
     let params = Params { rows: n as u32, classes: c as u32, topk: c.min(5) as u32, _pad: 0 };
-    let part = gpu.zeros(&[n, 3])?;
+    let part = gpu.empty(&[n, 3])?;
     let loss = gpu.zeros(&[1])?;
     let correct = gpu.zeros(&[2])?;
-    let dlogits = if grad { Some(gpu.zeros(&[n, c])?) } else { None };
+    let dlogits = if grad { Some(gpu.empty(&[n, c])?) } else { None };
     let grid = gpu.grid_1d(n, WG_ROWS);
     match &dlogits {
         Some(dl) => gpu.dispatch(

@@ -111,7 +111,8 @@ pub fn forward(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b_out != k_out {
         return Err(mismatch(OP, format!("bias {:?} for weight {:?}", b.shape(), w.shape())));
     }
-    let y = x.gpu().zeros(&[n, k_out])?;
+    // Every output is written when the product has depth; an empty product is all zeros.
+    let y = if k_in > 0 { x.gpu().empty(&[n, k_out])? } else { x.gpu().zeros(&[n, k_out])? };
     let product =
         Product { rows: n, cols: k_out, depth: k_in, a_stride: (k_in, 1), b_stride: (k_in, 1), mode: MODE_BIAS };
     // No row sums: `y` fills that slot (the same buffer may be bound twice read-write).
@@ -135,7 +136,7 @@ pub fn backward_input(w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let [k_out, k_in] = dims(OP, "weight", w)?;
     check_same_device(OP, w, dy)?;
     let n = check_dy(OP, dy, None, k_out)?;
-    let dx = w.gpu().zeros(&[n, k_in])?;
+    let dx = if k_out > 0 { w.gpu().empty(&[n, k_in])? } else { w.gpu().zeros(&[n, k_in])? };
     if k_in > 0 {
         let product =
             Product { rows: n, cols: k_in, depth: k_out, a_stride: (k_out, 1), b_stride: (1, k_in), mode: MODE_PLAIN };
@@ -156,8 +157,8 @@ pub fn backward_params(x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         return Err(mismatch(OP, format!("x {:?} and dy {:?} have different batch sizes", x.shape(), dy.shape())));
     }
     let gpu = x.gpu();
-    let dw = gpu.zeros(&[k_out, k_in])?;
-    let db = gpu.zeros(&[k_out])?;
+    let out = |shape: &[usize]| if n > 0 { gpu.empty(shape) } else { gpu.zeros(shape) };
+    let (dw, db) = (out(&[k_out, k_in])?, out(&[k_out])?);
     let product =
         Product { rows: k_out, cols: k_in, depth: n, a_stride: (1, k_out), b_stride: (1, k_in), mode: MODE_ROW_SUMS };
     // No bias: `dy` fills that slot.

@@ -35,7 +35,7 @@ pub fn global_avg_forward(x: &Tensor) -> Result<Tensor> {
     let [n, c, _, _] = dims::<4>(OP, "x", x)?;
     let p = check(OP, x.shape())?;
     let gpu = x.gpu();
-    let y = gpu.zeros(&[n, c])?;
+    let y = gpu.empty(&[n, c])?;
     gpu.dispatch(
         &Kernel::new("pool", "avg_forward"),
         &p,
@@ -56,7 +56,7 @@ pub fn global_avg_backward(dy: &Tensor, in_shape: &[usize]) -> Result<Tensor> {
         });
     }
     let gpu = dy.gpu();
-    let dx = gpu.zeros(in_shape)?;
+    let dx = gpu.empty(in_shape)?;
     gpu.dispatch(
         &Kernel::new("pool", "avg_backward"),
         &p,

@@ -27,7 +27,25 @@ pub struct NonFiniteCount {
 /// Counters of non-finite values, one per named slot, on one device.
 pub struct FiniteWatch {
     counters: Tensor,
-    names: Vec<String>,
+    names: std::sync::Arc<Vec<String>>,
+}
+
+/// A read of a watch's counters in flight ([`FiniteWatch::read_async`]).
+pub struct PendingCounts {
+    read: crate::gpu::PendingRead,
+    names: std::sync::Arc<Vec<String>>,
+}
+
+impl PendingCounts {
+    /// Waits for the copy and returns the watched tensors that held non-finite values.
+    pub fn wait(self) -> Result<Vec<NonFiniteCount>> {
+        let counts: Vec<u32> = self.read.wait()?.into_iter().map(f32::to_bits).collect();
+        Ok(found(&self.names, counts))
+    }
+}
+
+fn found(names: &[String], counts: Vec<u32>) -> Vec<NonFiniteCount> {
+    names.iter().zip(counts).filter(|(_, c)| *c > 0).map(|(n, c)| NonFiniteCount { name: n.clone(), count: c }).collect()
 }
 
 /// Slot of a stage's output.
@@ -46,7 +64,7 @@ impl FiniteWatch {
             names.push(crate::checkpoint::momentum_name(&p.name));
         }
         names.extend(buffers.iter().map(|(n, _)| n.clone()));
-        Ok(FiniteWatch { counters: nonfinite::counters(gpu, names.len())?, names })
+        Ok(FiniteWatch { counters: nonfinite::counters(gpu, names.len())?, names: std::sync::Arc::new(names) })
     }
 
     /// The first slot of parameter `index` (in the order given to [`Self::new`]).
@@ -94,14 +112,13 @@ impl FiniteWatch {
     /// The watched tensors that held non-finite values so far, in slot order (waits for the
     /// device). Empty when training is sound.
     pub fn read(&self) -> Result<Vec<NonFiniteCount>> {
-        let counts = nonfinite::read_counters(&self.counters)?;
-        Ok(self
-            .names
-            .iter()
-            .zip(counts)
-            .filter(|(_, c)| *c > 0)
-            .map(|(n, c)| NonFiniteCount { name: n.clone(), count: c })
-            .collect())
+        Ok(found(&self.names, nonfinite::read_counters(&self.counters)?))
+    }
+
+    /// Starts copying the counters as they stand after all work recorded so far, without
+    /// waiting: the host records the next iteration while the device finishes this one.
+    pub fn read_async(&self) -> Result<PendingCounts> {
+        Ok(PendingCounts { read: self.counters.gpu().read_async(&self.counters)?, names: self.names.clone() })
     }
 }
 

@@ -442,6 +442,24 @@ pub struct Stage {
     packed: PackedParams,
 }
 
+/// A divergence check in flight ([`Stage::start_check_finite`]).
+pub struct PendingCheck {
+    stage: usize,
+    iteration: u64,
+    counts: watch::PendingCounts,
+}
+
+impl PendingCheck {
+    /// Waits for the counters and errors with [`Error::NonFinite`] when any is non-zero.
+    pub fn finish(self) -> Result<()> {
+        let found = self.counts.wait()?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Error::NonFinite { stage: self.stage, iteration: self.iteration, detail: watch::describe(&found) })
+    }
+}
+
 /// A stage's parameters packed for the single-dispatch SGD step.
 struct PackedParams {
     values: Tensor,
@@ -537,11 +555,14 @@ impl Stage {
     /// Errors with [`Error::NonFinite`] when anything watched on this stage has held a NaN or
     /// an infinity (reads the counters: waits for the device). `iteration` is for the message.
     pub fn check_finite(&self, iteration: u64) -> Result<()> {
-        let found = self.watch.read()?;
-        if found.is_empty() {
-            return Ok(());
-        }
-        Err(Error::NonFinite { stage: self.index, iteration, detail: watch::describe(&found) })
+        self.start_check_finite(iteration)?.finish()
+    }
+
+    /// [`Self::check_finite`] in two halves: the counters are copied now (after the work
+    /// recorded so far) and checked by [`PendingCheck::finish`], which waits for that copy
+    /// only, so the next iteration can be recorded (and run) meanwhile.
+    pub fn start_check_finite(&self, iteration: u64) -> Result<PendingCheck> {
+        Ok(PendingCheck { stage: self.index, iteration, counts: self.watch.read_async()? })
     }
 
     /// Training-mode forward keeping every layer's activations (for backward).
@@ -637,7 +658,7 @@ impl Stage {
         self.params()
             .iter()
             .map(|p| {
-                let t = self.gpu.zeros(p.value.shape())?;
+                let t = self.gpu.empty(p.value.shape())?;
                 self.gpu.copy(&p.value, &t)?;
                 Ok(t)
             })

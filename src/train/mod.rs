@@ -21,6 +21,23 @@ use crate::layers::loss::{self, LossOutput};
 use crate::model::{ModelSpec, Stage};
 use crate::pipeline::{HostTransport, Transport};
 
+/// Divergence checks of every stage in flight ([`Network::start_check_finite`]).
+pub struct PendingChecks(Vec<crate::model::PendingCheck>);
+
+impl PendingChecks {
+    /// Waits for every stage's counters; the first stage that saw a non-finite value errors.
+    pub fn finish(self) -> Result<()> {
+        let mut first = Ok(());
+        for c in self.0 {
+            let r = c.finish();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
 /// SGD and its learning-rate schedule (PyTorch semantics; the paper's defaults).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OptimConfig {
@@ -226,10 +243,13 @@ impl Network {
     /// or (after [`Self::watch_buffers`]) batch-norm statistics have held a NaN or an infinity.
     /// Reads one small counter buffer per stage (waits for the devices).
     pub fn check_finite(&self) -> Result<()> {
-        for s in &self.stages {
-            s.check_finite(self.steps)?;
-        }
-        Ok(())
+        self.start_check_finite()?.finish()
+    }
+
+    /// [`Self::check_finite`] without waiting yet: every stage's counters are copied after
+    /// the work recorded so far; [`PendingChecks::finish`] waits for those copies only.
+    pub fn start_check_finite(&self) -> Result<PendingChecks> {
+        Ok(PendingChecks(self.stages.iter().map(|s| s.start_check_finite(self.steps)).collect::<Result<_>>()?))
     }
 
     /// Counts the non-finite values of every stage's batch-norm running statistics (checked

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::resume::{open_resume, resume_config, RESUMABLE_FLAGS};
 use super::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
-use super::{sigma, Network, OptimConfig};
+use super::{PendingChecks, sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
 use crate::error::{Error, Result};
@@ -998,17 +998,28 @@ fn train_epoch(
     } else {
         let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
         reset_peak();
+        // The divergence counters of the previous iteration, read while this one runs.
+        let mut pending: Option<PendingChecks> = None;
         for batch in loader {
             let lr = cfg.optim.lr_at(net.steps, n);
             let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
             acc.add(&out, batch.len())?;
-            // One iteration in flight at most: reading the divergence counters waits for every
-            // stage's work, so the host never races ahead of the devices.
-            net.check_finite()?;
+            // The one host wait per iteration: this iteration's counters are copied behind its
+            // work, then the host waits for the previous iteration's, so the device runs this
+            // iteration while the host records the next, and the host is never more than one
+            // iteration ahead. A diverged iteration is found one iteration later, before
+            // anything is written.
+            let next = net.start_check_finite()?;
+            if let Some(p) = pending.replace(next) {
+                p.finish()?;
+            }
             seen += batch.len();
             obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
             if let Some(m) = cfg.measure_sigma {
                 if net.steps.is_multiple_of(m as u64) {
+                    if let Some(p) = pending.take() {
+                        p.finish()?;
+                    }
                     note_peak(&mut peak);
                     let t = Instant::now();
                     let hb = HostBatch { images: batch.images, labels: batch.labels };
@@ -1018,6 +1029,9 @@ fn train_epoch(
                     reset_peak();
                 }
             }
+        }
+        if let Some(p) = pending.take() {
+            p.finish()?;
         }
         note_peak(&mut peak);
         net.watch_buffers()?;

@@ -336,6 +336,8 @@ impl Worker<'_> {
     }
 
     fn run(mut self, metrics: &mut Option<MetricsAccumulator>) -> Result<()> {
+        // The divergence counters of the previous iteration, read while this one runs.
+        let mut pending: Option<crate::model::PendingCheck> = None;
         for i in 0..self.iterations {
             let t = self.first_iteration + i as u64;
             if self.fail_at == Some(t) {
@@ -354,9 +356,17 @@ impl Worker<'_> {
                     Method::Dni(_) => self.dni_step(x, labels, t)?,
                 }
             }
-            // Reading the divergence counters waits for this iteration's work: the one host
-            // wait of the iteration (a separate sync would be a second).
-            self.check_finite(t)?;
+            // The one host wait of the iteration: this iteration's counters are copied behind
+            // its work, then the previous iteration's are waited for, so the device runs this
+            // iteration while the stage receives and records the next one.
+            let next = self.stage.start_check_finite(t)?;
+            if let Some(p) = pending.replace(next) {
+                p.finish()?;
+            }
+            self.check_predictor(t)?;
+        }
+        if let Some(p) = pending.take() {
+            p.finish()?;
         }
         // The module above sent a gradient during the last iteration if it was past its own
         // warm-up then; keep it for this module's next step (next call).
@@ -383,6 +393,11 @@ impl Worker<'_> {
     /// NaN or an infinity: a diverged module stops the run at once, whatever the loss says.
     fn check_finite(&self, t: u64) -> Result<()> {
         self.stage.check_finite(t)?;
+        self.check_predictor(t)
+    }
+
+    /// The DNI predictor's part of [`Self::check_finite`].
+    fn check_predictor(&self, t: u64) -> Result<()> {
         if let Some(p) = &self.state.predictor {
             let found = p.non_finite()?;
             if !found.is_empty() {
