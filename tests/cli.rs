@@ -64,3 +64,42 @@ fn bad_input_is_a_one_line_error() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn profile_reports_a_steady_iteration_and_writes_json() {
+    let dir = std::env::temp_dir().join(format!("featreplay-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("p.json");
+    let out = featreplay(&[
+        "profile",
+        "--depth",
+        "8",
+        "--batch-size",
+        "16",
+        "--warmup",
+        "2",
+        "--iterations",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["| dispatches |", "| host waits | 1 |", "| buffers created | 0 |", "Device time by layer type", "| conv |"] {
+        assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
+    }
+    let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let c = &p["per_iteration"];
+    assert_eq!(c["buffers_created"], 0, "{c}");
+    assert_eq!(c["bind_groups_created"], 0, "{c}");
+    assert_eq!(c["host_waits"], 1, "{c}");
+    assert!(c["dispatches"].as_u64().unwrap() > 10);
+    assert!(p["ops"].as_array().unwrap().iter().any(|o| o["layer"] == "sgd" && o["calls_per_iteration"] == 1.0));
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A bad --json is refused before any work.
+    let out = featreplay(&["profile", "--json", "/nonexistent-dir/p.json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not exist"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -214,3 +214,94 @@ fn async_read_sees_the_tensor_at_its_place_in_the_stream() {
     assert_eq!(x.to_vec().unwrap(), vec![10.0, 20.0, 30.0, 40.0]);
     g.sync().unwrap();
 }
+
+#[test]
+fn pooled_memory_is_reused_and_zeros_are_zero() {
+    let g = private_gpu();
+    let a = g.zeros(&[1000]).unwrap();
+    ew::fill(&a, 3.0).unwrap();
+    assert!(a.to_vec().unwrap().iter().all(|&v| v == 3.0));
+    drop(a);
+    let before = g.counters();
+    // Same size class: the freed buffer comes back, cleared by `zeros`, not by a new buffer.
+    let b = g.zeros(&[990]).unwrap();
+    assert_eq!(g.counters().buffers_created, before.buffers_created, "a pooled buffer is reused");
+    assert!(b.to_vec().unwrap().iter().all(|&v| v == 0.0), "a reused buffer is cleared");
+    // Exact accounting still counts the tensor, not the size class.
+    assert_eq!(g.memory().live_tensor_bytes, 990 * 4 + 8);
+    assert!(g.memory().pool_bytes >= 4000);
+    ew::fill(&b, 5.0).unwrap();
+    drop(b);
+    // `empty` reuses without clearing; a kernel that overwrites makes it whole again.
+    let c = g.empty(&[1000]).unwrap();
+    ew::fill(&c, 1.0).unwrap();
+    assert!(c.to_vec().unwrap().iter().all(|&v| v == 1.0));
+    drop(c);
+    assert!(g.trim_pool() > 0);
+}
+
+#[test]
+fn a_steady_step_creates_no_buffer_and_no_bind_group() {
+    let g = private_gpu();
+    let x = g.tensor(&[4096], &random(4096, 3)).unwrap();
+    // Outputs from `empty` and in-place kernels: nothing to clear, so no copy splits the pass.
+    let step = || {
+        let y = g.empty(&[4096]).unwrap();
+        ew::fill(&y, 1.0).unwrap();
+        ew::axpy(2.0, &x, &y).unwrap();
+        ew::scale(&y, 0.5).unwrap();
+        g.read(&y).unwrap()
+    };
+    let first = step();
+    let before = g.counters();
+    for _ in 0..3 {
+        assert_eq!(step(), first);
+    }
+    let d = g.counters() - before;
+    assert_eq!(d.buffers_created, 0, "{d:?}");
+    assert_eq!(d.bind_groups_created, 0, "{d:?}");
+    assert_eq!(d.dispatches, 9);
+    assert_eq!(d.host_waits, 3);
+    assert_eq!(d.passes, 3, "the dispatches of a step share one compute pass: {d:?}");
+    assert_eq!(d.bytes_zero_filled, 0, "{d:?}");
+}
+
+#[test]
+fn views_read_write_and_bind_only_their_elements() {
+    let g = private_gpu();
+    let shapes = vec![vec![3], vec![2, 5], vec![7]];
+    let n = featreplay::Tensor::packed_len(&g, &shapes);
+    let whole = g.zeros(&[n]).unwrap();
+    let v = whole.views(&shapes).unwrap();
+    assert!(v.iter().all(|t| t.is_view() || t.byte_offset() == 0));
+    assert_eq!(v[1].byte_offset() % g.view_alignment(), 0);
+    g.write(&v[1], &[1.0; 10]).unwrap();
+    ew::fill(&v[2], 2.0).unwrap();
+    assert_eq!(v[0].to_vec().unwrap(), vec![0.0; 3]);
+    assert_eq!(v[1].to_vec().unwrap(), vec![1.0; 10]);
+    assert_eq!(v[2].to_vec().unwrap(), vec![2.0; 7]);
+    let all = whole.to_vec().unwrap();
+    assert_eq!(all.iter().filter(|&&x| x == 1.0).count(), 10);
+    assert_eq!(all.iter().filter(|&&x| x == 2.0).count(), 7, "a kernel on a view writes only the view");
+    assert!(!v[0].same_buffer(&v[1]) && v[1].same_buffer(&v[1].reshape(&[10]).unwrap()));
+    assert!(whole.views(&[vec![n + 1]]).is_err());
+}
+
+#[test]
+fn op_timing_reports_every_kernel_dispatched() {
+    let g = private_gpu();
+    let x = g.tensor(&[1024], &random(1024, 5)).unwrap();
+    let _ = ew::relu_forward(&x).unwrap();
+    g.start_op_timing().unwrap();
+    let y = ew::relu_forward(&x).unwrap();
+    let _ = ew::add(&y, &x).unwrap();
+    let times = g.op_times().unwrap();
+    let names: Vec<_> = times.iter().map(|t| (t.shader, t.entry, t.calls)).collect();
+    assert!(names.contains(&("elementwise", "relu_forward", 1)), "{names:?}");
+    assert!(names.contains(&("elementwise", "add", 1)), "{names:?}");
+    assert!(times.iter().all(|t| t.seconds >= 0.0 && t.seconds.is_finite()));
+    // Timing stops with the report; results stay right.
+    assert!(g.op_times().unwrap().is_empty());
+    let host: Vec<f32> = random(1024, 5).iter().map(|v| v.max(0.0)).collect();
+    assert_eq!(y.to_vec().unwrap(), host);
+}

@@ -192,3 +192,61 @@ fn invalid_configs_are_errors() {
     )
     .is_err());
 }
+
+/// Packed parameters (one buffer each for values, gradients and momentum) take one dispatch
+/// and give bit-identical results to per-tensor steps; non-finite values are counted in the
+/// slot of the parameter they belong to.
+#[test]
+fn packed_step_matches_single_steps_and_counts_per_parameter() {
+    let g = gpu();
+    let c = cfg(0.1, 0.9, 0.0, 5e-4, false);
+    let shapes: Vec<Vec<usize>> = vec![vec![16, 3, 3, 3], vec![10], vec![10, 64], vec![3]];
+    let n = Tensor::packed_len(g, &shapes);
+    let (pv, gv, mv) = (g.zeros(&[n]).unwrap(), g.zeros(&[n]).unwrap(), g.zeros(&[n]).unwrap());
+    let (p, gr, m) = (pv.views(&shapes).unwrap(), gv.views(&shapes).unwrap(), mv.views(&shapes).unwrap());
+    let singles: Vec<(Tensor, Tensor, Tensor)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let k = s.iter().product::<usize>();
+            let (a, b) = (random(k, 1 + i as u64), random(k, 10 + i as u64));
+            g.write(&p[i], &a).unwrap();
+            g.write(&gr[i], &b).unwrap();
+            (g.tensor(s, &a).unwrap(), g.tensor(s, &b).unwrap(), g.zeros(s).unwrap())
+        })
+        .collect();
+    let chunk = (g.view_alignment() / 4) as usize;
+    let mut slots = vec![0u32; n.div_ceil(chunk)];
+    for (i, v) in p.iter().enumerate() {
+        let first = v.byte_offset() as usize / 4 / chunk;
+        let last = (v.byte_offset() as usize / 4 + v.numel()).div_ceil(chunk);
+        slots[first..last].iter_mut().for_each(|s| *s = 3 * i as u32);
+    }
+    let bits: Vec<f32> = slots.iter().map(|&s| f32::from_bits(s)).collect();
+    let slot_t = g.tensor(&[bits.len()], &bits).unwrap();
+    let counters = featreplay::kernels::nonfinite::counters(g, 3 * shapes.len()).unwrap();
+    for first in [true, false] {
+        let before = g.counters();
+        sgd::step_packed(&pv, &gv, &mv, &c, first, &counters, &slot_t, chunk).unwrap();
+        assert_eq!((g.counters() - before).dispatches, 1);
+        for (a, b, bu) in &singles {
+            sgd::step(a, b, bu, &c, first).unwrap();
+        }
+    }
+    for (i, (a, _, bu)) in singles.iter().enumerate() {
+        assert_eq!(p[i].to_vec().unwrap(), a.to_vec().unwrap(), "parameter {i}");
+        assert_eq!(m[i].to_vec().unwrap(), bu.to_vec().unwrap(), "momentum {i}");
+    }
+    assert!(featreplay::kernels::nonfinite::read_counters(&counters).unwrap().iter().all(|&x| x == 0));
+    // One NaN in parameter 2's gradient: its gradient, value and momentum counters see it.
+    let mut bad = random(640, 12);
+    bad[5] = f32::NAN;
+    g.write(&gr[2], &bad).unwrap();
+    sgd::step_packed(&pv, &gv, &mv, &c, false, &counters, &slot_t, chunk).unwrap();
+    let counts = featreplay::kernels::nonfinite::read_counters(&counters).unwrap();
+    assert_eq!(&counts[6..9], &[1, 1, 1], "{counts:?}");
+    assert_eq!(counts.iter().sum::<u32>(), 3, "{counts:?}");
+    // A slot table too short for the values is refused.
+    let short = g.tensor(&[1], &[0.0]).unwrap();
+    assert!(sgd::step_packed(&pv, &gv, &mv, &c, false, &counters, &short, chunk).is_err());
+}
