@@ -198,7 +198,9 @@ fn invalid_configs_are_errors() {
 /// slot of the parameter they belong to.
 #[test]
 fn packed_step_matches_single_steps_and_counts_per_parameter() {
-    let g = gpu();
+    // A device of its own: other tests' dispatches would move the shared one's counters.
+    let own = featreplay::Gpu::open_default().unwrap();
+    let g = &own;
     let c = cfg(0.1, 0.9, 0.0, 5e-4, false);
     let shapes: Vec<Vec<usize>> = vec![vec![16, 3, 3, 3], vec![10], vec![10, 64], vec![3]];
     let n = Tensor::packed_len(g, &shapes);
