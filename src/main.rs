@@ -336,6 +336,10 @@ enum Command {
         /// Where to write the report as JSON.
         #[arg(long, default_value = "profile.json")]
         json: PathBuf,
+        /// Profile on random images of this shape (C,H,W, 10 classes) instead of the dataset,
+        /// e.g. 3,32,32 for CIFAR's.
+        #[arg(long, value_delimiter = ',', num_args = 3, value_name = "C,H,W")]
+        input_shape: Option<Vec<usize>>,
     },
     /// Show how a model splits into modules: layers, parameters, memory and cost per module.
     Plan {
@@ -605,7 +609,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 None => std::io::Write::write_all(&mut std::io::stdout().lock(), &text)?,
             }
         }
-        Command::Profile { model, train, algo, warmup, iterations, timed_iterations, json } => {
+        Command::Profile { model, train, algo, warmup, iterations, timed_iterations, json, input_shape } => {
             if json.is_dir() {
                 anyhow::bail!("--json {} is a directory; give a file name, e.g. profile.json", json.display());
             }
@@ -626,6 +630,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 warmup: *warmup,
                 iterations: *iterations,
                 timed_iterations: *timed_iterations,
+                synthetic_input: input_shape.clone(),
             };
             let p = featreplay::profile::profile(&cfg).context("profiling")?;
             print!("{}", p.markdown());

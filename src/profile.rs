@@ -32,6 +32,9 @@ pub struct ProfileConfig {
     pub iterations: usize,
     /// Iterations timed kernel by kernel (0: no device-time table).
     pub timed_iterations: usize,
+    /// Random images of this per-sample shape [C, H, W] and 10 classes instead of the run's
+    /// dataset (e.g. CIFAR's 3x32x32 where the dataset is not at hand).
+    pub synthetic_input: Option<Vec<usize>>,
 }
 
 /// One row of the device-time table.
@@ -95,18 +98,19 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     if cfg.iterations == 0 {
         return Err(Error::Unsupported { op: "profile", detail: "--iterations must be at least 1".into() });
     }
-    let p = prepare(&cfg.run)?;
+    let (spec, ranges, batches) = workload(cfg)?;
     let method = cfg.run.method()?;
-    let k = p.ranges.len();
+    let k = ranges.len();
     let warmup = cfg.warmup.max(1).max(if method.is_some() { k } else { 1 });
     let gpus = open_devices(&cfg.run.devices, k)?;
-    let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.run.seed)?;
+    let mut net = Network::new(spec.clone(), &ranges, &gpus, cfg.run.seed)?;
     let mut state = match method {
         Some(m) => Some(PipelineState::new(m, &net, cfg.run.seed)?),
         None => None,
     };
-    let need = warmup + cfg.iterations + cfg.timed_iterations;
-    let batches = host_batches(&cfg.run, &p, need)?;
+    if batches.len() < warmup + cfg.iterations + cfg.timed_iterations {
+        return Err(Error::Unsupported { op: "profile", detail: "too few batches for the profile".into() });
+    }
     let optim = &cfg.run.optim;
     let lr = optim.lr;
     let mut acc = MetricsAccumulator::new(&gpus[k - 1])?;
@@ -187,10 +191,10 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
         ops.sort_by(|a, b| b.ms_per_iteration.total_cmp(&a.ms_per_iteration));
     }
     let blocks =
-        p.spec.layers.iter().filter(|l| matches!(l, LayerSpec::Basic { .. } | LayerSpec::Bottleneck { .. })).count();
+        spec.layers.iter().filter(|l| matches!(l, LayerSpec::Basic { .. } | LayerSpec::Bottleneck { .. })).count();
     Ok(Profile {
         adapter: gpus[0].adapter().name.clone(),
-        model: p.spec.name.clone(),
+        model: spec.name.clone(),
         method: method.map(|m| m.name()).unwrap_or("bp").to_string(),
         stages: k,
         batch_size: cfg.run.batch_size,
@@ -229,6 +233,47 @@ fn per_iter(c: Counters, n: usize) -> Counters {
 
 fn copy_batch(b: &HostBatch) -> HostBatch {
     HostBatch { images: b.images.clone(), labels: b.labels.clone() }
+}
+
+type Workload = (crate::model::ModelSpec, Vec<std::ops::Range<usize>>, Vec<HostBatch>);
+
+/// The model, its split and enough batches: the run's data, or random images.
+fn workload(cfg: &ProfileConfig) -> Result<Workload> {
+    let need = cfg.warmup.max(1).max(cfg.run.splits) + cfg.iterations + cfg.timed_iterations;
+    match &cfg.synthetic_input {
+        None => {
+            let p = prepare(&cfg.run)?;
+            let batches = host_batches(&cfg.run, &p, need)?;
+            Ok((p.spec, p.ranges, batches))
+        }
+        Some(input) => {
+            cfg.run.check()?;
+            if input.len() != 3 || input.contains(&0) {
+                return Err(Error::Unsupported {
+                    op: "profile",
+                    detail: format!("--input-shape {input:?}: give C,H,W, each at least 1"),
+                });
+            }
+            let spec = crate::model::resnet::build(&crate::model::resnet::ResNetConfig {
+                arch: cfg.run.arch.parse()?,
+                depth: cfg.run.depth,
+                input: input.clone(),
+                classes: 10,
+            })?;
+            let ranges = crate::model::split(&spec, cfg.run.splits, cfg.run.split.parse()?)?;
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.run.seed);
+            let per: usize = input.iter().product();
+            let b = cfg.run.batch_size;
+            let batches = (0..need)
+                .map(|_| HostBatch {
+                    images: (0..b * per).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+                    labels: (0..b).map(|_| rng.random_range(0..10u32)).collect(),
+                })
+                .collect();
+            Ok((spec, ranges, batches))
+        }
+    }
 }
 
 /// `n` training batches of the run's data (the epoch's order repeats if it is shorter).

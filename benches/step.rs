@@ -1,0 +1,101 @@
+//! A whole training step: ResNet backprop on one device, checked against candle-core (CPU)
+//! before anything is timed, then profiled (`featreplay profile`'s report: dispatches,
+//! passes, submits, host waits, buffers created, bytes zero-filled, recording time, device
+//! time by layer type and kernel) and timed.
+//!
+//! Run: `cargo bench --bench step` (options: `-- --model 20 --batch 128 --input 3,32,32
+//! --iters 5 --warmup 3 --timed 1 --algo bp --k 1 --skip-check`). The last line is the
+//! result as JSON (`STEP {...}`), which `scripts/gpu-bench.sh` reads.
+
+use std::collections::HashMap;
+
+use candle_core::Var;
+use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::{split, SplitPolicy};
+use featreplay::profile::{profile, ProfileConfig};
+use featreplay::train::run::RunConfig;
+use featreplay::train::{Network, OptimConfig};
+use featreplay::Gpu;
+use rand::{Rng, SeedableRng};
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
+
+use common::reference::{cross_entropy, resnet_forward, vars};
+use common::{assert_close, ct, cvec};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// One BP step of the bench's model on `batch` random images against candle's forward,
+/// loss and backward from the same weights: loss and every gradient within f32 round-off.
+fn check_step(depth: usize, input: &[usize], batch: usize) {
+    let spec = build(&ResNetConfig { arch: Arch::ResNet, depth, input: input.to_vec(), classes: 10 }).expect("model");
+    let gpu = Gpu::open_default().expect("device");
+    let mut net = Network::new(spec.clone(), &split(&spec, 1, SplitPolicy::Even).unwrap(), &[gpu], 7).expect("network");
+    let state: Vec<(String, Vec<usize>, Vec<f32>)> =
+        net.state().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.to_vec().unwrap())).collect();
+    let params: Vec<_> =
+        state.into_iter().filter(|(n, _, _)| !n.starts_with("optimizer.") && !n.contains("running_")).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let per: usize = input.iter().product();
+    let x: Vec<f32> = (0..batch * per).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
+    let opt = OptimConfig::constant(0.01);
+    let out = net.bp_step(&x, &y, &opt, opt.lr).expect("step");
+
+    let vs: HashMap<String, Var> = vars(&params);
+    let mut shape = vec![batch];
+    shape.extend(input);
+    let (logits, _) = resnet_forward(&spec, &vs, &ct(&x, &shape));
+    let loss = cross_entropy(&logits, &y);
+    let grads = loss.backward().unwrap();
+    // As tests/bp.rs: 1e-3 relative with an absolute floor, for a chain of f32 reductions.
+    let (rtol, atol) = (2e-3, 1e-4);
+    assert_close("loss", &out.loss.to_vec().unwrap(), &cvec(&loss), rtol, atol);
+    let mut checked = 0;
+    for p in net.stages[0].params() {
+        let want = cvec(grads.get(vs[&p.name].as_tensor()).unwrap());
+        assert_close(&format!("grad {}", p.name), &p.grad.to_vec().unwrap(), &want, rtol, atol);
+        checked += 1;
+    }
+    println!("check: ResNet-{depth} step on {batch} images matches candle (loss and {checked} gradients)");
+}
+
+fn main() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+    let depth: usize = arg("--model", "20").parse().expect("--model depth");
+    let batch: usize = arg("--batch", "128").parse().expect("--batch");
+    let input: Vec<usize> = arg("--input", "3,32,32").split(',').map(|v| v.parse().expect("--input C,H,W")).collect();
+    let iters: usize = arg("--iters", "5").parse().expect("--iters");
+    let warmup: usize = arg("--warmup", "3").parse().expect("--warmup");
+    let timed: usize = arg("--timed", "1").parse().expect("--timed");
+    let k: usize = arg("--k", "1").parse().expect("--k");
+    let algo = arg("--algo", "bp");
+
+    if !flag("--skip-check") {
+        // Validated first: a fast step that computes the wrong thing is worth nothing. The
+        // check uses a small batch (candle on the CPU is slow); the timed step is the same code.
+        check_step(depth, &input, batch.min(16));
+    }
+    let mut run = RunConfig::default_for(1);
+    run.depth = depth;
+    run.batch_size = batch;
+    run.splits = k;
+    run.split = if k > 1 { "balanced".into() } else { "even".into() };
+    run.algo = algo;
+    run.optim = OptimConfig::constant(0.01);
+    let cfg = ProfileConfig { run, warmup, iterations: iters, timed_iterations: timed, synthetic_input: Some(input) };
+    let p = profile(&cfg).expect("profile");
+    print!("{}", p.markdown());
+    println!("STEP {}", serde_json::to_string(&p).unwrap());
+}
