@@ -5,10 +5,16 @@
 //                  channel c (in the same order, so all get the same result); workgroup k = 0
 //                  saves them and updates the running statistics; then
 //                  y = (x - mean) * (gamma * invstd) + beta; eval: the same with the running
-//                  statistics
-//   grad_partial   grid (P, C): per-chunk sum(dy) and sum(dy * x_hat)
+//                  statistics. Fused epilogue (p.res, p.relu): y += the residual (identity, or
+//                  the option-A shortcut of the block input read in place), then y = max(y, 0)
+//   grad_partial   grid (P, C): per-chunk sum(g) and sum(g * x_hat)
 //   dx             grid (P, C): merges those sums, writes dbeta and dgamma (workgroup k = 0),
-//                  then dx = gamma * invstd * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M)
+//                  then dx = gamma * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M);
+//                  with p.res also the shortcut's gradient of the block input (dres)
+//
+// g is dy, or with p.mask the following ReLU's backward folded in: g = dy where that ReLU's
+// output `act` is > 0, else 0 (PyTorch's threshold_backward on the result), so no separate
+// masked-gradient tensor is written and read back.
 //
 // The M = N*H*W values of a channel are numbered j = n * HW + s and cut into P chunks of CHUNK
 // values; workgroup (k, c) handles chunk k of channel c, invocation i the values
@@ -51,8 +57,16 @@ struct Params {
     train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
     momentum: f32,
     eps: f32,
+    relu: u32,     // normalize: 1 = max(y, 0) after the residual add
+    res: u32,      // normalize / dx: 0 no residual, 1 identity (same shape), 2 option A
+    mask: u32,     // grad_partial / dx: 1 = g is dy masked by act > 0
+    wo: u32,       // W of x (option A: splits s into (oh, ow))
+    res_cin: u32,  // option A: the block input [N, res_cin, res_h, res_w] ...
+    res_h: u32,
+    res_w: u32,
+    res_stride: u32, // ... subsampled by res_stride ...
+    res_pad: u32,  // ... and its channel ci at channel ci + res_pad of x
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -70,6 +84,13 @@ struct Params {
 @group(0) @binding(9) var<storage, read> dy: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
+// normalize: the residual (p.res = 1: shaped like x; 2: the block input of option A).
+@group(0) @binding(12) var<storage, read> res: array<f32>;
+// grad_partial / dx: the output of the ReLU after this batch norm (p.mask = 1).
+@group(0) @binding(13) var<storage, read> act: array<f32>;
+// dx: the shortcut's gradient of the block input (p.res = 1: g itself; 2: the option-A
+// adjoint, shaped like the block input, every element written).
+@group(0) @binding(14) var<storage, read_write> dres: array<f32>;
 
 // One slot per invocation, then one per group of FAN invocations.
 var<workgroup> wn: array<f32, WG>;
@@ -96,6 +117,31 @@ fn next(a: vec2<u32>) -> vec2<u32> {
 // The 4 interleaved partial sums combined.
 fn total(s: vec4<f32>) -> f32 {
     return (s.x + s.y) + (s.z + s.w);
+}
+
+// Whether channel c of x holds an input channel of the option-A shortcut (uniform per
+// workgroup: the padded channels add 0 and get no gradient).
+fn in_shortcut(c: u32) -> bool {
+    return c >= p.res_pad && c - p.res_pad < p.res_cin;
+}
+
+// Address in the option-A block input of the value that lands on x's value (a, channel c):
+// image n, channel c - res_pad, pixel (oh * stride, ow * stride). Only for in_shortcut(c).
+// Divisions per value, but only the 2 downsampling blocks of a CIFAR ResNet take this path.
+fn shortcut_base(a: vec2<u32>, c: u32) -> u32 {
+    let n = (a.x - a.y - c * p.hw) / (p.c * p.hw);
+    let oh = a.y / p.wo;
+    let ow = a.y - oh * p.wo;
+    return ((n * p.res_cin + c - p.res_pad) * p.res_h + oh * p.res_stride) * p.res_w + ow * p.res_stride;
+}
+
+// The incoming gradient of the value at address i: dy, or with the ReLU mask folded in.
+fn grad_in(i: u32) -> f32 {
+    let g = dy[i];
+    if (p.mask != 0u) {
+        return select(0.0, g, act[i] > 0.0);
+    }
+    return g;
 }
 
 // Sums (a, b) over the workgroup; every invocation gets the same result. Uniform control flow
@@ -239,10 +285,21 @@ fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let shift = beta[c];
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
+    // Uniform per workgroup: whether the residual of this channel is read at all.
+    let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
-            out[a.x] = ((x[a.x] - x0) - mean_v) * scale + shift;
+            var v = ((x[a.x] - x0) - mean_v) * scale + shift;
+            if (p.res == 1u) {
+                v += res[a.x];
+            } else if (res_a) {
+                v += res[shortcut_base(a, c)];
+            }
+            if (p.relu != 0u) {
+                v = max(v, 0.0);
+            }
+            out[a.x] = v;
         }
         a = next(a);
     }
@@ -262,7 +319,7 @@ fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var s_dyx = vec4<f32>(0.0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
-            let g = dy[a.x];
+            let g = grad_in(a.x);
             s_dy[t & 3u] += g;
             s_dyx[t & 3u] += g * (((x[a.x] - x0) - mean_v) * invstd);
         }
@@ -300,11 +357,31 @@ fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid
     let d = r.y / f32(p.m);
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
+    let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
+            let g = grad_in(a.x);
             let xh = ((x[a.x] - x0) - mean_v) * invstd;
-            out[a.x] = scale * ((dy[a.x] - b) - xh * d);
+            out[a.x] = scale * ((g - b) - xh * d);
+            if (p.res == 1u) {
+                dres[a.x] = g;
+            } else if (res_a) {
+                // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
+                // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
+                // dres is written entirely and needs no zero fill.
+                let base = shortcut_base(a, c);
+                let s = a.y;
+                let oh = s / p.wo;
+                let ow = s - oh * p.wo;
+                let hn = min(p.res_stride, p.res_h - oh * p.res_stride);
+                let wn = min(p.res_stride, p.res_w - ow * p.res_stride);
+                for (var dh = 0u; dh < hn; dh++) {
+                    for (var dw = 0u; dw < wn; dw++) {
+                        dres[base + dh * p.res_w + dw] = select(0.0, g, dh == 0u && dw == 0u);
+                    }
+                }
+            }
         }
         a = next(a);
     }
