@@ -211,10 +211,9 @@ fn merge_all(lid: u32, mine: Moments) -> Moments {
     return r;
 }
 
-@compute @workgroup_size(64)
-fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// Chunk k of channel c: its moments (mean, M2) of the shifted values into partials.
+// Uniform control flow only (as every function below that reduces over the workgroup).
+fn chunk_moments(k: u32, c: u32, lid: u32) {
     let x0 = x[c * p.hw];
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
@@ -249,39 +248,39 @@ fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
 }
 
-@compute @workgroup_size(64)
-fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
-    // y = ((x - x0) - mean_v) * invstd * gamma + beta.
-    var x0: f32;
-    var mean_v: f32;
-    var invstd: f32;
-    if (p.train != 0u) {
-        x0 = x[c * p.hw];
-        // Merge the chunk moments; chunk i holds min(CHUNK, m - i * CHUNK) values.
-        var mine = Moments(0.0, 0.0, 0.0);
-        for (var i = lid; i < p.chunks; i += WG) {
-            let o = (c * p.chunks + i) * 2u;
-            mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
-        }
-        let all = merge_all(lid, mine);
-        mean_v = all.mean;
-        invstd = 1.0 / sqrt(all.m2 / f32(p.m) + p.eps);
-        if (k == 0u && lid == 0u) {
-            saved[c] = x0;
-            saved[p.c + c] = mean_v;
-            saved[2u * p.c + c] = invstd;
-            // The running variance takes the unbiased estimate M2 / (M - 1).
-            running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * (x0 + mean_v);
-            running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * (all.m2 / f32(p.m - 1u));
-        }
-    } else {
-        x0 = running_mean[c];
-        mean_v = 0.0;
-        invstd = 1.0 / sqrt(running_var[c] + p.eps);
+// (x0, mean_v, invstd) of channel c: train: merges the chunk moments (every caller in the same
+// order, so all get the same result); with `save`, writes them and updates the running
+// statistics. Eval: from the running statistics.
+fn channel_stats(c: u32, lid: u32, save: bool) -> vec3<f32> {
+    if (p.train == 0u) {
+        return vec3<f32>(running_mean[c], 0.0, 1.0 / sqrt(running_var[c] + p.eps));
     }
-    let scale = gamma[c] * invstd;
+    let x0 = x[c * p.hw];
+    // Chunk i holds min(CHUNK, m - i * CHUNK) values.
+    var mine = Moments(0.0, 0.0, 0.0);
+    for (var i = lid; i < p.chunks; i += WG) {
+        let o = (c * p.chunks + i) * 2u;
+        mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
+    }
+    let all = merge_all(lid, mine);
+    let mean_v = all.mean;
+    let invstd = 1.0 / sqrt(all.m2 / f32(p.m) + p.eps);
+    if (save && lid == 0u) {
+        saved[c] = x0;
+        saved[p.c + c] = mean_v;
+        saved[2u * p.c + c] = invstd;
+        // The running variance takes the unbiased estimate M2 / (M - 1).
+        running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * (x0 + mean_v);
+        running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * (all.m2 / f32(p.m - 1u));
+    }
+    return vec3<f32>(x0, mean_v, invstd);
+}
+
+// y = ((x - x0) - mean_v) * invstd * gamma + beta over chunk k of channel c, then the epilogue.
+fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
+    let x0 = st.x;
+    let mean_v = st.y;
+    let scale = gamma[c] * st.z;
     let shift = beta[c];
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
@@ -305,10 +304,8 @@ fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     }
 }
 
-@compute @workgroup_size(64)
-fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// Chunk k of channel c: (sum g, sum g * x_hat) into partials.
+fn chunk_grad_sums(k: u32, c: u32, lid: u32) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
@@ -333,10 +330,9 @@ fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-@compute @workgroup_size(64)
-fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// (sum g, sum g * x_hat) of channel c from the chunk sums, in the same order for every caller;
+// with `save`, writes dbeta and dgamma.
+fn channel_grad_sums(c: u32, lid: u32, save: bool) -> vec2<f32> {
     var s_dy = 0.0;
     var s_dyx = 0.0;
     for (var i = lid; i < p.chunks; i += WG) {
@@ -345,10 +341,15 @@ fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid
         s_dyx += partials[o + 1u];
     }
     let r = sum2(lid, s_dy, s_dyx);
-    if (lid == 0u && k == 0u) {
+    if (save && lid == 0u) {
         dbeta[c] = r.x;
         dgamma[c] = r.y;
     }
+    return r;
+}
+
+// dx over chunk k of channel c, and the shortcut gradient when p.res != 0.
+fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
@@ -384,5 +385,58 @@ fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid
             }
         }
         a = next(a);
+    }
+}
+
+@compute @workgroup_size(64)
+fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_moments(wg.x, wg.y, lid);
+}
+
+@compute @workgroup_size(64)
+fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    normalize_chunk(wg.x, wg.y, lid, channel_stats(wg.y, lid, wg.x == 0u));
+}
+
+// The forward in one dispatch, grid (1, C): one workgroup per channel runs stats_partial's
+// chunks, then normalize's merge once, then every chunk's normalize. The same operations in
+// the same order as the two dispatches, so bit-for-bit their results; the chunk moments pass
+// through partials, written and read by this workgroup only (storageBarrier orders them).
+@compute @workgroup_size(64)
+fn forward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wg.y;
+    if (p.train != 0u) {
+        for (var k = 0u; k < p.chunks; k++) {
+            chunk_moments(k, c, lid);
+        }
+        storageBarrier();
+    }
+    let st = channel_stats(c, lid, true);
+    for (var k = 0u; k < p.chunks; k++) {
+        normalize_chunk(k, c, lid, st);
+    }
+}
+
+@compute @workgroup_size(64)
+fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_grad_sums(wg.x, wg.y, lid);
+}
+
+@compute @workgroup_size(64)
+fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    dx_chunk(wg.x, wg.y, lid, channel_grad_sums(wg.y, lid, wg.x == 0u));
+}
+
+// The backward in one dispatch, grid (1, C), as forward_single is the forward's.
+@compute @workgroup_size(64)
+fn backward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wg.y;
+    for (var k = 0u; k < p.chunks; k++) {
+        chunk_grad_sums(k, c, lid);
+    }
+    storageBarrier();
+    let r = channel_grad_sums(c, lid, true);
+    for (var k = 0u; k < p.chunks; k++) {
+        dx_chunk(k, c, lid, r);
     }
 }

@@ -595,6 +595,61 @@ fn train_forward_backward_and_eval_match_candle() {
     }
 }
 
+/// Everything a fused training step produces, on the host: y, saved statistics, running
+/// statistics, dx, dgamma, dbeta and the shortcut gradient.
+fn fused_step(g: &featreplay::Gpu, shape: [usize; 4], seed: u64) -> Vec<Vec<f32>> {
+    let c = shape[1];
+    let numel: usize = shape.iter().product();
+    let in_shape = [shape[0], c - 2, 2 * shape[2], 2 * shape[3]];
+    let t = |d: &[f32], s: &[usize]| -> Tensor { g.tensor(s, d).unwrap() };
+    let x = t(&input(shape, seed), &shape);
+    let gamma = t(&random(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>(), &[c]);
+    let beta = t(&random(c, seed + 2), &[c]);
+    let (rm, rv) = (t(&random(c, seed + 3), &[c]), t(&vec![1.0; c], &[c]));
+    let block_in = t(&random(in_shape.iter().product(), seed + 4), &in_shape);
+    let dy = t(&random(numel, seed + 5), &shape);
+    let epi = Epilogue::add_relu(Residual::OptionA { x: &block_in, stride: 2 });
+    let f = bn::forward_train_fused(&x, &gamma, &beta, &rm, &rv, MOMENTUM, EPS, epi).unwrap();
+    let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2 });
+    let b = bn::backward_fused(&x, &dy, &gamma, &f.saved, Some(&f.y), sg).unwrap();
+    [&f.y, &f.saved.stats, &rm, &rv, &b.dx, &b.dgamma, &b.dbeta, b.dshortcut.as_ref().unwrap()]
+        .iter()
+        .map(|t| t.to_vec().unwrap())
+        .collect()
+}
+
+#[test]
+fn split_and_single_passes_agree_bitwise() {
+    // A device of its own: forcing the passes must not change what the other tests run.
+    let g = featreplay::Gpu::open_default().unwrap();
+    // 1, 2 (the automatic threshold), 4 and 32 (the limit) chunks per channel; at 257 a
+    // forced single pass must fall back to the split passes.
+    for (i, shape) in
+        [[3, 5, 7, 7], [128, 4, 8, 8], [16, 3, 32, 32], [128, 4, 32, 32], [257, 3, 64, 64]].into_iter().enumerate()
+    {
+        g.force_variant(bn::OP, Some("split"));
+        let split = fused_step(&g, shape, 50 + i as u64);
+        g.force_variant(bn::OP, Some("single"));
+        let single = fused_step(&g, shape, 50 + i as u64);
+        let names = ["y", "saved", "running mean", "running var", "dx", "dgamma", "dbeta", "dshortcut"];
+        for ((name, a), b) in names.iter().zip(&split).zip(&single) {
+            let same = a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && a.len() == b.len(), "{name} of {shape:?}: split and single passes differ");
+        }
+    }
+    // The choice: by itself up to 2 chunks; forced, never beyond 32.
+    let x = g.zeros(&[2, 3, 4, 4]).unwrap();
+    let choose = |chunks| bn::Passes::choose(&x, chunks).unwrap();
+    assert_eq!((choose(32), choose(33), choose(257)), (bn::Passes::Single, bn::Passes::Split, bn::Passes::Split));
+    g.force_variant(bn::OP, None);
+    assert_eq!((choose(1), choose(2), choose(3)), (bn::Passes::Single, bn::Passes::Single, bn::Passes::Split));
+    g.force_variant(bn::OP, Some("triple"));
+    let c3 = g.zeros(&[3]).unwrap();
+    let (rm, rv) = (g.zeros(&[3]).unwrap(), g.zeros(&[3]).unwrap());
+    let err = bn::forward_train(&x, &c3, &c3, &rm, &rv, MOMENTUM, EPS).unwrap_err().to_string();
+    assert!(err.contains("split, single"), "{err}");
+}
+
 #[test]
 fn momentum_zero_keeps_running_statistics() {
     let (x, _) = pair(&[3, 4, 5, 5], 7);

@@ -13,7 +13,12 @@
 //! 100; within a chunk the variance is an exact two-pass over values held in registers (x is
 //! read once); chunks are merged with Chan et al.'s pairwise update. `sum(x^2) - sum(x)^2 / M`
 //! is never formed. Dispatches: forward 2 (statistics, normalise), backward 2 (per-chunk sums,
-//! dx; dx also writes dgamma and dbeta), eval 1. Four pipelines in all.
+//! dx; dx also writes dgamma and dbeta), eval 1; or forward 1 and backward 1 where one
+//! workgroup per channel is parallel enough ([`Passes`]: channels of at most
+//! [`SINGLE_MAX_CHUNKS`] chunks), bit-for-bit the same results. A grid-wide merge inside
+//! one dispatch of the split grid would need a "last workgroup finalises" atomic handshake,
+//! which WGSL's relaxed atomics and workgroup-scoped barriers do not make safe, and would
+//! still leave the element-wise pass in a second dispatch.
 //!
 //! Fusion: the forward can end with the ops that follow a batch norm in a residual block
 //! ([`Epilogue`]): a ReLU, or the residual add (identity, or the option-A shortcut read in
@@ -39,6 +44,51 @@ use crate::gpu::{Arg, Kernel, Tensor};
 pub const DEFAULT_MOMENTUM: f32 = 0.1;
 /// PyTorch's default epsilon added to the variance.
 pub const DEFAULT_EPS: f32 = 1e-5;
+
+/// Op family name for [`crate::gpu::Gpu::force_variant`]: `split` or `single` (see
+/// [`Passes`]).
+pub const OP: &str = "batch_norm";
+
+/// How a training-mode forward or backward is dispatched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passes {
+    /// Two dispatches over a (chunks, C) grid: per-chunk sums, then the merge (repeated by each
+    /// workgroup) and the element-wise pass. The most parallel.
+    Split,
+    /// One dispatch over a (1, C) grid: each workgroup does its channel's chunks one after the
+    /// other. The same operations in the same order, so the same bits; one dispatch fewer and
+    /// the merge done once per channel, but only C workgroups (ResNet-20 at batch 128: the
+    /// 8x8 stage, 2 chunks per channel).
+    Single,
+}
+
+impl Passes {
+    /// [`Passes::Single`] where a channel has at most [`SINGLE_MAX_CHUNKS`] chunks (the split
+    /// grid would not be much wider), else [`Passes::Split`]. A variant forced on the device
+    /// for [`OP`] wins, except that a single pass is never run over more than
+    /// [`SINGLE_LIMIT_CHUNKS`] chunks.
+    pub fn choose(x: &Tensor, chunks: usize) -> Result<Passes> {
+        let single = match x.gpu().forced_variant(OP).as_deref() {
+            Some("split") => false,
+            Some("single") => true,
+            Some(other) => {
+                return Err(Error::UnknownVariant { op: OP, name: other.to_string(), choices: "split, single".into() })
+            }
+            None => chunks <= SINGLE_MAX_CHUNKS,
+        };
+        Ok(if single && chunks <= SINGLE_LIMIT_CHUNKS { Passes::Single } else { Passes::Split })
+    }
+}
+
+/// Chunks per channel up to which [`Passes::choose`] takes [`Passes::Single`] by itself.
+pub const SINGLE_MAX_CHUNKS: usize = 2;
+
+/// Chunks per channel beyond which [`Passes::Single`] is never used. On lavapipe (Mesa 22.3,
+/// measured) one workgroup looping over 257 chunks of 4096 values lost the writes of its last
+/// ~10 chunks in the backward (the same place for 1, 2 and 4 channels; 400 chunks lost more),
+/// with no error reported; 32 chunks were bit-exact. The cause is not known, so the single
+/// pass stays within what tests/batch_norm.rs checks bit-for-bit against the split passes.
+pub const SINGLE_LIMIT_CHUNKS: usize = 32;
 
 /// Invocations per workgroup (must match `WG` in the shader).
 const WG: usize = 64;
@@ -312,7 +362,7 @@ pub fn forward_train(
     forward_train_fused(x, gamma, beta, running_mean, running_var, momentum, eps, Epilogue::NONE)
 }
 
-/// [`forward_train`] followed by `epi` in the same pass (2 dispatches in all): `y` is
+/// [`forward_train`] followed by `epi` in the same pass (the same 1 or 2 dispatches): `y` is
 /// `max(bn(x) + residual, 0)` for [`Epilogue::add_relu`], `max(bn(x), 0)` for
 /// [`Epilogue::RELU`]. The saved statistics are those of the batch norm alone. Errors if the
 /// residual does not fit `x` (identity: same shape; option A: its output shape is `x`'s).
@@ -359,39 +409,28 @@ pub fn forward_train_fused(
     let partials = gpu.empty(&[g.c, g.chunks, 2])?;
     let stats = gpu.empty(&[3, g.c])?;
     let y = gpu.empty(x.shape())?;
-    gpu.dispatch(
-        &kernel("stats_partial"),
-        &p,
-        &[
-            Arg::Storage(x),
-            Arg::Storage(gamma),
-            Arg::Storage(beta),
-            Arg::Storage(running_mean),
-            Arg::Storage(running_var),
-            Arg::Storage(&partials),
-        ],
-        grid,
-    )?;
-    gpu.dispatch(
-        &kernel("normalize"),
-        &p,
-        &[
-            Arg::Storage(x),
-            Arg::Storage(gamma),
-            Arg::Storage(beta),
-            Arg::Storage(running_mean),
-            Arg::Storage(running_var),
-            Arg::Storage(&partials),
-            Arg::Storage(&stats),
-            Arg::Storage(&y),
-            // Bindings 9-11 (dy, dgamma, dbeta) are not used by normalize.
-            Arg::Storage(x),
-            Arg::Storage(x),
-            Arg::Storage(x),
-            Arg::Storage(res),
-        ],
-        grid,
-    )?;
+    let args = [
+        Arg::Storage(x),
+        Arg::Storage(gamma),
+        Arg::Storage(beta),
+        Arg::Storage(running_mean),
+        Arg::Storage(running_var),
+        Arg::Storage(&partials),
+        Arg::Storage(&stats),
+        Arg::Storage(&y),
+        // Bindings 9-11 (dy, dgamma, dbeta) are not used by the forward entry points.
+        Arg::Storage(x),
+        Arg::Storage(x),
+        Arg::Storage(x),
+        Arg::Storage(res),
+    ];
+    match Passes::choose(x, g.chunks)? {
+        Passes::Single => gpu.dispatch(&kernel("forward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Split => {
+            gpu.dispatch(&kernel("stats_partial"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("normalize"), &p, &args, grid)?;
+        }
+    }
     Ok(BnForward { y, saved: BnSaved { stats } })
 }
 
@@ -470,7 +509,7 @@ pub fn backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, saved: &BnSaved) -> Res
 }
 
 /// [`backward`] of a batch norm followed by a ReLU (and, before it, a residual add), in the
-/// same 2 dispatches: with `relu_out` (the ReLU's output, shaped like `x`) the incoming
+/// same 1 or 2 dispatches: with `relu_out` (the ReLU's output, shaped like `x`) the incoming
 /// gradient is `g = dy * (relu_out > 0)` (the ReLU's backward, folded in), else `g = dy`.
 /// With `shortcut`, also writes the shortcut's gradient of the block input into
 /// [`BnGrads::dshortcut`]: `g` itself for [`ShortcutGrad::Identity`], the option-A adjoint
@@ -548,7 +587,12 @@ pub fn backward_fused(
         // and the kernel does not touch this one.
         Arg::Storage(dshortcut.as_ref().unwrap_or(&dx)),
     ];
-    gpu.dispatch(&kernel("grad_partial"), &p, &args, grid)?;
-    gpu.dispatch(&kernel("dx"), &p, &args, grid)?;
+    match Passes::choose(x, g.chunks)? {
+        Passes::Single => gpu.dispatch(&kernel("backward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Split => {
+            gpu.dispatch(&kernel("grad_partial"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("dx"), &p, &args, grid)?;
+        }
+    }
     Ok(BnGrads { dx, dgamma, dbeta, dshortcut })
 }
