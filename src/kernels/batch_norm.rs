@@ -14,8 +14,8 @@
 //! read once); chunks are merged with Chan et al.'s pairwise update. `sum(x^2) - sum(x)^2 / M`
 //! is never formed. Dispatches: forward 2 (statistics, normalise), backward 2 (per-chunk sums,
 //! dx; dx also writes dgamma and dbeta), eval 1; or forward 1 and backward 1 where one
-//! workgroup per channel is parallel enough ([`Passes`]: channels of at most
-//! [`SINGLE_MAX_CHUNKS`] chunks), bit-for-bit the same results. A grid-wide merge inside
+//! workgroup per channel is parallel enough and the dispatch is what costs ([`Passes`]:
+//! channels of at most [`SINGLE_MAX_CHUNKS`] chunks, on GPUs), bit-for-bit the same results. A grid-wide merge inside
 //! one dispatch of the split grid would need a "last workgroup finalises" atomic handshake,
 //! which WGSL's relaxed atomics and workgroup-scoped barriers do not make safe, and would
 //! still leave the element-wise pass in a second dispatch.
@@ -64,8 +64,12 @@ pub enum Passes {
 
 impl Passes {
     /// [`Passes::Single`] where a channel has at most [`SINGLE_MAX_CHUNKS`] chunks (the split
-    /// grid would not be much wider), else [`Passes::Split`]. A variant forced on the device
-    /// for [`OP`] wins, except that a single pass is never run over more than
+    /// grid would not be much wider) on adapters other than CPUs, else [`Passes::Split`]. On a
+    /// GPU a dispatch (launch and the barrier after it) costs about as much as such a small
+    /// pass; on lavapipe a dispatch is ~50 us against 30-100 ms for a ResNet-20 batch norm,
+    /// and the single pass measured 10-30% slower there ([128, 64, 8, 8], 2 chunks; one
+    /// workgroup's longer loop), so CPU adapters keep the split passes. A variant forced on the
+    /// device for [`OP`] wins, except that a single pass is never run over more than
     /// [`SINGLE_LIMIT_CHUNKS`] chunks.
     pub fn choose(x: &Tensor, chunks: usize) -> Result<Passes> {
         let single = match x.gpu().forced_variant(OP).as_deref() {
@@ -74,7 +78,7 @@ impl Passes {
             Some(other) => {
                 return Err(Error::UnknownVariant { op: OP, name: other.to_string(), choices: "split, single".into() })
             }
-            None => chunks <= SINGLE_MAX_CHUNKS,
+            None => chunks <= SINGLE_MAX_CHUNKS && x.gpu().adapter().device_type != wgpu::DeviceType::Cpu,
         };
         Ok(if single && chunks <= SINGLE_LIMIT_CHUNKS { Passes::Single } else { Passes::Split })
     }
