@@ -66,6 +66,10 @@ struct Params {
     res_w: u32,
     res_stride: u32, // ... subsampled by res_stride ...
     res_pad: u32,  // ... and its channel ci at channel ci + res_pad of x
+    ho: u32,       // H of x
+    step_n: u32,   // WG / hw: images stepped over by WG values
+    step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within an image
+    step_w: u32,   // (WG % hw) % wo: columns stepped over by WG values within a row
     _pad0: u32,
 }
 
@@ -125,14 +129,36 @@ fn in_shortcut(c: u32) -> bool {
     return c >= p.res_pad && c - p.res_pad < p.res_cin;
 }
 
-// Address in the option-A block input of the value that lands on x's value (a, channel c):
+// (n, oh, ow) of value j of a channel: its image and pixel, for the option-A shortcut. Walked
+// alongside first / next without division (a division per value, scalar on CPU adapters,
+// made the option-A backward 30% slower than the unfused passes).
+fn pixel_first(j: u32) -> vec3<u32> {
+    let n = j / p.hw;
+    let s = j - n * p.hw;
+    let oh = s / p.wo;
+    return vec3<u32>(n, oh, s - oh * p.wo);
+}
+
+// (n, oh, ow) WG values further on.
+fn pixel_next(q: vec3<u32>) -> vec3<u32> {
+    var n = q.x + p.step_n;
+    var oh = q.y + p.step_h;
+    var ow = q.z + p.step_w;
+    if (ow >= p.wo) {
+        ow -= p.wo;
+        oh += 1u;
+    }
+    if (oh >= p.ho) {
+        oh -= p.ho;
+        n += 1u;
+    }
+    return vec3<u32>(n, oh, ow);
+}
+
+// Address in the option-A block input of the value that lands on x's pixel q of channel c:
 // image n, channel c - res_pad, pixel (oh * stride, ow * stride). Only for in_shortcut(c).
-// Divisions per value, but only the 2 downsampling blocks of a CIFAR ResNet take this path.
-fn shortcut_base(a: vec2<u32>, c: u32) -> u32 {
-    let n = (a.x - a.y - c * p.hw) / (p.c * p.hw);
-    let oh = a.y / p.wo;
-    let ow = a.y - oh * p.wo;
-    return ((n * p.res_cin + c - p.res_pad) * p.res_h + oh * p.res_stride) * p.res_w + ow * p.res_stride;
+fn shortcut_base(q: vec3<u32>, c: u32) -> u32 {
+    return ((q.x * p.res_cin + c - p.res_pad) * p.res_h + q.y * p.res_stride) * p.res_w + q.z * p.res_stride;
 }
 
 // The incoming gradient of the value at address i: dy, or with the ReLU mask folded in.
@@ -287,13 +313,14 @@ fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
     // Uniform per workgroup: whether the residual of this channel is read at all.
     let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
+    var q = pixel_first(j0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
             var v = ((x[a.x] - x0) - mean_v) * scale + shift;
             if (p.res == 1u) {
                 v += res[a.x];
             } else if (res_a) {
-                v += res[shortcut_base(a, c)];
+                v += res[shortcut_base(q, c)];
             }
             if (p.relu != 0u) {
                 v = max(v, 0.0);
@@ -301,6 +328,9 @@ fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
             out[a.x] = v;
         }
         a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
+        }
     }
 }
 
@@ -360,6 +390,7 @@ fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
     let end = min(k * CHUNK + CHUNK, p.m);
     let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
+    var q = pixel_first(j0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
             let g = grad_in(a.x);
@@ -371,20 +402,34 @@ fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
                 // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
                 // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
                 // dres is written entirely and needs no zero fill.
-                let base = shortcut_base(a, c);
-                let s = a.y;
-                let oh = s / p.wo;
-                let ow = s - oh * p.wo;
-                let hn = min(p.res_stride, p.res_h - oh * p.res_stride);
-                let wn = min(p.res_stride, p.res_w - ow * p.res_stride);
-                for (var dh = 0u; dh < hn; dh++) {
-                    for (var dw = 0u; dw < wn; dw++) {
-                        dres[base + dh * p.res_w + dw] = select(0.0, g, dh == 0u && dw == 0u);
+                let base = shortcut_base(q, c);
+                dres[base] = g;
+                let hn = min(p.res_stride, p.res_h - q.y * p.res_stride);
+                let wn = min(p.res_stride, p.res_w - q.z * p.res_stride);
+                if (p.res_stride == 2u) {
+                    // The CIFAR ResNet's stride, without the loops' per-lane trip counts.
+                    if (wn == 2u) {
+                        dres[base + 1u] = 0.0;
+                    }
+                    if (hn == 2u) {
+                        dres[base + p.res_w] = 0.0;
+                        if (wn == 2u) {
+                            dres[base + p.res_w + 1u] = 0.0;
+                        }
+                    }
+                } else {
+                    for (var dh = 0u; dh < hn; dh++) {
+                        for (var dw = select(0u, 1u, dh == 0u); dw < wn; dw++) {
+                            dres[base + dh * p.res_w + dw] = 0.0;
+                        }
                     }
                 }
             }
         }
         a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
+        }
     }
 }
 

@@ -653,6 +653,50 @@ fn split_and_single_passes_agree_bitwise() {
 }
 
 #[test]
+fn option_a_strides_1_and_3_match_candle() {
+    // The general cell loop of the option-A gradient (stride 2 has its own branch): stride 3
+    // from 7x7 (cells of 3, 3 and 1 rows) and stride 1 (pure channel padding).
+    let g = gpu();
+    for (i, (in_shape, stride)) in [([3usize, 3, 7, 7], 3usize), ([2, 3, 5, 5], 1)].into_iter().enumerate() {
+        let shape = [in_shape[0], 5, in_shape[2].div_ceil(stride), in_shape[3].div_ceil(stride)];
+        let numel: usize = shape.iter().product();
+        let (gx, _) = pair(&shape, 70 + i as u64);
+        let (gin, cin) = pair(&in_shape, 80 + i as u64);
+        let (gdy, _) = pair(&shape, 90 + i as u64);
+        let ones = g.tensor(&[5], &[1.0; 5]).unwrap();
+        let zeros = g.zeros(&[5]).unwrap();
+        let (rm, rv) = (g.zeros(&[5]).unwrap(), g.tensor(&[5], &[1.0; 5]).unwrap());
+        let plain = bn::forward_train(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS).unwrap();
+        let epi = Epilogue::add_relu(Residual::OptionA { x: &gin, stride });
+        let fused = bn::forward_train_fused(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS, epi).unwrap();
+        // max(bn + r, 0) from the plain kernel's bn and candle's shortcut: one rounding of the add.
+        let short = cvec(&shortcut_a(&cin, 5, stride));
+        let want: Vec<f32> = plain.y.to_vec().unwrap().iter().zip(&short).map(|(y, r)| (y + r).max(0.0)).collect();
+        let y = fused.y.to_vec().unwrap();
+        assert_close(&format!("option-A residual, stride {stride}"), &y, &want, 0.0, 0.0);
+        let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride });
+        let b = bn::backward_fused(&gx, &gdy, &ones, &plain.saved, Some(&fused.y), sg).unwrap();
+        let dy = gdy.to_vec().unwrap();
+        let masked: Vec<f32> = dy.iter().zip(&y).map(|(&d, &y)| if y > 0.0 { d } else { 0.0 }).collect();
+        assert_eq!(masked.len(), numel);
+        let xv = Var::from_tensor(&cin).unwrap();
+        let grads = (shortcut_a(xv.as_tensor(), 5, stride) * ct(&masked, &shape))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            &format!("option-A shortcut gradient, stride {stride}"),
+            &b.dshortcut.unwrap().to_vec().unwrap(),
+            &cvec(grads.get(xv.as_tensor()).unwrap()),
+            0.0,
+            0.0,
+        );
+    }
+}
+
+#[test]
 fn momentum_zero_keeps_running_statistics() {
     let (x, _) = pair(&[3, 4, 5, 5], 7);
     let rm_data = [0.5f32, -0.25, 3.0, 1e-3];

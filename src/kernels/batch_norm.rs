@@ -192,6 +192,10 @@ struct Params {
     res_w: u32,
     res_stride: u32,
     res_pad: u32,
+    ho: u32,
+    step_n: u32,
+    step_h: u32,
+    step_w: u32,
     _pad: u32,
 }
 
@@ -239,6 +243,12 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         res_w: 0,
         res_stride: 1,
         res_pad: 0,
+        ho: s[2] as u32,
+        step_n: step_n as u32,
+        // The pixel walk of the option-A shortcut: the WG % hw values stepped within an image
+        // as rows and columns (w == 0 means hw == 0: never used).
+        step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
+        step_w: step_s.checked_rem(s[3]).unwrap_or(0) as u32,
         _pad: 0,
     }
 }
