@@ -6,8 +6,9 @@
 //! place from the block input) and the final ReLU; each BN backward folds in the following
 //! ReLU's mask, and BN2's also writes the shortcut's gradient of the block input, onto which
 //! conv1's input gradient is accumulated. Dispatches per training step, besides the convs and
-//! SGD: 4 forward (2 per BN), 4 backward (2 per BN), plus 1 add (see
-//! [`accumulate_backward_data`]) until conv2d accumulates in its backward-data.
+//! SGD: 4 forward (2 per BN), 4 backward (2 per BN; 1 and 1 per BN where
+//! `batch_norm::Passes::Single` applies), plus 1 add (see [`accumulate_backward_data`]) until
+//! conv2d accumulates in its backward-data. The unfused block took 14 (16 with option A).
 
 use rand::Rng;
 
@@ -37,7 +38,7 @@ pub struct BasicBlock {
 }
 
 /// What the block's backward needs from its forward: the input, the two conv outputs (BN
-/// backward recomputes the normalised values from them and 2 floats per channel), the
+/// backward recomputes the normalised values from them and 3 floats per channel), the
 /// middle ReLU output and the block output (their signs are the ReLU masks).
 pub struct BasicBlockActivations {
     pub x: Tensor,

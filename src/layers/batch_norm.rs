@@ -36,7 +36,7 @@ impl BatchNorm2d {
 
     /// Training-mode forward with batch statistics; updates the running statistics when
     /// `update_running` (a replay pass may choose not to). Returns the output and what
-    /// backward needs (2 floats per channel; backward also needs the input `x`).
+    /// backward needs (3 floats per channel; backward also needs the input `x`).
     pub fn forward_train(&self, x: &Tensor, update_running: bool) -> Result<(Tensor, BnSaved)> {
         self.forward_train_fused(x, update_running, Epilogue::NONE)
     }
