@@ -5,10 +5,16 @@
 //                  channel c (in the same order, so all get the same result); workgroup k = 0
 //                  saves them and updates the running statistics; then
 //                  y = (x - mean) * (gamma * invstd) + beta; eval: the same with the running
-//                  statistics
-//   grad_partial   grid (P, C): per-chunk sum(dy) and sum(dy * x_hat)
+//                  statistics. Fused epilogue (p.res, p.relu): y += the residual (identity, or
+//                  the option-A shortcut of the block input read in place), then y = max(y, 0)
+//   grad_partial   grid (P, C): per-chunk sum(g) and sum(g * x_hat)
 //   dx             grid (P, C): merges those sums, writes dbeta and dgamma (workgroup k = 0),
-//                  then dx = gamma * invstd * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M)
+//                  then dx = gamma * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M);
+//                  with p.res also the shortcut's gradient of the block input (dres)
+//
+// g is dy, or with p.mask the following ReLU's backward folded in: g = dy where that ReLU's
+// output `act` is > 0, else 0 (PyTorch's threshold_backward on the result), so no separate
+// masked-gradient tensor is written and read back.
 //
 // The M = N*H*W values of a channel are numbered j = n * HW + s and cut into P chunks of CHUNK
 // values; workgroup (k, c) handles chunk k of channel c, invocation i the values
@@ -51,8 +57,20 @@ struct Params {
     train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
     momentum: f32,
     eps: f32,
+    relu: u32,     // normalize: 1 = max(y, 0) after the residual add
+    res: u32,      // normalize / dx: 0 no residual, 1 identity (same shape), 2 option A
+    mask: u32,     // grad_partial / dx: 1 = g is dy masked by act > 0
+    wo: u32,       // W of x (option A: splits s into (oh, ow))
+    res_cin: u32,  // option A: the block input [N, res_cin, res_h, res_w] ...
+    res_h: u32,
+    res_w: u32,
+    res_stride: u32, // ... subsampled by res_stride ...
+    res_pad: u32,  // ... and its channel ci at channel ci + res_pad of x
+    ho: u32,       // H of x
+    step_n: u32,   // WG / hw: images stepped over by WG values
+    step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within an image
+    step_w: u32,   // (WG % hw) % wo: columns stepped over by WG values within a row
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -70,6 +88,13 @@ struct Params {
 @group(0) @binding(9) var<storage, read> dy: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
+// normalize: the residual (p.res = 1: shaped like x; 2: the block input of option A).
+@group(0) @binding(12) var<storage, read> res: array<f32>;
+// grad_partial / dx: the output of the ReLU after this batch norm (p.mask = 1).
+@group(0) @binding(13) var<storage, read> act: array<f32>;
+// dx: the shortcut's gradient of the block input (p.res = 1: g itself; 2: the option-A
+// adjoint, shaped like the block input, every element written).
+@group(0) @binding(14) var<storage, read_write> dres: array<f32>;
 
 // One slot per invocation, then one per group of FAN invocations.
 var<workgroup> wn: array<f32, WG>;
@@ -96,6 +121,53 @@ fn next(a: vec2<u32>) -> vec2<u32> {
 // The 4 interleaved partial sums combined.
 fn total(s: vec4<f32>) -> f32 {
     return (s.x + s.y) + (s.z + s.w);
+}
+
+// Whether channel c of x holds an input channel of the option-A shortcut (uniform per
+// workgroup: the padded channels add 0 and get no gradient).
+fn in_shortcut(c: u32) -> bool {
+    return c >= p.res_pad && c - p.res_pad < p.res_cin;
+}
+
+// (n, oh, ow) of value j of a channel: its image and pixel, for the option-A shortcut. Walked
+// alongside first / next without division (a division per value, scalar on CPU adapters,
+// made the option-A backward 30% slower than the unfused passes).
+fn pixel_first(j: u32) -> vec3<u32> {
+    let n = j / p.hw;
+    let s = j - n * p.hw;
+    let oh = s / p.wo;
+    return vec3<u32>(n, oh, s - oh * p.wo);
+}
+
+// (n, oh, ow) WG values further on.
+fn pixel_next(q: vec3<u32>) -> vec3<u32> {
+    var n = q.x + p.step_n;
+    var oh = q.y + p.step_h;
+    var ow = q.z + p.step_w;
+    if (ow >= p.wo) {
+        ow -= p.wo;
+        oh += 1u;
+    }
+    if (oh >= p.ho) {
+        oh -= p.ho;
+        n += 1u;
+    }
+    return vec3<u32>(n, oh, ow);
+}
+
+// Address in the option-A block input of the value that lands on x's pixel q of channel c:
+// image n, channel c - res_pad, pixel (oh * stride, ow * stride). Only for in_shortcut(c).
+fn shortcut_base(q: vec3<u32>, c: u32) -> u32 {
+    return ((q.x * p.res_cin + c - p.res_pad) * p.res_h + q.y * p.res_stride) * p.res_w + q.z * p.res_stride;
+}
+
+// The incoming gradient of the value at address i: dy, or with the ReLU mask folded in.
+fn grad_in(i: u32) -> f32 {
+    let g = dy[i];
+    if (p.mask != 0u) {
+        return select(0.0, g, act[i] > 0.0);
+    }
+    return g;
 }
 
 // Sums (a, b) over the workgroup; every invocation gets the same result. Uniform control flow
@@ -165,10 +237,9 @@ fn merge_all(lid: u32, mine: Moments) -> Moments {
     return r;
 }
 
-@compute @workgroup_size(64)
-fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// Chunk k of channel c: its moments (mean, M2) of the shifted values into partials.
+// Uniform control flow only (as every function below that reduces over the workgroup).
+fn chunk_moments(k: u32, c: u32, lid: u32) {
     let x0 = x[c * p.hw];
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
@@ -203,55 +274,68 @@ fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
 }
 
-@compute @workgroup_size(64)
-fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
-    // y = ((x - x0) - mean_v) * invstd * gamma + beta.
-    var x0: f32;
-    var mean_v: f32;
-    var invstd: f32;
-    if (p.train != 0u) {
-        x0 = x[c * p.hw];
-        // Merge the chunk moments; chunk i holds min(CHUNK, m - i * CHUNK) values.
-        var mine = Moments(0.0, 0.0, 0.0);
-        for (var i = lid; i < p.chunks; i += WG) {
-            let o = (c * p.chunks + i) * 2u;
-            mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
-        }
-        let all = merge_all(lid, mine);
-        mean_v = all.mean;
-        invstd = 1.0 / sqrt(all.m2 / f32(p.m) + p.eps);
-        if (k == 0u && lid == 0u) {
-            saved[c] = x0;
-            saved[p.c + c] = mean_v;
-            saved[2u * p.c + c] = invstd;
-            // The running variance takes the unbiased estimate M2 / (M - 1).
-            running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * (x0 + mean_v);
-            running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * (all.m2 / f32(p.m - 1u));
-        }
-    } else {
-        x0 = running_mean[c];
-        mean_v = 0.0;
-        invstd = 1.0 / sqrt(running_var[c] + p.eps);
+// (x0, mean_v, invstd) of channel c: train: merges the chunk moments (every caller in the same
+// order, so all get the same result); with `save`, writes them and updates the running
+// statistics. Eval: from the running statistics.
+fn channel_stats(c: u32, lid: u32, save: bool) -> vec3<f32> {
+    if (p.train == 0u) {
+        return vec3<f32>(running_mean[c], 0.0, 1.0 / sqrt(running_var[c] + p.eps));
     }
-    let scale = gamma[c] * invstd;
+    let x0 = x[c * p.hw];
+    // Chunk i holds min(CHUNK, m - i * CHUNK) values.
+    var mine = Moments(0.0, 0.0, 0.0);
+    for (var i = lid; i < p.chunks; i += WG) {
+        let o = (c * p.chunks + i) * 2u;
+        mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
+    }
+    let all = merge_all(lid, mine);
+    let mean_v = all.mean;
+    let invstd = 1.0 / sqrt(all.m2 / f32(p.m) + p.eps);
+    if (save && lid == 0u) {
+        saved[c] = x0;
+        saved[p.c + c] = mean_v;
+        saved[2u * p.c + c] = invstd;
+        // The running variance takes the unbiased estimate M2 / (M - 1).
+        running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * (x0 + mean_v);
+        running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * (all.m2 / f32(p.m - 1u));
+    }
+    return vec3<f32>(x0, mean_v, invstd);
+}
+
+// y = ((x - x0) - mean_v) * invstd * gamma + beta over chunk k of channel c, then the epilogue.
+fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
+    let x0 = st.x;
+    let mean_v = st.y;
+    let scale = gamma[c] * st.z;
     let shift = beta[c];
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
+    // Uniform per workgroup: whether the residual of this channel is read at all.
+    let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
+    var q = pixel_first(j0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
-            out[a.x] = ((x[a.x] - x0) - mean_v) * scale + shift;
+            var v = ((x[a.x] - x0) - mean_v) * scale + shift;
+            if (p.res == 1u) {
+                v += res[a.x];
+            } else if (res_a) {
+                v += res[shortcut_base(q, c)];
+            }
+            if (p.relu != 0u) {
+                v = max(v, 0.0);
+            }
+            out[a.x] = v;
         }
         a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
+        }
     }
 }
 
-@compute @workgroup_size(64)
-fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// Chunk k of channel c: (sum g, sum g * x_hat) into partials.
+fn chunk_grad_sums(k: u32, c: u32, lid: u32) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
@@ -262,7 +346,7 @@ fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var s_dyx = vec4<f32>(0.0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
-            let g = dy[a.x];
+            let g = grad_in(a.x);
             s_dy[t & 3u] += g;
             s_dyx[t & 3u] += g * (((x[a.x] - x0) - mean_v) * invstd);
         }
@@ -276,10 +360,9 @@ fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-@compute @workgroup_size(64)
-fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k = wg.x;
-    let c = wg.y;
+// (sum g, sum g * x_hat) of channel c from the chunk sums, in the same order for every caller;
+// with `save`, writes dbeta and dgamma.
+fn channel_grad_sums(c: u32, lid: u32, save: bool) -> vec2<f32> {
     var s_dy = 0.0;
     var s_dyx = 0.0;
     for (var i = lid; i < p.chunks; i += WG) {
@@ -288,10 +371,15 @@ fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid
         s_dyx += partials[o + 1u];
     }
     let r = sum2(lid, s_dy, s_dyx);
-    if (lid == 0u && k == 0u) {
+    if (save && lid == 0u) {
         dbeta[c] = r.x;
         dgamma[c] = r.y;
     }
+    return r;
+}
+
+// dx over chunk k of channel c, and the shortcut gradient when p.res != 0.
+fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
@@ -300,12 +388,100 @@ fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid
     let d = r.y / f32(p.m);
     let j0 = k * CHUNK + lid;
     let end = min(k * CHUNK + CHUNK, p.m);
+    let res_a = p.res == 2u && in_shortcut(c);
     var a = first(j0, c);
+    var q = pixel_first(j0);
     for (var t = 0u; t < ITEMS; t++) {
         if (j0 + t * WG < end) {
+            let g = grad_in(a.x);
             let xh = ((x[a.x] - x0) - mean_v) * invstd;
-            out[a.x] = scale * ((dy[a.x] - b) - xh * d);
+            out[a.x] = scale * ((g - b) - xh * d);
+            if (p.res == 1u) {
+                dres[a.x] = g;
+            } else if (res_a) {
+                // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
+                // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
+                // dres is written entirely and needs no zero fill.
+                let base = shortcut_base(q, c);
+                dres[base] = g;
+                let hn = min(p.res_stride, p.res_h - q.y * p.res_stride);
+                let wn = min(p.res_stride, p.res_w - q.z * p.res_stride);
+                if (p.res_stride == 2u) {
+                    // The CIFAR ResNet's stride, without the loops' per-lane trip counts.
+                    if (wn == 2u) {
+                        dres[base + 1u] = 0.0;
+                    }
+                    if (hn == 2u) {
+                        dres[base + p.res_w] = 0.0;
+                        if (wn == 2u) {
+                            dres[base + p.res_w + 1u] = 0.0;
+                        }
+                    }
+                } else {
+                    for (var dh = 0u; dh < hn; dh++) {
+                        for (var dw = select(0u, 1u, dh == 0u); dw < wn; dw++) {
+                            dres[base + dh * p.res_w + dw] = 0.0;
+                        }
+                    }
+                }
+            }
         }
         a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_moments(wg.x, wg.y, lid);
+}
+
+@compute @workgroup_size(64)
+fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    normalize_chunk(wg.x, wg.y, lid, channel_stats(wg.y, lid, wg.x == 0u));
+}
+
+// The forward in one dispatch, grid (1, C): one workgroup per channel runs stats_partial's
+// chunks, then normalize's merge once, then every chunk's normalize. The same operations in
+// the same order as the two dispatches, so bit-for-bit their results; the chunk moments pass
+// through partials, written and read by this workgroup only (storageBarrier orders them).
+@compute @workgroup_size(64)
+fn forward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wg.y;
+    if (p.train != 0u) {
+        for (var k = 0u; k < p.chunks; k++) {
+            chunk_moments(k, c, lid);
+        }
+        storageBarrier();
+    }
+    let st = channel_stats(c, lid, true);
+    for (var k = 0u; k < p.chunks; k++) {
+        normalize_chunk(k, c, lid, st);
+    }
+}
+
+@compute @workgroup_size(64)
+fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_grad_sums(wg.x, wg.y, lid);
+}
+
+@compute @workgroup_size(64)
+fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    dx_chunk(wg.x, wg.y, lid, channel_grad_sums(wg.y, lid, wg.x == 0u));
+}
+
+// The backward in one dispatch, grid (1, C), as forward_single is the forward's.
+@compute @workgroup_size(64)
+fn backward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wg.y;
+    for (var k = 0u; k < p.chunks; k++) {
+        chunk_grad_sums(k, c, lid);
+    }
+    storageBarrier();
+    let r = channel_grad_sums(c, lid, true);
+    for (var k = 0u; k < p.chunks; k++) {
+        dx_chunk(k, c, lid, r);
     }
 }

@@ -16,12 +16,22 @@
 //! by a whole channel (its mean and invstd) are added to per-element bounds as standard
 //! deviations, not in quadrature. Set `BN_REPORT=1` to print, for each quantity, the worst
 //! error as a fraction of its tolerance.
+//!
+//! The fused kernels are checked in the same cases: the forward epilogues (ReLU; residual add,
+//! identity or option-A, then ReLU) against candle's `relu(bn(x) [+ shortcut])` with the
+//! batch norm's tolerance plus one rounding of the add (ReLU adds no error); the backward with
+//! the ReLU mask folded in against candle's batch-norm gradients of the masked gradient, the
+//! mask taken from the GPU's own ReLU output (a value within round-off of 0 may take the other
+//! sign in f64, which would flip a whole gradient element), with the same error model; the
+//! shortcut gradients against candle's autograd of the shortcut, exactly (they only move
+//! values).
 
 mod common;
 
 use candle_core::{DType, Tensor as CTensor, Var};
+use common::reference::shortcut_a;
 use common::*;
-use featreplay::kernels::batch_norm as bn;
+use featreplay::kernels::batch_norm::{self as bn, Epilogue, Residual, ShortcutGrad};
 use featreplay::Tensor;
 
 /// Unit roundoff of f32 (half an ulp at 1).
@@ -376,11 +386,71 @@ fn run_case(shape: [usize; 4], seed: u64) {
     let stats = f1.saved.stats.to_vec().unwrap();
     let (rm1, rv1) = (grm.to_vec().unwrap(), grv.to_vec().unwrap());
     let (dx, dgamma, dbeta) = (gdx.to_vec().unwrap(), gdgamma.to_vec().unwrap(), gdbeta.to_vec().unwrap());
+
+    // The fused forwards on x1, with momentum 0 so the running statistics stay those of one
+    // update: ReLU, identity residual + ReLU, option-A residual + ReLU. The option-A block input
+    // has 2 fewer channels (1 zero channel each side) where C >= 3, and 2H - (H odd) rows, so
+    // the stride-2 subsample has H rows (odd H: the last input row is sampled, no row after it).
+    let res_id = random(numel, seed + 7);
+    let in_shape = [shape[0], if c >= 3 { c - 2 } else { c }, 2 * shape[2] - shape[2] % 2, 2 * shape[3] - shape[3] % 2];
+    let res_a = random(in_shape.iter().product(), seed + 8);
+    let (gres_id, gres_a) = (t(&res_id, &shape), t(&res_a, &in_shape));
+    let fused = |epi: Epilogue| bn::forward_train_fused(&gx1, &ggamma, &gbeta, &grm, &grv, 0.0, EPS, epi).unwrap();
+    let f_relu = fused(Epilogue::RELU);
+    let f_id = fused(Epilogue::add_relu(Residual::Identity(&gres_id)));
+    let f_a = fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2 }));
+    for (what, f) in [("relu", &f_relu), ("identity residual", &f_id), ("option-A residual", &f_a)] {
+        // The same statistics kernel: bit-for-bit the plain forward's.
+        assert_eq!(f.saved.stats.to_vec().unwrap(), stats, "saved statistics of the fused forward ({what}), {name}");
+    }
+    assert_eq!(grm.to_vec().unwrap(), rm1, "momentum 0 keeps the running mean, {name}");
+    assert_eq!(grv.to_vec().unwrap(), rv1, "momentum 0 keeps the running var, {name}");
+    let (y_relu, y_id, y_a) = (f_relu.y.to_vec().unwrap(), f_id.y.to_vec().unwrap(), f_a.y.to_vec().unwrap());
+    // The fused backwards, each masked by its forward's output; two also write the shortcut
+    // gradient.
+    let b_relu = bn::backward_fused(&gx1, &gdy, &ggamma, &f1.saved, Some(&f_relu.y), None).unwrap();
+    assert!(b_relu.dshortcut.is_none());
+    let b_id = bn::backward_fused(&gx1, &gdy, &ggamma, &f1.saved, Some(&f_id.y), Some(ShortcutGrad::Identity)).unwrap();
+    let b_a = bn::backward_fused(
+        &gx1,
+        &gdy,
+        &ggamma,
+        &f1.saved,
+        Some(&f_a.y),
+        Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2 }),
+    )
+    .unwrap();
+    let host = |b: &bn::BnGrads| (b.dx.to_vec().unwrap(), b.dgamma.to_vec().unwrap(), b.dbeta.to_vec().unwrap());
+    let fused_grads = [host(&b_relu), host(&b_id), host(&b_a)];
+    let (ds_id, ds_a) = (b_id.dshortcut.unwrap().to_vec().unwrap(), b_a.dshortcut.unwrap().to_vec().unwrap());
+
     bn::forward_train(&gx2, &ggamma, &gbeta, &grm, &grv, MOMENTUM, EPS).unwrap();
     let (rm2, rv2) = (grm.to_vec().unwrap(), grv.to_vec().unwrap());
     let eval = bn::forward_eval(&gx1, &ggamma, &gbeta, &grm, &grv, EPS).unwrap().to_vec().unwrap();
+    let eval_fused =
+        |epi: Epilogue| bn::forward_eval_fused(&gx1, &ggamma, &gbeta, &grm, &grv, EPS, epi).unwrap().to_vec().unwrap();
+    let eval_relu = eval_fused(Epilogue::RELU);
+    let eval_a = eval_fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2 }));
 
     let r1 = reference(&x1, shape, &gamma, &beta, &dy);
+    // The residuals as candle computes them, and the masked gradients of the fused backwards.
+    let short_a = cvec(&shortcut_a(&ct(&res_a, &in_shape), c, 2));
+    let masked = |y: &[f32]| -> Vec<f32> { dy.iter().zip(y).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect() };
+    let dy_masked = [masked(&y_relu), masked(&y_id), masked(&y_a)];
+    let r_fused: Vec<Reference> = dy_masked.iter().map(|d| reference(&x1, shape, &gamma, &beta, d)).collect();
+    // Identity: the shortcut gradient is the masked gradient itself. Option A: candle's
+    // autograd of the shortcut.
+    assert_close(&format!("identity shortcut gradient, {name}"), &ds_id, &dy_masked[1], 0.0, 0.0);
+    let xa = Var::from_tensor(&ct(&res_a, &in_shape)).unwrap();
+    let ga_grads =
+        (shortcut_a(xa.as_tensor(), c, 2) * ct(&dy_masked[2], &shape)).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(
+        &format!("option-A shortcut gradient, {name}"),
+        &ds_a,
+        &cvec(ga_grads.get(xa.as_tensor()).unwrap()),
+        0.0,
+        0.0,
+    );
     let r2 = reference(&x2, shape, &gamma, &beta, &dy);
     // Eval reference from the GPU's running statistics, so it checks the eval kernel alone.
     let want_eval = reference_eval(&x1, shape, &gamma, &beta, &rm2, &rv2);
@@ -442,39 +512,62 @@ fn run_case(shape: [usize; 4], seed: u64) {
             })
             .collect();
         check(&what("y"), &channel(&y1, shape, ch), &want_y, &y_tol);
+        // Fused epilogues: max(y + r, 0) adds one rounding of the sum; max is exact and
+        // 1-Lipschitz, so y's tolerance carries over.
+        let epilogue = |q: &str, got: &[f32], want_bn: &[f64], tol_bn: &[f64], r: Option<&[f32]>| {
+            let r = r.map(|r| channel(r, shape, ch));
+            let sum: Vec<f64> =
+                want_bn.iter().enumerate().map(|(i, &y)| y + r.as_ref().map_or(0.0, |r| r[i] as f64)).collect();
+            let want: Vec<f64> = sum.iter().map(|&v| v.max(0.0)).collect();
+            let tol: Vec<f64> =
+                tol_bn.iter().zip(&sum).map(|(&t, &v)| t + if r.is_some() { bound(v.abs()) } else { 0.0 }).collect();
+            check(&what(q), &channel(got, shape, ch), &want, &tol);
+        };
+        epilogue("y, fused relu", &y_relu, &want_y, &y_tol, None);
+        epilogue("y, fused identity residual + relu", &y_id, &want_y, &y_tol, Some(&res_id));
+        epilogue("y, fused option-A residual + relu", &y_a, &want_y, &y_tol, Some(&short_a));
 
-        // dbeta = sum(dy), dgamma = sum(dy * x_hat) in the shader's order: per-chunk sums, then
-        // the dx kernel's cross-chunk sum. dgamma's terms carry x_hat's own roundings and the
-        // product's; the channel-wide x_hat errors enter through sum(dy) and dgamma itself.
-        let dyc: Vec<f64> = channel(&dy, shape, ch).iter().map(|&v| v as f64).collect();
-        let dbeta_e = cross_sum(&chunk_sums(&dyc, &vec![0.0; dyc.len()]));
-        let t: Vec<f64> = dyc.iter().zip(&xh).map(|(g, x)| g * x.0).collect();
-        let t_e2: Vec<f64> = dyc.iter().zip(&xh).zip(&t).map(|((g, x), t)| sq(g * x.1) + sq(*t)).collect();
-        let dgamma_sum = cross_sum(&chunk_sums(&t, &t_e2));
-        let dgamma_sd =
-            dgamma_sum.sd() + dbeta_e.v.abs() * e1.invstd.v * e1.mean_v.sd() + dgamma_sum.v.abs() * e1.invstd_rel();
-        check(&what("dbeta"), &[dbeta[ch]], &[r1.dbeta[ch]], &[bound(dbeta_e.sd())]);
-        check(&what("dgamma"), &[dgamma[ch]], &[r1.dgamma[ch]], &[bound(dgamma_sd)]);
+        let check_backward = |label: &str, dy_all: &[f32], r: &Reference, dx: &[f32], dgamma: &[f32], dbeta: &[f32]| {
+            // dbeta = sum(dy), dgamma = sum(dy * x_hat) in the shader's order: per-chunk sums, then
+            // the dx kernel's cross-chunk sum. dgamma's terms carry x_hat's own roundings and the
+            // product's; the channel-wide x_hat errors enter through sum(dy) and dgamma itself.
+            let dyc: Vec<f64> = channel(dy_all, shape, ch).iter().map(|&v| v as f64).collect();
+            let dbeta_e = cross_sum(&chunk_sums(&dyc, &vec![0.0; dyc.len()]));
+            let t: Vec<f64> = dyc.iter().zip(&xh).map(|(g, x)| g * x.0).collect();
+            let t_e2: Vec<f64> = dyc.iter().zip(&xh).zip(&t).map(|((g, x), t)| sq(g * x.1) + sq(*t)).collect();
+            let dgamma_sum = cross_sum(&chunk_sums(&t, &t_e2));
+            let dgamma_sd =
+                dgamma_sum.sd() + dbeta_e.v.abs() * e1.invstd.v * e1.mean_v.sd() + dgamma_sum.v.abs() * e1.invstd_rel();
+            check(&what(&format!("dbeta{label}")), &[dbeta[ch]], &[r.dbeta[ch]], &[bound(dbeta_e.sd())]);
+            check(&what(&format!("dgamma{label}")), &[dgamma[ch]], &[r.dgamma[ch]], &[bound(dgamma_sd)]);
 
-        // dx = a * ((dy - b) - x_hat * d), a = gamma * invstd, b = dbeta / M, d = dgamma / M.
-        let a = ga * e1.invstd.v;
-        let (b, d) = (dbeta_e.v / m, dgamma_sum.v / m);
-        let b_sd = (dbeta_e.e2 / sq(m) + sq(DIV * b)).sqrt();
-        let d_sd = dgamma_sd / m + DIV * d.abs();
-        let want_dx = channel(&r1.dx, shape, ch);
-        let dx_tol: Vec<f64> = dyc
-            .iter()
-            .zip(&xh)
-            .zip(&want_dx)
-            .map(|((&g, &(v, own, shared)), &dxv)| {
-                let inner = g - b - v * d;
-                let own_dx = (sq(a) * (sq(g - b) + sq(v * d) + sq(inner) + sq(d * own)) + sq(dxv)).sqrt();
-                let shared_dx =
-                    a.abs() * (b_sd + v.abs() * d_sd + d.abs() * shared) + dxv.abs() * (e1.invstd_rel() + 1.0);
-                bound(own_dx + shared_dx)
-            })
-            .collect();
-        check(&what("dx"), &channel(&dx, shape, ch), &want_dx, &dx_tol);
+            // dx = a * ((dy - b) - x_hat * d), a = gamma * invstd, b = dbeta / M, d = dgamma / M.
+            let a = ga * e1.invstd.v;
+            let (b, d) = (dbeta_e.v / m, dgamma_sum.v / m);
+            let b_sd = (dbeta_e.e2 / sq(m) + sq(DIV * b)).sqrt();
+            let d_sd = dgamma_sd / m + DIV * d.abs();
+            let want_dx = channel(&r.dx, shape, ch);
+            let dx_tol: Vec<f64> = dyc
+                .iter()
+                .zip(&xh)
+                .zip(&want_dx)
+                .map(|((&g, &(v, own, shared)), &dxv)| {
+                    let inner = g - b - v * d;
+                    let own_dx = (sq(a) * (sq(g - b) + sq(v * d) + sq(inner) + sq(d * own)) + sq(dxv)).sqrt();
+                    let shared_dx =
+                        a.abs() * (b_sd + v.abs() * d_sd + d.abs() * shared) + dxv.abs() * (e1.invstd_rel() + 1.0);
+                    bound(own_dx + shared_dx)
+                })
+                .collect();
+            check(&what(&format!("dx{label}")), &channel(dx, shape, ch), &want_dx, &dx_tol);
+        };
+        check_backward("", &dy, &r1, &dx, &dgamma, &dbeta);
+        let fused = [", fused relu mask", ", fused identity residual mask", ", fused option-A residual mask"];
+        for ((label, (fdx, fdgamma, fdbeta)), (d, r)) in
+            fused.iter().zip(&fused_grads).zip(dy_masked.iter().zip(&r_fused))
+        {
+            check_backward(label, d, r, fdx, fdgamma, fdbeta);
+        }
 
         // Eval: ((x - rm) - 0) * (gamma * rstd) + beta, rstd = 1 / sqrt(rv + eps): x - rm rounds
         // on |x - rm|; rv + eps (half its relative error reaches rstd), sqrt and division (5 u
@@ -490,6 +583,8 @@ fn run_case(shape: [usize; 4], seed: u64) {
             })
             .collect();
         check(&what("eval y"), &channel(&eval, shape, ch), &want_e, &eval_tol);
+        epilogue("eval y, fused relu", &eval_relu, &want_e, &eval_tol, None);
+        epilogue("eval y, fused option-A residual + relu", &eval_a, &want_e, &eval_tol, Some(&short_a));
     }
 }
 
@@ -497,6 +592,107 @@ fn run_case(shape: [usize; 4], seed: u64) {
 fn train_forward_backward_and_eval_match_candle() {
     for (i, &shape) in SHAPES.iter().enumerate() {
         run_case(shape, 1000 * i as u64);
+    }
+}
+
+/// Everything a fused training step produces, on the host: y, saved statistics, running
+/// statistics, dx, dgamma, dbeta and the shortcut gradient.
+fn fused_step(g: &featreplay::Gpu, shape: [usize; 4], seed: u64) -> Vec<Vec<f32>> {
+    let c = shape[1];
+    let numel: usize = shape.iter().product();
+    let in_shape = [shape[0], c - 2, 2 * shape[2], 2 * shape[3]];
+    let t = |d: &[f32], s: &[usize]| -> Tensor { g.tensor(s, d).unwrap() };
+    let x = t(&input(shape, seed), &shape);
+    let gamma = t(&random(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>(), &[c]);
+    let beta = t(&random(c, seed + 2), &[c]);
+    let (rm, rv) = (t(&random(c, seed + 3), &[c]), t(&vec![1.0; c], &[c]));
+    let block_in = t(&random(in_shape.iter().product(), seed + 4), &in_shape);
+    let dy = t(&random(numel, seed + 5), &shape);
+    let epi = Epilogue::add_relu(Residual::OptionA { x: &block_in, stride: 2 });
+    let f = bn::forward_train_fused(&x, &gamma, &beta, &rm, &rv, MOMENTUM, EPS, epi).unwrap();
+    let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2 });
+    let b = bn::backward_fused(&x, &dy, &gamma, &f.saved, Some(&f.y), sg).unwrap();
+    [&f.y, &f.saved.stats, &rm, &rv, &b.dx, &b.dgamma, &b.dbeta, b.dshortcut.as_ref().unwrap()]
+        .iter()
+        .map(|t| t.to_vec().unwrap())
+        .collect()
+}
+
+#[test]
+fn split_and_single_passes_agree_bitwise() {
+    // A device of its own: forcing the passes must not change what the other tests run.
+    let g = featreplay::Gpu::open_default().unwrap();
+    // 1, 2 (the automatic threshold), 4 and 32 (the limit) chunks per channel; at 257 a
+    // forced single pass must fall back to the split passes.
+    for (i, shape) in
+        [[3, 5, 7, 7], [128, 4, 8, 8], [16, 3, 32, 32], [128, 4, 32, 32], [257, 3, 64, 64]].into_iter().enumerate()
+    {
+        g.force_variant(bn::OP, Some("split"));
+        let split = fused_step(&g, shape, 50 + i as u64);
+        g.force_variant(bn::OP, Some("single"));
+        let single = fused_step(&g, shape, 50 + i as u64);
+        let names = ["y", "saved", "running mean", "running var", "dx", "dgamma", "dbeta", "dshortcut"];
+        for ((name, a), b) in names.iter().zip(&split).zip(&single) {
+            let same = a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && a.len() == b.len(), "{name} of {shape:?}: split and single passes differ");
+        }
+    }
+    // The choice: by itself up to 2 chunks on GPUs (never on CPU adapters); forced, never
+    // beyond 32.
+    let x = g.zeros(&[2, 3, 4, 4]).unwrap();
+    let choose = |chunks| bn::Passes::choose(&x, chunks).unwrap();
+    assert_eq!((choose(32), choose(33), choose(257)), (bn::Passes::Single, bn::Passes::Split, bn::Passes::Split));
+    g.force_variant(bn::OP, None);
+    let single = if g.adapter().device_type == wgpu::DeviceType::Cpu { bn::Passes::Split } else { bn::Passes::Single };
+    assert_eq!((choose(1), choose(2), choose(3)), (single, single, bn::Passes::Split));
+    g.force_variant(bn::OP, Some("triple"));
+    let c3 = g.zeros(&[3]).unwrap();
+    let (rm, rv) = (g.zeros(&[3]).unwrap(), g.zeros(&[3]).unwrap());
+    let err = bn::forward_train(&x, &c3, &c3, &rm, &rv, MOMENTUM, EPS).unwrap_err().to_string();
+    assert!(err.contains("split, single"), "{err}");
+}
+
+#[test]
+fn option_a_strides_1_and_3_match_candle() {
+    // The general cell loop of the option-A gradient (stride 2 has its own branch): stride 3
+    // from 7x7 (cells of 3, 3 and 1 rows) and stride 1 (pure channel padding).
+    let g = gpu();
+    for (i, (in_shape, stride)) in [([3usize, 3, 7, 7], 3usize), ([2, 3, 5, 5], 1)].into_iter().enumerate() {
+        let shape = [in_shape[0], 5, in_shape[2].div_ceil(stride), in_shape[3].div_ceil(stride)];
+        let numel: usize = shape.iter().product();
+        let (gx, _) = pair(&shape, 70 + i as u64);
+        let (gin, cin) = pair(&in_shape, 80 + i as u64);
+        let (gdy, _) = pair(&shape, 90 + i as u64);
+        let ones = g.tensor(&[5], &[1.0; 5]).unwrap();
+        let zeros = g.zeros(&[5]).unwrap();
+        let (rm, rv) = (g.zeros(&[5]).unwrap(), g.tensor(&[5], &[1.0; 5]).unwrap());
+        let plain = bn::forward_train(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS).unwrap();
+        let epi = Epilogue::add_relu(Residual::OptionA { x: &gin, stride });
+        let fused = bn::forward_train_fused(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS, epi).unwrap();
+        // max(bn + r, 0) from the plain kernel's bn and candle's shortcut: one rounding of the add.
+        let short = cvec(&shortcut_a(&cin, 5, stride));
+        let want: Vec<f32> = plain.y.to_vec().unwrap().iter().zip(&short).map(|(y, r)| (y + r).max(0.0)).collect();
+        let y = fused.y.to_vec().unwrap();
+        assert_close(&format!("option-A residual, stride {stride}"), &y, &want, 0.0, 0.0);
+        let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride });
+        let b = bn::backward_fused(&gx, &gdy, &ones, &plain.saved, Some(&fused.y), sg).unwrap();
+        let dy = gdy.to_vec().unwrap();
+        let masked: Vec<f32> = dy.iter().zip(&y).map(|(&d, &y)| if y > 0.0 { d } else { 0.0 }).collect();
+        assert_eq!(masked.len(), numel);
+        let xv = Var::from_tensor(&cin).unwrap();
+        let grads = (shortcut_a(xv.as_tensor(), 5, stride) * ct(&masked, &shape))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            &format!("option-A shortcut gradient, stride {stride}"),
+            &b.dshortcut.unwrap().to_vec().unwrap(),
+            &cvec(grads.get(xv.as_tensor()).unwrap()),
+            0.0,
+            0.0,
+        );
     }
 }
 
@@ -558,6 +754,31 @@ fn bad_shapes_are_errors() {
     let x4 = g.zeros(&[2, 4, 4, 4]).unwrap();
     assert!(bn::backward(&x4, &x4, &c4, &f.saved).is_err());
     assert!(bn::backward(&x3, &x3, &c3, &f.saved).is_err());
+    // Fused: a residual of another shape, an option-A input whose shortcut is not x's shape or
+    // whose channel difference is odd, a ReLU output or shortcut input of the wrong shape.
+    let fused = |epi: Epilogue| bn::forward_train_fused(&x, &c3, &c3, &rm, &rv, MOMENTUM, EPS, epi);
+    let bad_res = g.zeros(&[2, 3, 4, 5]).unwrap();
+    train_err(fused(Epilogue::add_relu(Residual::Identity(&bad_res))), "must have the shape of x");
+    let big = g.zeros(&[2, 1, 8, 8]).unwrap();
+    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 1 })), "not x's");
+    let even = g.zeros(&[2, 2, 8, 8]).unwrap();
+    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &even, stride: 2 })), "even difference");
+    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 0 })), "stride");
+    train_err(fused(Epilogue::add_relu(Residual::Identity(&rm))), "must have the shape of x");
+    eval_err(
+        bn::forward_eval_fused(&x, &c3, &c3, &rm, &rv, EPS, Epilogue::add_relu(Residual::Identity(&bad_res))),
+        "must have the shape of x",
+    );
+    assert!(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 2 })).is_ok());
+    let grads_err = |r: featreplay::Result<bn::BnGrads>, want: &str| {
+        let err = r.map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(want), "expected '{want}' in: {err}");
+    };
+    grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, Some(&bad_res), None), "relu_out");
+    let a = |in_shape: &'static [usize], stride| Some(ShortcutGrad::OptionA { in_shape, stride });
+    grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, None, a(&[2, 1, 8, 9], 2)), "not x's");
+    grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, None, a(&[2, 1, 8], 2)), "4 dimensions");
+    assert!(bn::backward_fused(&x, &x, &c3, &f.saved, Some(&x), a(&[2, 1, 7, 8], 2)).is_ok());
     // The device is still healthy after all of these.
     let (_, _, dbeta) = bn::backward(&x, &x, &c3, &f.saved).unwrap();
     assert_eq!(dbeta.to_vec().unwrap(), vec![0.0; 3]);

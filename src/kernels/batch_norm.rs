@@ -13,7 +13,21 @@
 //! 100; within a chunk the variance is an exact two-pass over values held in registers (x is
 //! read once); chunks are merged with Chan et al.'s pairwise update. `sum(x^2) - sum(x)^2 / M`
 //! is never formed. Dispatches: forward 2 (statistics, normalise), backward 2 (per-chunk sums,
-//! dx; dx also writes dgamma and dbeta), eval 1. Four pipelines in all.
+//! dx; dx also writes dgamma and dbeta), eval 1; or forward 1 and backward 1 where one
+//! workgroup per channel is parallel enough and the dispatch is what costs ([`Passes`]:
+//! channels of at most [`SINGLE_MAX_CHUNKS`] chunks, on GPUs), bit-for-bit the same results. A grid-wide merge inside
+//! one dispatch of the split grid would need a "last workgroup finalises" atomic handshake,
+//! which WGSL's relaxed atomics and workgroup-scoped barriers do not make safe, and would
+//! still leave the element-wise pass in a second dispatch.
+//!
+//! Fusion: the forward can end with the ops that follow a batch norm in a residual block
+//! ([`Epilogue`]): a ReLU, or the residual add (identity, or the option-A shortcut read in
+//! place from the block input) then a ReLU, so the BN output, the shortcut tensor and the sum
+//! are never written. The backward can fold in the following ReLU's backward (the gradient is
+//! masked by the sign of that ReLU's output as it is read) and write the shortcut's gradient of
+//! the block input ([`ShortcutGrad`]) in the same pass, for the block's input gradient to be
+//! accumulated onto. Same dispatch counts as the plain ops; the fused entry points are the
+//! plain ones with flags, so the plain results are unchanged.
 //!
 //! Memory: [`forward_train`] keeps only [`BnSaved::stats`], `3 * C` floats, for the backward;
 //! the backward recomputes `x_hat` from `x`, which the caller keeps (it is the previous conv's
@@ -22,7 +36,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_same_device, dims};
+use super::{check_same_device, dims, shortcut};
 use crate::error::{Error, Result};
 use crate::gpu::{Arg, Kernel, Tensor};
 
@@ -30,6 +44,55 @@ use crate::gpu::{Arg, Kernel, Tensor};
 pub const DEFAULT_MOMENTUM: f32 = 0.1;
 /// PyTorch's default epsilon added to the variance.
 pub const DEFAULT_EPS: f32 = 1e-5;
+
+/// Op family name for [`crate::gpu::Gpu::force_variant`]: `split` or `single` (see
+/// [`Passes`]).
+pub const OP: &str = "batch_norm";
+
+/// How a training-mode forward or backward is dispatched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passes {
+    /// Two dispatches over a (chunks, C) grid: per-chunk sums, then the merge (repeated by each
+    /// workgroup) and the element-wise pass. The most parallel.
+    Split,
+    /// One dispatch over a (1, C) grid: each workgroup does its channel's chunks one after the
+    /// other. The same operations in the same order, so the same bits; one dispatch fewer and
+    /// the merge done once per channel, but only C workgroups (ResNet-20 at batch 128: the
+    /// 8x8 stage, 2 chunks per channel).
+    Single,
+}
+
+impl Passes {
+    /// [`Passes::Single`] where a channel has at most [`SINGLE_MAX_CHUNKS`] chunks (the split
+    /// grid would not be much wider) on adapters other than CPUs, else [`Passes::Split`]. On a
+    /// GPU a dispatch (launch and the barrier after it) costs about as much as such a small
+    /// pass; on lavapipe a dispatch is ~50 us against 30-100 ms for a ResNet-20 batch norm,
+    /// and the single pass measured 10-30% slower there ([128, 64, 8, 8], 2 chunks; one
+    /// workgroup's longer loop), so CPU adapters keep the split passes. A variant forced on the
+    /// device for [`OP`] wins, except that a single pass is never run over more than
+    /// [`SINGLE_LIMIT_CHUNKS`] chunks.
+    pub fn choose(x: &Tensor, chunks: usize) -> Result<Passes> {
+        let single = match x.gpu().forced_variant(OP).as_deref() {
+            Some("split") => false,
+            Some("single") => true,
+            Some(other) => {
+                return Err(Error::UnknownVariant { op: OP, name: other.to_string(), choices: "split, single".into() })
+            }
+            None => chunks <= SINGLE_MAX_CHUNKS && x.gpu().adapter().device_type != wgpu::DeviceType::Cpu,
+        };
+        Ok(if single && chunks <= SINGLE_LIMIT_CHUNKS { Passes::Single } else { Passes::Split })
+    }
+}
+
+/// Chunks per channel up to which [`Passes::choose`] takes [`Passes::Single`] by itself.
+pub const SINGLE_MAX_CHUNKS: usize = 2;
+
+/// Chunks per channel beyond which [`Passes::Single`] is never used. On lavapipe (Mesa 22.3,
+/// measured) one workgroup looping over 257 chunks of 4096 values lost the writes of its last
+/// ~10 chunks in the backward (the same place for 1, 2 and 4 channels; 400 chunks lost more),
+/// with no error reported; 32 chunks were bit-exact. The cause is not known, so the single
+/// pass stays within what tests/batch_norm.rs checks bit-for-bit against the split passes.
+pub const SINGLE_LIMIT_CHUNKS: usize = 32;
 
 /// Invocations per workgroup (must match `WG` in the shader).
 const WG: usize = 64;
@@ -43,6 +106,59 @@ pub struct BnSaved {
     /// batch mean is row 0 + row 1), row 2 `1 / sqrt(biased batch variance + eps)`.
     /// `x_hat = ((x - x0) - mean_shifted) * invstd`.
     pub stats: Tensor,
+}
+
+/// The residual a fused forward adds before its ReLU.
+#[derive(Clone, Copy, Debug)]
+pub enum Residual<'a> {
+    /// A tensor of the output's shape (the identity shortcut, or a projection's output).
+    Identity(&'a Tensor),
+    /// The option-A shortcut of the block input `x` `[N, Cin, H, W]`, read in place:
+    /// `x[:, :, ::stride, ::stride]` at channels `pad .. pad + Cin` of the output's C,
+    /// `pad = (C - Cin) / 2`, zero elsewhere (see [`shortcut`]).
+    OptionA { x: &'a Tensor, stride: usize },
+}
+
+/// What a fused forward does after normalising: `y = bn(x) [+ residual]`, then `max(y, 0)`
+/// when `relu`. [`Epilogue::NONE`] is the plain batch norm.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    pub residual: Option<Residual<'a>>,
+    pub relu: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// The plain batch norm.
+    pub const NONE: Epilogue<'static> = Epilogue { residual: None, relu: false };
+    /// Batch norm then ReLU.
+    pub const RELU: Epilogue<'static> = Epilogue { residual: None, relu: true };
+
+    /// Batch norm, the residual add, then ReLU (the end of a residual block).
+    pub fn add_relu(residual: Residual<'a>) -> Epilogue<'a> {
+        Epilogue { residual: Some(residual), relu: true }
+    }
+}
+
+/// The shortcut gradient a fused backward also writes: the gradient the shortcut passes to the
+/// block input, for the input gradient of the main path to be accumulated onto.
+#[derive(Clone, Copy, Debug)]
+pub enum ShortcutGrad<'a> {
+    /// The identity: the (masked) incoming gradient itself, shaped like `x`.
+    Identity,
+    /// The adjoint of the option-A shortcut from a block input of shape `in_shape`
+    /// `[N, Cin, H, W]` with `stride`: the gradient at the sampled pixels of the kept
+    /// channels, 0 elsewhere, shaped `in_shape`.
+    OptionA { in_shape: &'a [usize], stride: usize },
+}
+
+/// The result of [`backward_fused`].
+#[derive(Clone, Debug)]
+pub struct BnGrads {
+    pub dx: Tensor,
+    pub dgamma: Tensor,
+    pub dbeta: Tensor,
+    /// The shortcut's gradient of the block input, when asked for.
+    pub dshortcut: Option<Tensor>,
 }
 
 /// The output of [`forward_train`].
@@ -67,7 +183,20 @@ struct Params {
     train: u32,
     momentum: f32,
     eps: f32,
-    _pad: [u32; 2],
+    relu: u32,
+    res: u32,
+    mask: u32,
+    wo: u32,
+    res_cin: u32,
+    res_h: u32,
+    res_w: u32,
+    res_stride: u32,
+    res_pad: u32,
+    ho: u32,
+    step_n: u32,
+    step_h: u32,
+    step_w: u32,
+    _pad: u32,
 }
 
 /// Shape facts of one call: channels, values per channel (N*H*W) and chunks per channel.
@@ -105,7 +234,93 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         train: train as u32,
         momentum,
         eps,
-        _pad: [0; 2],
+        relu: 0,
+        res: 0,
+        mask: 0,
+        wo: s[3] as u32,
+        res_cin: 0,
+        res_h: 0,
+        res_w: 0,
+        res_stride: 1,
+        res_pad: 0,
+        ho: s[2] as u32,
+        step_n: step_n as u32,
+        // The pixel walk of the option-A shortcut: the WG % hw values stepped within an image
+        // as rows and columns (w == 0 means hw == 0: never used).
+        step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
+        step_w: step_s.checked_rem(s[3]).unwrap_or(0) as u32,
+        _pad: 0,
+    }
+}
+
+/// Storage buffers the `dx` entry point binds (the most of the four).
+const STORAGE_BINDINGS: u32 = 10;
+
+/// Errors unless the device can bind [`STORAGE_BINDINGS`] storage buffers in one shader
+/// (WebGPU's default limit is 8; desktop Vulkan, Metal and DX12 adapters allow more, and the
+/// device is opened with the adapter's own limits).
+fn check_bindings(op: &'static str, x: &Tensor) -> Result<()> {
+    let have = x.gpu().limits().max_storage_buffers_per_shader_stage;
+    if have < STORAGE_BINDINGS {
+        return Err(Error::Unsupported {
+            op,
+            detail: format!("the device binds {have} storage buffers per shader, batch norm needs {STORAGE_BINDINGS}"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks an option-A shortcut from a block input of `in_shape` onto `x` and sets its
+/// parameters (`res = 2`); errors unless the shortcut's output shape is `x`'s.
+fn set_option_a(op: &'static str, p: &mut Params, x: &Tensor, in_shape: &[usize], stride: usize) -> Result<()> {
+    let want = shortcut::output_shape(in_shape, x.shape()[1], stride).map_err(|e| match e {
+        Error::ShapeMismatch { detail, .. } => Error::ShapeMismatch { op, detail },
+        Error::Unsupported { detail, .. } => Error::Unsupported { op, detail },
+        other => other,
+    })?;
+    if want != x.shape() {
+        return Err(Error::ShapeMismatch {
+            op,
+            detail: format!(
+                "the option-A shortcut of a block input {in_shape:?} with stride {stride} has shape {want:?}, not x's {:?}",
+                x.shape()
+            ),
+        });
+    }
+    if in_shape.iter().product::<usize>() >= 1 << 31 {
+        return Err(Error::Unsupported { op, detail: format!("block input {in_shape:?} has 2^31 values or more") });
+    }
+    p.res = 2;
+    p.res_cin = in_shape[1] as u32;
+    p.res_h = in_shape[2] as u32;
+    p.res_w = in_shape[3] as u32;
+    p.res_stride = stride as u32;
+    p.res_pad = ((x.shape()[1] - in_shape[1]) / 2) as u32;
+    Ok(())
+}
+
+/// Checks the epilogue against `x` and sets its parameters; returns the residual tensor to bind
+/// (`x` itself when there is none: binding 12 is read-only, so any tensor will do).
+fn set_epilogue<'t>(op: &'static str, p: &mut Params, x: &'t Tensor, epi: &Epilogue<'t>) -> Result<&'t Tensor> {
+    p.relu = epi.relu as u32;
+    match epi.residual {
+        None => Ok(x),
+        Some(Residual::Identity(r)) => {
+            check_same_device(op, x, r)?;
+            if r.shape() != x.shape() {
+                return Err(Error::ShapeMismatch {
+                    op,
+                    detail: format!("the residual {:?} must have the shape of x {:?}", r.shape(), x.shape()),
+                });
+            }
+            p.res = 1;
+            Ok(r)
+        }
+        Some(Residual::OptionA { x: r, stride }) => {
+            check_same_device(op, x, r)?;
+            set_option_a(op, p, x, r.shape(), stride)?;
+            Ok(r)
+        }
     }
 }
 
@@ -158,6 +373,24 @@ pub fn forward_train(
     momentum: f32,
     eps: f32,
 ) -> Result<BnForward> {
+    forward_train_fused(x, gamma, beta, running_mean, running_var, momentum, eps, Epilogue::NONE)
+}
+
+/// [`forward_train`] followed by `epi` in the same pass (the same 1 or 2 dispatches): `y` is
+/// `max(bn(x) + residual, 0)` for [`Epilogue::add_relu`], `max(bn(x), 0)` for
+/// [`Epilogue::RELU`]. The saved statistics are those of the batch norm alone. Errors if the
+/// residual does not fit `x` (identity: same shape; option A: its output shape is `x`'s).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train_fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f32,
+    eps: f32,
+    epi: Epilogue,
+) -> Result<BnForward> {
     const OP: &str = "batch_norm::forward_train";
     let g = geometry(OP, x)?;
     for (what, t) in [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)] {
@@ -167,6 +400,7 @@ pub fn forward_train(
         [("x", x), ("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
     check_distinct(OP, &all[3..], &all)?;
     check_eps(OP, eps)?;
+    check_bindings(OP, x)?;
     if !momentum.is_finite() {
         return Err(Error::Unsupported { op: OP, detail: format!("momentum must be finite, got {momentum}") });
     }
@@ -176,40 +410,41 @@ pub fn forward_train(
             detail: format!("training needs more than one value per channel, input {:?}", x.shape()),
         });
     }
+    let mut p = params(x, &g, true, momentum, eps);
+    let res = set_epilogue(OP, &mut p, x, &epi)?;
+    if let Some(r) = epi.residual.map(|r| match r {
+        Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
+    }) {
+        check_distinct(OP, &all[3..], &[("residual", r)])?;
+    }
     let gpu = x.gpu();
-    let p = params(x, &g, true, momentum, eps);
     let grid = [g.chunks as u32, g.c as u32, 1];
-    let partials = gpu.zeros(&[g.c, g.chunks, 2])?;
-    let stats = gpu.zeros(&[3, g.c])?;
-    let y = gpu.zeros(x.shape())?;
-    gpu.dispatch(
-        &kernel("stats_partial"),
-        &p,
-        &[
-            Arg::Storage(x),
-            Arg::Storage(gamma),
-            Arg::Storage(beta),
-            Arg::Storage(running_mean),
-            Arg::Storage(running_var),
-            Arg::Storage(&partials),
-        ],
-        grid,
-    )?;
-    gpu.dispatch(
-        &kernel("normalize"),
-        &p,
-        &[
-            Arg::Storage(x),
-            Arg::Storage(gamma),
-            Arg::Storage(beta),
-            Arg::Storage(running_mean),
-            Arg::Storage(running_var),
-            Arg::Storage(&partials),
-            Arg::Storage(&stats),
-            Arg::Storage(&y),
-        ],
-        grid,
-    )?;
+    // Every element of the three is written by the kernels.
+    let partials = gpu.empty(&[g.c, g.chunks, 2])?;
+    let stats = gpu.empty(&[3, g.c])?;
+    let y = gpu.empty(x.shape())?;
+    let args = [
+        Arg::Storage(x),
+        Arg::Storage(gamma),
+        Arg::Storage(beta),
+        Arg::Storage(running_mean),
+        Arg::Storage(running_var),
+        Arg::Storage(&partials),
+        Arg::Storage(&stats),
+        Arg::Storage(&y),
+        // Bindings 9-11 (dy, dgamma, dbeta) are not used by the forward entry points.
+        Arg::Storage(x),
+        Arg::Storage(x),
+        Arg::Storage(x),
+        Arg::Storage(res),
+    ];
+    match Passes::choose(x, g.chunks)? {
+        Passes::Single => gpu.dispatch(&kernel("forward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Split => {
+            gpu.dispatch(&kernel("stats_partial"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("normalize"), &p, &args, grid)?;
+        }
+    }
     Ok(BnForward { y, saved: BnSaved { stats } })
 }
 
@@ -222,6 +457,19 @@ pub fn forward_eval(
     running_var: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
+    forward_eval_fused(x, gamma, beta, running_mean, running_var, eps, Epilogue::NONE)
+}
+
+/// [`forward_eval`] followed by `epi` in the same dispatch (see [`forward_train_fused`]).
+pub fn forward_eval_fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    epi: Epilogue,
+) -> Result<Tensor> {
     const OP: &str = "batch_norm::forward_eval";
     let g = geometry(OP, x)?;
     for (what, t) in [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)] {
@@ -231,11 +479,18 @@ pub fn forward_eval(
         [("x", x), ("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
     check_distinct(OP, &all[3..], &all)?;
     check_eps(OP, eps)?;
+    check_bindings(OP, x)?;
+    let mut p = params(x, &g, false, 0.0, eps);
+    let res = set_epilogue(OP, &mut p, x, &epi)?;
+    if let Some(r) = epi.residual.map(|r| match r {
+        Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
+    }) {
+        check_distinct(OP, &all[3..], &[("residual", r)])?;
+    }
     let gpu = x.gpu();
-    let p = params(x, &g, false, 0.0, eps);
-    let y = gpu.zeros(x.shape())?;
+    let y = gpu.empty(x.shape())?;
     // The training branch's buffers are bound but not touched.
-    let (unused_partials, unused_stats) = (gpu.zeros(&[1])?, gpu.zeros(&[1])?);
+    let (unused_partials, unused_stats) = (gpu.empty(&[1])?, gpu.empty(&[1])?);
     gpu.dispatch(
         &kernel("normalize"),
         &p,
@@ -248,6 +503,10 @@ pub fn forward_eval(
             Arg::Storage(&unused_partials),
             Arg::Storage(&unused_stats),
             Arg::Storage(&y),
+            Arg::Storage(x),
+            Arg::Storage(x),
+            Arg::Storage(x),
+            Arg::Storage(res),
         ],
         [g.chunks as u32, g.c as u32, 1],
     )?;
@@ -259,15 +518,36 @@ pub fn forward_eval(
 /// `dbeta = sum(dy)`, `dgamma = sum(dy * x_hat)` over (N, H, W) and
 /// `dx = gamma * invstd * (dy - dbeta / M - x_hat * dgamma / M)`.
 pub fn backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, saved: &BnSaved) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = backward_fused(x, dy, gamma, saved, None, None)?;
+    Ok((g.dx, g.dgamma, g.dbeta))
+}
+
+/// [`backward`] of a batch norm followed by a ReLU (and, before it, a residual add), in the
+/// same 1 or 2 dispatches: with `relu_out` (the ReLU's output, shaped like `x`) the incoming
+/// gradient is `g = dy * (relu_out > 0)` (the ReLU's backward, folded in), else `g = dy`.
+/// With `shortcut`, also writes the shortcut's gradient of the block input into
+/// [`BnGrads::dshortcut`]: `g` itself for [`ShortcutGrad::Identity`], the option-A adjoint
+/// (shaped like the block input, every element written) for [`ShortcutGrad::OptionA`].
+pub fn backward_fused(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    relu_out: Option<&Tensor>,
+    shortcut: Option<ShortcutGrad>,
+) -> Result<BnGrads> {
     const OP: &str = "batch_norm::backward";
     let g = geometry(OP, x)?;
-    if dy.shape() != x.shape() {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            detail: format!("dy {:?} must have the shape of x {:?}", dy.shape(), x.shape()),
-        });
+    for (what, t) in [("dy", Some(dy)), ("relu_out", relu_out)] {
+        let Some(t) = t else { continue };
+        if t.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("{what} {:?} must have the shape of x {:?}", t.shape(), x.shape()),
+            });
+        }
+        check_same_device(OP, x, t)?;
     }
-    check_same_device(OP, x, dy)?;
     check_channel_vec(OP, "gamma", gamma, x, g.c)?;
     check_same_device(OP, x, &saved.stats)?;
     if saved.stats.shape() != [3, g.c] {
@@ -276,17 +556,34 @@ pub fn backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, saved: &BnSaved) -> Res
             detail: format!("saved stats must have shape [3, {}], got {:?}", g.c, saved.stats.shape()),
         });
     }
+    check_bindings(OP, x)?;
     let gpu = x.gpu();
-    let p = params(x, &g, true, 0.0, 0.0);
+    let mut p = params(x, &g, true, 0.0, 0.0);
+    p.mask = relu_out.is_some() as u32;
+    let dshortcut = match shortcut {
+        None => None,
+        Some(ShortcutGrad::Identity) => {
+            p.res = 1;
+            Some(gpu.empty(x.shape())?)
+        }
+        Some(ShortcutGrad::OptionA { in_shape, stride }) => {
+            set_option_a(OP, &mut p, x, in_shape, stride)?;
+            Some(gpu.empty(in_shape)?)
+        }
+    };
     let grid = [g.chunks as u32, g.c as u32, 1];
-    let partials = gpu.zeros(&[g.c, g.chunks, 2])?;
-    let dx = gpu.zeros(x.shape())?;
-    let dgamma = gpu.zeros(&[g.c])?;
-    let dbeta = gpu.zeros(&[g.c])?;
+    // Every element of these is written by the kernels.
+    let partials = gpu.empty(&[g.c, g.chunks, 2])?;
+    let dx = gpu.empty(x.shape())?;
+    // Written by the dx kernel's first workgroup of each channel; with no values at all no
+    // workgroup runs, and the sums over nothing are 0.
+    let (dgamma, dbeta) =
+        if g.chunks == 0 { (gpu.zeros(&[g.c])?, gpu.zeros(&[g.c])?) } else { (gpu.empty(&[g.c])?, gpu.empty(&[g.c])?) };
     let args = [
         Arg::Storage(x),
         Arg::Storage(gamma),
-        // Bindings 3-5 (beta, running statistics) are not used by the backward entry points.
+        // Bindings 3-5 (beta, running statistics) and 12 (residual) are not used by the
+        // backward entry points.
         Arg::Storage(gamma),
         Arg::Storage(gamma),
         Arg::Storage(gamma),
@@ -296,8 +593,20 @@ pub fn backward(x: &Tensor, dy: &Tensor, gamma: &Tensor, saved: &BnSaved) -> Res
         Arg::Storage(dy),
         Arg::Storage(&dgamma),
         Arg::Storage(&dbeta),
+        Arg::Storage(gamma),
+        // Read only when p.mask = 1; any read-only tensor otherwise.
+        Arg::Storage(relu_out.unwrap_or(dy)),
+        // Written only when p.res != 0. Otherwise dx stands in: wgpu accepts one buffer in two
+        // read_write bindings of a dispatch (only a read-only plus a read_write use conflicts),
+        // and the kernel does not touch this one.
+        Arg::Storage(dshortcut.as_ref().unwrap_or(&dx)),
     ];
-    gpu.dispatch(&kernel("grad_partial"), &p, &args, grid)?;
-    gpu.dispatch(&kernel("dx"), &p, &args, grid)?;
-    Ok((dx, dgamma, dbeta))
+    match Passes::choose(x, g.chunks)? {
+        Passes::Single => gpu.dispatch(&kernel("backward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Split => {
+            gpu.dispatch(&kernel("grad_partial"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("dx"), &p, &args, grid)?;
+        }
+    }
+    Ok(BnGrads { dx, dgamma, dbeta, dshortcut })
 }

@@ -1,14 +1,30 @@
 //! The basic residual block of CIFAR ResNets (He et al. 2016):
 //! conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU. At a stride or width change the
 //! shortcut is option A: a stride-2 subsample padded with zero channels (no parameters).
+//!
+//! Fused: BN1 ends with its ReLU, BN2 with the residual add (the option-A shortcut is read in
+//! place from the block input) and the final ReLU; each BN backward folds in the following
+//! ReLU's mask, and BN2's also writes the shortcut's gradient of the block input, onto which
+//! conv1's input gradient is accumulated. Dispatches per training step, besides the convs and
+//! SGD: 4 forward (2 per BN), 4 backward (2 per BN; 1 and 1 per BN where
+//! `batch_norm::Passes::Single` applies), plus 1 add (see [`accumulate_backward_data`]) until
+//! conv2d accumulates in its backward-data. The unfused block took 14 (16 with option A).
 
 use rand::Rng;
 
 use super::{BatchNorm2d, Conv2d, Param};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
-use crate::kernels::batch_norm::BnSaved;
-use crate::kernels::{elementwise as ew, shortcut};
+use crate::kernels::batch_norm::{BnSaved, Epilogue, Residual, ShortcutGrad};
+use crate::kernels::{conv2d, elementwise as ew};
+
+/// `dx += conv`'s input gradient for output gradient `dy` (`dx` has the conv's input shape).
+/// The shortcut's gradient is already in `dx`, so the block's input gradient needs no
+/// separate add once conv2d's backward-data accumulates: replace the body with
+/// `conv2d::backward_data_into(dy, &conv.weight.value, conv.stride, conv.pad, dx, true)`.
+pub(crate) fn accumulate_backward_data(conv: &Conv2d, dy: &Tensor, dx: &Tensor) -> Result<()> {
+    ew::axpy(1.0, &conv2d::backward_data(dy, &conv.weight.value, dx.shape(), conv.stride, conv.pad)?, dx)
+}
 
 /// A basic residual block.
 pub struct BasicBlock {
@@ -22,7 +38,7 @@ pub struct BasicBlock {
 }
 
 /// What the block's backward needs from its forward: the input, the two conv outputs (BN
-/// backward recomputes the normalised values from them and 2 floats per channel), the
+/// backward recomputes the normalised values from them and 3 floats per channel), the
 /// middle ReLU output and the block output (their signs are the ReLU masks).
 pub struct BasicBlockActivations {
     pub x: Tensor,
@@ -68,50 +84,51 @@ impl BasicBlock {
         self.stride == 1 && self.in_channels == self.out_channels
     }
 
+    /// The shortcut of input `x` as BN2's fused residual.
+    fn residual<'a>(&self, x: &'a Tensor) -> Residual<'a> {
+        if self.identity_shortcut() {
+            Residual::Identity(x)
+        } else {
+            Residual::OptionA { x, stride: self.stride }
+        }
+    }
+
     /// Training-mode forward keeping what backward needs.
     pub fn forward_train(&self, x: &Tensor, update_running: bool) -> Result<(Tensor, BasicBlockActivations)> {
         let c1 = self.conv1.forward(x)?;
-        let (b1, bn1) = self.bn1.forward_train(&c1, update_running)?;
-        let a1 = ew::relu_forward(&b1)?;
-        drop(b1);
+        let (a1, bn1) = self.bn1.forward_train_fused(&c1, update_running, Epilogue::RELU)?;
         let c2 = self.conv2.forward(&a1)?;
-        let (b2, bn2) = self.bn2.forward_train(&c2, update_running)?;
-        let sum = if self.identity_shortcut() {
-            ew::add(&b2, x)?
-        } else {
-            ew::add(&b2, &shortcut::forward(x, self.out_channels, self.stride)?)?
-        };
-        drop(b2);
-        let out = ew::relu_forward(&sum)?;
+        let (out, bn2) = self.bn2.forward_train_fused(&c2, update_running, Epilogue::add_relu(self.residual(x)))?;
         Ok((out.clone(), BasicBlockActivations { x: x.clone(), c1, bn1, a1, c2, bn2, out }))
     }
 
     /// Evaluation-mode forward with the running statistics, keeping nothing.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let a1 = ew::relu_forward(&self.bn1.forward_eval(&self.conv1.forward(x)?)?)?;
-        let b2 = self.bn2.forward_eval(&self.conv2.forward(&a1)?)?;
-        let sum = if self.identity_shortcut() {
-            ew::add(&b2, x)?
-        } else {
-            ew::add(&b2, &shortcut::forward(x, self.out_channels, self.stride)?)?
-        };
-        ew::relu_forward(&sum)
+        let a1 = self.bn1.forward_eval_fused(&self.conv1.forward(x)?, Epilogue::RELU)?;
+        self.bn2.forward_eval_fused(&self.conv2.forward(&a1)?, Epilogue::add_relu(self.residual(x)))
     }
 
     /// Writes every parameter gradient and returns the gradient with respect to the input.
     pub fn backward(&mut self, acts: &BasicBlockActivations, dout: &Tensor) -> Result<Tensor> {
-        let dsum = ew::relu_backward(&acts.out, dout)?;
-        let dc2 = self.bn2.backward(&acts.c2, &dsum, &acts.bn2)?;
-        let da1 = self.conv2.backward(&acts.a1, &dc2)?;
-        let db1 = ew::relu_backward(&acts.a1, &da1)?;
-        let dc1 = self.bn1.backward(&acts.c1, &db1, &acts.bn1)?;
-        let dx = self.conv1.backward(&acts.x, &dc1)?;
-        // The shortcut's gradient joins the main path's.
-        if self.identity_shortcut() {
-            ew::axpy(1.0, &dsum, &dx)?;
+        // BN2's backward masks dout by the block output's sign and writes the shortcut's
+        // gradient of the block input, which becomes the input gradient.
+        let shortcut = if self.identity_shortcut() {
+            ShortcutGrad::Identity
         } else {
-            ew::axpy(1.0, &shortcut::backward(&dsum, acts.x.shape(), self.stride)?, &dx)?;
-        }
+            ShortcutGrad::OptionA { in_shape: acts.x.shape(), stride: self.stride }
+        };
+        let (dc2, dx) = self.bn2.backward_fused(&acts.c2, dout, &acts.bn2, Some(&acts.out), Some(shortcut))?;
+        let da1 = self.conv2.backward(&acts.a1, &dc2)?;
+        drop(dc2);
+        let (dc1, _) = self.bn1.backward_fused(&acts.c1, &da1, &acts.bn1, Some(&acts.a1), None)?;
+        drop(da1);
+        self.conv1.backward_weight(&acts.x, &dc1)?;
+        // `backward_fused` returns the shortcut gradient whenever one is asked for.
+        let dx = dx.ok_or(Error::Unsupported {
+            op: "basic block backward",
+            detail: "batch norm returned no shortcut gradient".into(),
+        })?;
+        accumulate_backward_data(&self.conv1, &dc1, &dx)?;
         Ok(dx)
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::Param;
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
-use crate::kernels::batch_norm::{self as bn, BnSaved};
+use crate::kernels::batch_norm::{self as bn, BnSaved, Epilogue, ShortcutGrad};
 
 /// Per-channel batch normalisation of NCHW tensors.
 pub struct BatchNorm2d {
@@ -36,10 +36,16 @@ impl BatchNorm2d {
 
     /// Training-mode forward with batch statistics; updates the running statistics when
     /// `update_running` (a replay pass may choose not to). Returns the output and what
-    /// backward needs (2 floats per channel; backward also needs the input `x`).
+    /// backward needs (3 floats per channel; backward also needs the input `x`).
     pub fn forward_train(&self, x: &Tensor, update_running: bool) -> Result<(Tensor, BnSaved)> {
+        self.forward_train_fused(x, update_running, Epilogue::NONE)
+    }
+
+    /// [`BatchNorm2d::forward_train`] with the following ReLU (and residual add) fused in: the
+    /// output is `epi` applied to the batch norm's (see [`bn::forward_train_fused`]).
+    pub fn forward_train_fused(&self, x: &Tensor, update_running: bool, epi: Epilogue) -> Result<(Tensor, BnSaved)> {
         let momentum = if update_running { self.momentum } else { 0.0 };
-        let out = bn::forward_train(
+        let out = bn::forward_train_fused(
             x,
             &self.gamma.value,
             &self.beta.value,
@@ -47,6 +53,7 @@ impl BatchNorm2d {
             &self.running_var,
             momentum,
             self.eps,
+            epi,
         )?;
         if update_running {
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
@@ -56,7 +63,13 @@ impl BatchNorm2d {
 
     /// Evaluation-mode forward with the running statistics.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        bn::forward_eval(x, &self.gamma.value, &self.beta.value, &self.running_mean, &self.running_var, self.eps)
+        self.forward_eval_fused(x, Epilogue::NONE)
+    }
+
+    /// [`BatchNorm2d::forward_eval`] followed by `epi` in the same pass.
+    pub fn forward_eval_fused(&self, x: &Tensor, epi: Epilogue) -> Result<Tensor> {
+        let (g, b) = (&self.gamma.value, &self.beta.value);
+        bn::forward_eval_fused(x, g, b, &self.running_mean, &self.running_var, self.eps, epi)
     }
 
     /// The running statistics with PyTorch's names (`<name>.running_mean`, `.running_var`).
@@ -73,9 +86,23 @@ impl BatchNorm2d {
 
     /// Writes the gamma and beta gradients and returns the input gradient.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, saved: &BnSaved) -> Result<Tensor> {
-        let (dx, dgamma, dbeta) = bn::backward(x, dy, &self.gamma.value, saved)?;
-        self.gamma.set_grad(dgamma)?;
-        self.beta.set_grad(dbeta)?;
-        Ok(dx)
+        Ok(self.backward_fused(x, dy, saved, None, None)?.0)
+    }
+
+    /// [`BatchNorm2d::backward`] with the following ReLU's backward folded in (`relu_out`: that
+    /// ReLU's output, whose sign masks `dy`) and, with `shortcut`, the shortcut's gradient of
+    /// the block input returned beside the input gradient (see [`bn::backward_fused`]).
+    pub fn backward_fused(
+        &mut self,
+        x: &Tensor,
+        dy: &Tensor,
+        saved: &BnSaved,
+        relu_out: Option<&Tensor>,
+        shortcut: Option<ShortcutGrad>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let g = bn::backward_fused(x, dy, &self.gamma.value, saved, relu_out, shortcut)?;
+        self.gamma.set_grad(g.dgamma)?;
+        self.beta.set_grad(g.dbeta)?;
+        Ok((g.dx, g.dshortcut))
     }
 }

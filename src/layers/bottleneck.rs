@@ -4,14 +4,19 @@
 //! The shortcut is the identity when the stride is 1 and the input already has
 //! `4 * planes` channels; otherwise it is a projection, a 1x1 convolution (stride s, no
 //! padding, no bias) followed by batch norm (torchvision's `downsample`).
+//!
+//! Fused as the basic block is: BN1 and BN2 end with their ReLUs, BN3 with the residual add
+//! (the input, or the projection's BN output) and the final ReLU; every BN backward folds in
+//! the following ReLU's mask, and with the identity BN3's also writes the shortcut gradient
+//! that conv1's input gradient is accumulated onto.
 
 use rand::Rng;
 
+use super::basic_block::accumulate_backward_data;
 use super::{BatchNorm2d, Conv2d, Param};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
-use crate::kernels::batch_norm::BnSaved;
-use crate::kernels::elementwise as ew;
+use crate::kernels::batch_norm::{BnSaved, Epilogue, Residual, ShortcutGrad};
 
 /// Output channels per bottleneck plane: the block widens `planes` to `EXPANSION * planes`.
 pub const EXPANSION: usize = 4;
@@ -121,77 +126,81 @@ impl Bottleneck {
     /// Training-mode forward keeping what backward needs.
     pub fn forward_train(&self, x: &Tensor, update_running: bool) -> Result<(Tensor, BottleneckActivations)> {
         let c1 = self.conv1.forward(x)?;
-        let (b1, bn1) = self.bn1.forward_train(&c1, update_running)?;
-        let a1 = ew::relu_forward(&b1)?;
-        drop(b1);
+        let (a1, bn1) = self.bn1.forward_train_fused(&c1, update_running, Epilogue::RELU)?;
         let c2 = self.conv2.forward(&a1)?;
-        let (b2, bn2) = self.bn2.forward_train(&c2, update_running)?;
-        let a2 = ew::relu_forward(&b2)?;
-        drop(b2);
+        let (a2, bn2) = self.bn2.forward_train_fused(&c2, update_running, Epilogue::RELU)?;
         let c3 = self.conv3.forward(&a2)?;
-        let (b3, bn3) = self.bn3.forward_train(&c3, update_running)?;
-        let (sum, short) = match &self.downsample {
-            None => (ew::add(&b3, x)?, None),
+        let ((out, bn3), short) = match &self.downsample {
+            None => {
+                (self.bn3.forward_train_fused(&c3, update_running, Epilogue::add_relu(Residual::Identity(x)))?, None)
+            }
             Some(p) => {
                 let cs = p.conv.forward(x)?;
+                // The projection's BN output is the residual of BN3's fused add (not kept).
                 let (bs, bns) = p.bn.forward_train(&cs, update_running)?;
-                (ew::add(&b3, &bs)?, Some((cs, bns)))
+                let r =
+                    self.bn3.forward_train_fused(&c3, update_running, Epilogue::add_relu(Residual::Identity(&bs)))?;
+                (r, Some((cs, bns)))
             }
         };
-        drop(b3);
-        let out = ew::relu_forward(&sum)?;
-        drop(sum);
         let acts = BottleneckActivations { x: x.clone(), c1, bn1, a1, c2, bn2, a2, c3, bn3, short, out: out.clone() };
         Ok((out, acts))
     }
 
     /// Evaluation-mode forward with the running statistics, keeping nothing.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let a1 = ew::relu_forward(&self.bn1.forward_eval(&self.conv1.forward(x)?)?)?;
-        let a2 = ew::relu_forward(&self.bn2.forward_eval(&self.conv2.forward(&a1)?)?)?;
+        let a1 = self.bn1.forward_eval_fused(&self.conv1.forward(x)?, Epilogue::RELU)?;
+        let a2 = self.bn2.forward_eval_fused(&self.conv2.forward(&a1)?, Epilogue::RELU)?;
         drop(a1);
-        let b3 = self.bn3.forward_eval(&self.conv3.forward(&a2)?)?;
+        let c3 = self.conv3.forward(&a2)?;
         drop(a2);
-        let sum = match &self.downsample {
-            None => ew::add(&b3, x)?,
-            Some(p) => ew::add(&b3, &p.bn.forward_eval(&p.conv.forward(x)?)?)?,
-        };
-        ew::relu_forward(&sum)
+        match &self.downsample {
+            None => self.bn3.forward_eval_fused(&c3, Epilogue::add_relu(Residual::Identity(x))),
+            Some(p) => {
+                let bs = p.bn.forward_eval(&p.conv.forward(x)?)?;
+                self.bn3.forward_eval_fused(&c3, Epilogue::add_relu(Residual::Identity(&bs)))
+            }
+        }
     }
 
     /// Writes every parameter gradient and returns the gradient with respect to the input.
     pub fn backward(&mut self, acts: &BottleneckActivations, dout: &Tensor) -> Result<Tensor> {
-        let dsum = ew::relu_backward(&acts.out, dout)?;
-        let dc3 = self.bn3.backward(&acts.c3, &dsum, &acts.bn3)?;
+        if self.downsample.is_some() != acts.short.is_some() {
+            return Err(Error::ShapeMismatch {
+                op: "bottleneck backward",
+                detail: "activations come from a block with a different shortcut".to_string(),
+            });
+        }
+        // Every BN backward folds in the mask of the ReLU after it; the final ReLU's mask (the
+        // block output's sign) applies to BN3 and to the projection's BN alike. With the
+        // identity, BN3's backward also writes the masked gradient as the shortcut's gradient,
+        // which becomes the input gradient.
+        let identity = acts.short.is_none().then_some(ShortcutGrad::Identity);
+        let (dc3, dx_short) = self.bn3.backward_fused(&acts.c3, dout, &acts.bn3, Some(&acts.out), identity)?;
         let da2 = self.conv3.backward(&acts.a2, &dc3)?;
         drop(dc3);
-        let db2 = ew::relu_backward(&acts.a2, &da2)?;
+        let (dc2, _) = self.bn2.backward_fused(&acts.c2, &da2, &acts.bn2, Some(&acts.a2), None)?;
         drop(da2);
-        let dc2 = self.bn2.backward(&acts.c2, &db2, &acts.bn2)?;
-        drop(db2);
         let da1 = self.conv2.backward(&acts.a1, &dc2)?;
         drop(dc2);
-        let db1 = ew::relu_backward(&acts.a1, &da1)?;
+        let (dc1, _) = self.bn1.backward_fused(&acts.c1, &da1, &acts.bn1, Some(&acts.a1), None)?;
         drop(da1);
-        let dc1 = self.bn1.backward(&acts.c1, &db1, &acts.bn1)?;
-        drop(db1);
-        let dx = self.conv1.backward(&acts.x, &dc1)?;
-        drop(dc1);
-        // The shortcut's gradient joins the main path's.
-        match (&mut self.downsample, &acts.short) {
-            (None, None) => ew::axpy(1.0, &dsum, &dx)?,
-            (Some(p), Some((cs, bns))) => {
-                let dcs = p.bn.backward(cs, &dsum, bns)?;
-                drop(dsum);
-                ew::axpy(1.0, &p.conv.backward(&acts.x, &dcs)?, &dx)?;
+        self.conv1.backward_weight(&acts.x, &dc1)?;
+        let dx = match (&mut self.downsample, &acts.short, dx_short) {
+            (None, None, Some(dx)) => dx,
+            (Some(p), Some((cs, bns)), None) => {
+                let (dcs, _) = p.bn.backward_fused(cs, dout, bns, Some(&acts.out), None)?;
+                p.conv.backward(&acts.x, &dcs)?
             }
             _ => {
-                return Err(Error::ShapeMismatch {
+                return Err(Error::Unsupported {
                     op: "bottleneck backward",
-                    detail: "activations come from a block with a different shortcut".to_string(),
+                    detail: "batch norm returned no shortcut gradient for the identity".to_string(),
                 })
             }
-        }
+        };
+        // The main path's input gradient joins the shortcut's.
+        accumulate_backward_data(&self.conv1, &dc1, &dx)?;
         Ok(dx)
     }
 
