@@ -453,7 +453,7 @@ impl Gpu {
         }
         self.inner.counters.zero_filled(bytes);
         self.inner.counters.recorded(t0, sub0);
-        Ok(Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() })
+        Ok(Tensor { buf: Arc::new(buf), offset: 0, view: false, shape: shape.to_vec(), gpu: self.clone() })
     }
 
     /// A tensor whose contents are unspecified: for outputs a kernel overwrites entirely
@@ -464,7 +464,7 @@ impl Gpu {
         if new {
             self.inner.counters.zero_filled(bytes);
         }
-        Ok(Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() })
+        Ok(Tensor { buf: Arc::new(buf), offset: 0, view: false, shape: shape.to_vec(), gpu: self.clone() })
     }
 
     /// Byte alignment of [`Tensor::views`]: every view may be bound as a storage or uniform
@@ -482,7 +482,7 @@ impl Gpu {
         }
         let bytes = self.check_size(shape)?;
         let (buf, _) = self.pooled_buffer(BufferKind::Tensor, "tensor", bytes, Self::TENSOR_USAGE);
-        let t = Tensor { buf: Arc::new(buf), offset: 0, shape: shape.to_vec(), gpu: self.clone() };
+        let t = Tensor { buf: Arc::new(buf), offset: 0, view: false, shape: shape.to_vec(), gpu: self.clone() };
         self.upload(&t, data)?;
         Ok(t)
     }

@@ -13,6 +13,8 @@ pub struct Tensor {
     pub(crate) buf: Arc<TrackedBuffer>,
     /// Byte offset of element 0 in the buffer (non-zero for [`Tensor::views`]).
     pub(crate) offset: u64,
+    /// Made by [`Tensor::views`] (a part of a larger tensor, even where it spans all of it).
+    pub(crate) view: bool,
     pub(crate) shape: Vec<usize>,
     pub(crate) gpu: Gpu,
 }
@@ -55,7 +57,7 @@ impl Tensor {
                     detail: format!("views {shapes:?} do not fit a tensor of {:?}", self.shape),
                 });
             }
-            out.push(Tensor { buf: self.buf.clone(), offset: at, shape: shape.clone(), gpu: self.gpu.clone() });
+            out.push(Tensor { buf: self.buf.clone(), offset: at, view: true, shape: shape.clone(), gpu: self.gpu.clone() });
             at = (at + bytes).div_ceil(align) * align;
         }
         Ok(out)
@@ -74,7 +76,7 @@ impl Tensor {
 
     /// Whether this tensor is a view into a larger buffer.
     pub fn is_view(&self) -> bool {
-        self.offset != 0 || self.buffer_bytes() != self.buf.bytes
+        self.view
     }
 
     /// Byte offset of this tensor in its buffer.
@@ -106,7 +108,13 @@ impl Tensor {
                 detail: format!("{:?} ({} values) into {:?} ({n} values)", self.shape, self.numel(), shape),
             });
         }
-        Ok(Tensor { buf: self.buf.clone(), offset: self.offset, shape: shape.to_vec(), gpu: self.gpu.clone() })
+        Ok(Tensor {
+            buf: self.buf.clone(),
+            offset: self.offset,
+            view: self.view,
+            shape: shape.to_vec(),
+            gpu: self.gpu.clone(),
+        })
     }
 
     /// True when both handles share memory (the same buffer and overlapping bytes).

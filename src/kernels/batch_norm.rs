@@ -536,6 +536,34 @@ pub fn backward_fused(
     relu_out: Option<&Tensor>,
     shortcut: Option<ShortcutGrad>,
 ) -> Result<BnGrads> {
+    backward_fused_impl(x, dy, gamma, saved, relu_out, shortcut, None)
+}
+
+/// [`backward_fused`] writing dgamma and dbeta into the given `[C]` tensors (e.g. views of
+/// a stage's packed gradients) instead of new ones; the returned [`BnGrads`] holds them.
+pub fn backward_fused_into(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    relu_out: Option<&Tensor>,
+    shortcut: Option<ShortcutGrad>,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+) -> Result<BnGrads> {
+    backward_fused_impl(x, dy, gamma, saved, relu_out, shortcut, Some((dgamma, dbeta)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_fused_impl(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    relu_out: Option<&Tensor>,
+    shortcut: Option<ShortcutGrad>,
+    into: Option<(&Tensor, &Tensor)>,
+) -> Result<BnGrads> {
     const OP: &str = "batch_norm::backward";
     let g = geometry(OP, x)?;
     for (what, t) in [("dy", Some(dy)), ("relu_out", relu_out)] {
@@ -577,8 +605,25 @@ pub fn backward_fused(
     let dx = gpu.empty(x.shape())?;
     // Written by the dx kernel's first workgroup of each channel; with no values at all no
     // workgroup runs, and the sums over nothing are 0.
-    let (dgamma, dbeta) =
-        if g.chunks == 0 { (gpu.zeros(&[g.c])?, gpu.zeros(&[g.c])?) } else { (gpu.empty(&[g.c])?, gpu.empty(&[g.c])?) };
+    let (dgamma, dbeta) = match into {
+        Some((dg, db)) => {
+            for (what, t) in [("dgamma", dg), ("dbeta", db)] {
+                if t.shape() != [g.c] {
+                    return Err(Error::ShapeMismatch {
+                        op: OP,
+                        detail: format!("{what} has shape {:?}, expected [{}]", t.shape(), g.c),
+                    });
+                }
+                check_same_device(OP, x, t)?;
+                if g.chunks == 0 {
+                    crate::kernels::elementwise::fill(t, 0.0)?;
+                }
+            }
+            (dg.clone(), db.clone())
+        }
+        None if g.chunks == 0 => (gpu.zeros(&[g.c])?, gpu.zeros(&[g.c])?),
+        None => (gpu.empty(&[g.c])?, gpu.empty(&[g.c])?),
+    };
     let args = [
         Arg::Storage(x),
         Arg::Storage(gamma),

@@ -100,6 +100,12 @@ impl BatchNorm2d {
         relu_out: Option<&Tensor>,
         shortcut: Option<ShortcutGrad>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        // Packed gradients (a stage's) are written in place; standalone ones replaced.
+        if self.gamma.grad.is_view() && self.beta.grad.is_view() {
+            let (dg, db) = (&self.gamma.grad, &self.beta.grad);
+            let g = bn::backward_fused_into(x, dy, &self.gamma.value, saved, relu_out, shortcut, dg, db)?;
+            return Ok((g.dx, g.dshortcut));
+        }
         let g = bn::backward_fused(x, dy, &self.gamma.value, saved, relu_out, shortcut)?;
         self.gamma.set_grad(g.dgamma)?;
         self.beta.set_grad(g.dbeta)?;
