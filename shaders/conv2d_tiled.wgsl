@@ -38,12 +38,17 @@
 //
 // backward_filter has a short M and N (channels x taps) but a long K (batch x pixels), so the
 // launcher splits K over workgroup_id.z (split-K): split s writes its partial sums to slice s
-// of a [splits][O][C*K*K] buffer and `reduce_splits` adds the slices in a fixed order (results
-// are deterministic). With one split the GEMM writes dw directly.
+// of a [splits][O][C*K*K] buffer and `reduce_splits` adds the slices. Splits are few and long
+// (at least 1024 K values each, about two waves of workgroups in all), so the partial buffer
+// stays small; the reduce is parallel: 8 invocations per output each sum every 8th slice
+// (coalesced: 32 consecutive outputs per row of the workgroup), then a workgroup tree adds the
+// 8 partial sums. The order is fixed, so results are deterministic. With one split the GEMM
+// writes dw directly.
 //
 // The kernel size KS and stride are override constants (divisions by them become
 // multiplications); channel counts and spatial sizes are runtime parameters. Every entry point
-// overwrites its output.
+// overwrites its output, except backward_data with ACC, which adds to it (dx += ...: the
+// shortcut gradient of a residual block is already there).
 
 struct Params {
     batch: u32,
@@ -77,6 +82,8 @@ override KS: u32 = 3u;
 override STRIDE: u32 = 1u;
 // Invocations along M: 16 (64 x 64 tile), 8 (32 x 128) or 4 (16 x 256).
 override WG_M: u32 = 16u;
+// backward_data: add to dst instead of overwriting it.
+override ACC: bool = false;
 
 const WG: u32 = 256u;
 const BK: u32 = 8u;
@@ -364,7 +371,11 @@ fn backward_data(
             for (var rr = 0u; rr < 4u; rr++) {
                 let c = m0 + tm * 4u + rr;
                 if (c < p.in_c) {
-                    dst[base + c * plane] = acc[rr][c4];
+                    if (ACC) {
+                        dst[base + c * plane] += acc[rr][c4];
+                    } else {
+                        dst[base + c * plane] = acc[rr][c4];
+                    }
                 }
             }
         }
@@ -458,16 +469,37 @@ fn backward_filter(
     }
 }
 
-// dst[i] = sum over s < splits of in0[s * n_out + i], in order of s.
+// dst[i] = sum over s < splits of in0[s * n_out + i]. Workgroup: 32 consecutive outputs x 8
+// invocations per output; invocation row r sums slices r, r + 8, ... (each row of 32 reads
+// consecutive addresses), then three tree steps in workgroup memory add the 8 row sums.
+const RED_COLS: u32 = 32u;
+const RED_ROWS: u32 = 8u;
+var<workgroup> red: array<f32, 256>;
+
 @compute @workgroup_size(256)
-fn reduce_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.n_out) {
-        return;
-    }
+fn reduce_splits(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let col = li % RED_COLS;
+    let row = li / RED_COLS;
+    let i = (wg.x + wg.y * nwg.x) * RED_COLS + col;
     var s = 0.0;
-    for (var k = 0u; k < p.splits; k++) {
-        s += in0[k * p.n_out + i];
+    if (i < p.n_out) {
+        for (var k = row; k < p.splits; k += RED_ROWS) {
+            s += in0[k * p.n_out + i];
+        }
     }
-    dst[i] = s;
+    red[li] = s;
+    workgroupBarrier();
+    for (var h = RED_ROWS / 2u; h > 0u; h /= 2u) {
+        if (row < h) {
+            red[li] += red[li + h * RED_COLS];
+        }
+        workgroupBarrier();
+    }
+    if (row == 0u && i < p.n_out) {
+        dst[i] = red[li];
+    }
 }
