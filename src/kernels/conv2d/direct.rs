@@ -113,8 +113,8 @@ const TRANSPOSED: [Blocked; 3] = blocked![
     "ct_k1s2p0", 1, 2, Some(0), 8, 8, 8, 0, 1;
 ];
 const FILTER: [Blocked; 4] = blocked![
-    "cw_k3s1", 3, 1, None, 8, 8, 4, 4, 5;
-    "cw_k3s2", 3, 2, None, 4, 8, 8, 2, 5;
+    "cw_k3s1", 3, 1, None, 8, 8, 4, 4, 1;
+    "cw_k3s2", 3, 2, None, 4, 8, 8, 2, 1;
     "cw_k1s1", 1, 1, None, 1, 8, 16, 16, 1;
     "cw_k1s2", 1, 2, None, 1, 8, 16, 16, 1;
 ];
@@ -471,7 +471,7 @@ pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor,
 ///
 /// Split-K on a CPU adapter: the reduction (batch x pixels) is split into only `nsub`
 /// interleaved splits, each running over the whole batch. Consecutive dispatches (groups of
-/// images, up to five window pairs each) add onto the same partial slices in order, instead of
+/// images; `Blocked::pairs` window pairs each) add onto the same partial slices in order, instead of
 /// each writing slices of its own, so there is no slice per dispatch, no zero fill (the first
 /// dispatch overwrites) and at most one small reduce of `nsub` slices at the end. Layers with
 /// enough (output, input) channel blocks to occupy both threads (`nsub` = 1) write dw directly.
