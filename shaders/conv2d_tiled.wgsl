@@ -387,13 +387,41 @@ fn backward_data(
 // dw[o][c][kh][kw] = sum_{n, oh, ow} dy[n][o][oh][ow] * x[n][c][oh*S - pad + kh][ow*S - pad + kw]
 // A[o][k] = dy (k = n * OH*OW + pixel), B[k][j] = im2col(x)^T, j = c * KK + kh * KS + kw.
 // Both operands are contiguous along k, so both are loaded k-major.
+//
+// An invocation's k (= kt * BK + li % BK) only ever advances by BK, so its (image, output row,
+// output column) is kept in private variables and stepped by BK, instead of recovered by two
+// runtime divisions (by OH*OW and OW) per element of every K tile.
 
-fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
+var<private> bf_img: u32;
+var<private> bf_oh: u32;
+var<private> bf_ow: u32;
+
+fn bwd_filter_seek(k: u32) {
     let pix_n = p.out_h * p.out_w;
-    let k = kt * BK + li % BK;
-    let kok = k < p.batch * pix_n;
-    let img = k / pix_n;
-    let pix = k % pix_n;
+    bf_img = k / pix_n;
+    bf_oh = (k % pix_n) / p.out_w;
+    bf_ow = k % p.out_w;
+}
+
+fn bwd_filter_step() {
+    bf_ow += BK;
+    // One pass for rows of at least BK pixels; tiny outputs (e.g. 1x1) take a few.
+    while (bf_ow >= p.out_w) {
+        bf_ow -= p.out_w;
+        bf_oh += 1u;
+        if (bf_oh == p.out_h) {
+            bf_oh = 0u;
+            bf_img += 1u;
+        }
+    }
+}
+
+// Loads the K tile at the invocation's current position, then steps it to the next tile.
+fn bwd_filter_load(li: u32, m0: u32, n0: u32) {
+    let pix_n = p.out_h * p.out_w;
+    let kok = bf_img < p.batch;
+    let img = bf_img;
+    let pix = bf_oh * p.out_w + bf_ow;
     for (var i = 0u; i < A_PER; i++) {
         let m = li / BK + i * (WG / BK);
         let o = m0 + m;
@@ -403,8 +431,8 @@ fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
         }
         ra[i] = v;
     }
-    let ih0 = i32(pix / p.out_w * STRIDE) - i32(p.pad);
-    let iw0 = i32(pix % p.out_w * STRIDE) - i32(p.pad);
+    let ih0 = i32(bf_oh * STRIDE) - i32(p.pad);
+    let iw0 = i32(bf_ow * STRIDE) - i32(p.pad);
     let n_dim = p.in_c * KK;
     let x_base = img * p.in_c * p.in_h * p.in_w;
     for (var i = 0u; i < B_PER; i++) {
@@ -419,6 +447,7 @@ fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
         }
         rb[i] = v;
     }
+    bwd_filter_step();
 }
 
 @compute @workgroup_size(256)
@@ -443,14 +472,15 @@ fn backward_filter(
 
     zero_acc();
     if (kt0 < kt1) {
-        bwd_filter_load(li, kt0, m0, n0);
+        bwd_filter_seek(kt0 * BK + li % BK);
+        bwd_filter_load(li, m0, n0);
     }
     for (var kt = kt0; kt < kt1; kt++) {
         store_a_kmajor(li);
         store_b_kmajor(li);
         workgroupBarrier();
         if (kt + 1u < kt1) {
-            bwd_filter_load(li, kt + 1u, m0, n0);
+            bwd_filter_load(li, m0, n0);
         }
         mma(tm, tn);
         workgroupBarrier();

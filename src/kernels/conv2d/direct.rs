@@ -642,18 +642,17 @@ mod tests {
     #[test]
     fn tables_match_the_generated_kernels() {
         let src = crate::gpu::pipeline::shader_source(SHADER).expect("conv2d_direct.wgsl is embedded");
-        let rows =
-            FORWARD
-                .iter()
-                .map(|g| format!("(\"{}\", cf, ({}, {}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch))
-                .chain(TRANSPOSED.iter().map(|g| {
-                    let p = g.pad.expect("transposed kernels are generated per padding");
-                    format!("(\"{}\", ct, ({}, {}, {p}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch)
-                }))
-                .chain(FILTER.iter().map(|g| {
-                    let (e, k, s, r, pb, ch, ch2, pairs) = (g.entry, g.k, g.s, g.r, g.pb, g.ch, g.ch2, g.pairs);
-                    format!("(\"{e}\", cw, ({k}, {s}, {r}, {pb}, {ch}, {ch2}, {pairs}))")
-                }));
+        let rows = FORWARD
+            .iter()
+            .map(|g| format!("(\"{}\", cf, ({}, {}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch))
+            .chain(TRANSPOSED.iter().map(|g| {
+                let p = g.pad.expect("transposed kernels are generated per padding");
+                format!("(\"{}\", ct, ({}, {}, {p}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch)
+            }))
+            .chain(FILTER.iter().map(|g| {
+                let (e, k, s, r, pb, ch, ch2, pairs) = (g.entry, g.k, g.s, g.r, g.pb, g.ch, g.ch2, g.pairs);
+                format!("(\"{e}\", cw, ({k}, {s}, {r}, {pb}, {ch}, {ch2}, {pairs}))")
+            }));
         for row in rows {
             assert!(src.contains(&format!("// @@     {row},")), "generator table lacks {row}");
         }
