@@ -8,18 +8,19 @@
 //   backward_filter  M = out-channels o, N = in-channels x taps,     K = batch x output pixels
 //
 // Tiling. A workgroup of 256 invocations (the size every WebGPU device supports) computes a
-// BM x BN block of D; invocation (tm, tn) holds a 4 x 4 register block (rows 4tm.., columns
-// 4tn..), so BM = 4 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
-// three shapes of the same 256 invocations: 64x64 (best reuse, 32 FMAs per element loaded),
-// 32x128 and 16x256 (for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
+// BM x BN block of D; invocation (tm, tn) holds an 8 x 4 register block (rows 8tm.., columns
+// 4tn..), so BM = 8 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
+// two shapes of the same 256 invocations: 64x128 (best reuse, 43 FMAs per element loaded) and
+// 32x256 (28, for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
 // compute mostly padding). The K loop walks tiles of BK = 8: each step every invocation loads
 // BM*8/256 elements of A and BN*8/256 of B from global memory into registers, stores them in
-// workgroup memory, and after a barrier does 8 x 16 FMAs from two vec4 workgroup loads per k.
+// workgroup memory, and after a barrier does 8 x 32 FMAs from three vec4 workgroup loads per k
+// (the 4 x 4 blocks before did 16 per two loads).
 // The global loads for step t+1 are issued before the FMAs of step t (register prefetch) so
 // their latency hides behind the arithmetic without a second workgroup buffer.
 //
 // Workgroup memory: A tile 8 x (BM + 4) floats and B tile 8 x (BN + 4) floats, stored
-// k-major as vec4s so the FMA loop reads 4 rows and 4 columns with one 16-byte load each. The
+// k-major as vec4s so the FMA loop reads 8 rows and 4 columns with three 16-byte loads. The
 // +4 pad (one vec4 per row) spreads the stores of invocations that write different k of the
 // same column over different banks. Sized for the largest tile of each: 136 + 520 vec4s =
 // 10.25 KiB, under WebGPU's guaranteed 16 KiB.
@@ -80,8 +81,8 @@ struct Params {
 
 override KS: u32 = 3u;
 override STRIDE: u32 = 1u;
-// Invocations along M: 16 (64 x 64 tile), 8 (32 x 128) or 4 (16 x 256).
-override WG_M: u32 = 16u;
+// Invocations along M: 8 (64 x 128 tile) or 4 (32 x 256).
+override WG_M: u32 = 8u;
 // backward_data: add to dst instead of overwriting it.
 override ACC: bool = false;
 
@@ -89,24 +90,26 @@ const WG: u32 = 256u;
 const BK: u32 = 8u;
 override KK: u32 = KS * KS;
 override WG_N: u32 = WG / WG_M;
-override BM: u32 = 4u * WG_M;
+override BM: u32 = 8u * WG_M;
 override BN: u32 = 4u * WG_N;
 // Elements of the A and B tiles each invocation moves per K step.
 override A_PER: u32 = (BM * BK + WG - 1u) / WG;
 override B_PER: u32 = BN * BK / WG;
 // Row strides of the tiles in vec4s (one vec4 of padding, see above).
-override AS: u32 = WG_M + 1u;
+override AS: u32 = BM / 4u + 1u;
 override BS: u32 = WG_N + 1u;
 
 var<workgroup> a_tile: array<vec4<f32>, 136>; // BK * (16 + 1): the largest A tile (BM = 64)
 var<workgroup> b_tile: array<vec4<f32>, 520>; // BK * (64 + 1): the largest B tile (BN = 256)
 
-var<private> acc: array<vec4<f32>, 4>; // the 4 x 4 register block: acc[row][column]
+// The 8 x 4 register block: acc[row][column]; rows 8tm + r of the tile.
+const TM: u32 = 8u;
+var<private> acc: array<vec4<f32>, 8>;
 var<private> ra: array<f32, 2>; // prefetched A elements (A_PER <= 2)
 var<private> rb: array<f32, 8>; // prefetched B elements (B_PER <= 8)
 
 fn zero_acc() {
-    for (var r = 0u; r < 4u; r++) {
+    for (var r = 0u; r < TM; r++) {
         acc[r] = vec4<f32>(0.0);
     }
 }
@@ -152,15 +155,20 @@ fn store_b_kmajor(li: u32) {
     }
 }
 
-// acc += A_tile[4tm.., :] x B_tile[:, 4tn..]: 16 FMAs per two vec4 workgroup loads.
+// acc += A_tile[8tm.., :] x B_tile[:, 4tn..]: 32 FMAs per three vec4 workgroup loads.
 fn mma(tm: u32, tn: u32) {
     for (var kk = 0u; kk < BK; kk++) {
-        let a = a_tile[kk * AS + tm];
+        let a0 = a_tile[kk * AS + 2u * tm];
+        let a1 = a_tile[kk * AS + 2u * tm + 1u];
         let b = b_tile[kk * BS + tn];
-        acc[0] = fma(vec4<f32>(a.x), b, acc[0]);
-        acc[1] = fma(vec4<f32>(a.y), b, acc[1]);
-        acc[2] = fma(vec4<f32>(a.z), b, acc[2]);
-        acc[3] = fma(vec4<f32>(a.w), b, acc[3]);
+        acc[0] = fma(vec4<f32>(a0.x), b, acc[0]);
+        acc[1] = fma(vec4<f32>(a0.y), b, acc[1]);
+        acc[2] = fma(vec4<f32>(a0.z), b, acc[2]);
+        acc[3] = fma(vec4<f32>(a0.w), b, acc[3]);
+        acc[4] = fma(vec4<f32>(a1.x), b, acc[4]);
+        acc[5] = fma(vec4<f32>(a1.y), b, acc[5]);
+        acc[6] = fma(vec4<f32>(a1.z), b, acc[6]);
+        acc[7] = fma(vec4<f32>(a1.w), b, acc[7]);
     }
 }
 
@@ -245,8 +253,8 @@ fn forward(
         let jo = n0 + tn * 4u + c4;
         if (jo < n_cols) {
             let base = (jo / pix_n) * p.out_c * pix_n + jo % pix_n;
-            for (var r = 0u; r < 4u; r++) {
-                let o = m0 + tm * 4u + r;
+            for (var r = 0u; r < TM; r++) {
+                let o = m0 + tm * TM + r;
                 if (o < p.out_c) {
                     dst[base + o * pix_n] = acc[r][c4];
                 }
@@ -368,8 +376,8 @@ fn backward_data(
             let h = ph + s * (ro / wp);
             let w = pw + s * (ro % wp);
             let base = (jo / (hp * wp)) * p.in_c * plane + h * p.in_w + w;
-            for (var rr = 0u; rr < 4u; rr++) {
-                let c = m0 + tm * 4u + rr;
+            for (var rr = 0u; rr < TM; rr++) {
+                let c = m0 + tm * TM + rr;
                 if (c < p.in_c) {
                     if (ACC) {
                         dst[base + c * plane] += acc[rr][c4];
@@ -488,8 +496,8 @@ fn backward_filter(
 
     // Slice `split` of the partial sums; with one split that is dw itself.
     let base = split * p.out_c * n_dim;
-    for (var r = 0u; r < 4u; r++) {
-        let o = m0 + tm * 4u + r;
+    for (var r = 0u; r < TM; r++) {
+        let o = m0 + tm * TM + r;
         for (var c4 = 0u; c4 < 4u; c4++) {
             let j = n0 + tn * 4u + c4;
             if (o < p.out_c && j < n_dim) {
