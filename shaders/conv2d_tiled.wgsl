@@ -77,7 +77,10 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> in0: array<f32>;
 @group(0) @binding(2) var<storage, read> in1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+// Seen as vec4s so a row of a register block (4 consecutive columns) is one 16-byte store
+// where the columns are contiguous and aligned; scalar stores go through `st`. Tensor buffers
+// are padded to 16 bytes, so the view covers every element.
+@group(0) @binding(3) var<storage, read_write> dst: array<vec4<f32>>;
 
 override KS: u32 = 3u;
 override STRIDE: u32 = 1u;
@@ -107,6 +110,14 @@ const TM: u32 = 8u;
 var<private> acc: array<vec4<f32>, 8>;
 var<private> ra: array<f32, 2>; // prefetched A elements (A_PER <= 2)
 var<private> rb: array<f32, 8>; // prefetched B elements (B_PER <= 8)
+
+fn st(i: u32, v: f32) {
+    dst[i >> 2u][i & 3u] = v;
+}
+
+fn st_add(i: u32, v: f32) {
+    dst[i >> 2u][i & 3u] += v;
+}
 
 fn zero_acc() {
     for (var r = 0u; r < TM; r++) {
@@ -249,14 +260,27 @@ fn forward(
         workgroupBarrier();
     }
 
+    // j0 is a multiple of 4; with planes of a multiple of 4 pixels its 4 columns are 4
+    // consecutive, 16-byte aligned pixels of one image: one vec4 store per row.
+    let j0 = n0 + tn * 4u;
+    if (pix_n % 4u == 0u && j0 + 3u < n_cols) {
+        let base = (j0 / pix_n) * p.out_c * pix_n + j0 % pix_n;
+        for (var r = 0u; r < TM; r++) {
+            let o = m0 + tm * TM + r;
+            if (o < p.out_c) {
+                dst[(base + o * pix_n) >> 2u] = acc[r];
+            }
+        }
+        return;
+    }
     for (var c4 = 0u; c4 < 4u; c4++) {
-        let jo = n0 + tn * 4u + c4;
+        let jo = j0 + c4;
         if (jo < n_cols) {
             let base = (jo / pix_n) * p.out_c * pix_n + jo % pix_n;
             for (var r = 0u; r < TM; r++) {
                 let o = m0 + tm * TM + r;
                 if (o < p.out_c) {
-                    dst[base + o * pix_n] = acc[r][c4];
+                    st(base + o * pix_n, acc[r][c4]);
                 }
             }
         }
@@ -369,8 +393,26 @@ fn backward_data(
 
     // A phase no tap reaches (e.g. 1x1 kernel, stride 2) writes its zeros here too.
     let plane = p.in_h * p.in_w;
+    // Stride 1: columns are the pixels of dx themselves (one phase), so as in forward a row
+    // of the block is one aligned vec4 when planes hold a multiple of 4 pixels.
+    let j0 = n0 + tn * 4u;
+    if (s == 1u && plane % 4u == 0u && j0 + 3u < n_cols) {
+        let base = (j0 / plane) * p.in_c * plane + j0 % plane;
+        for (var rr = 0u; rr < TM; rr++) {
+            let c = m0 + tm * TM + rr;
+            if (c < p.in_c) {
+                let i4 = (base + c * plane) >> 2u;
+                if (ACC) {
+                    dst[i4] += acc[rr];
+                } else {
+                    dst[i4] = acc[rr];
+                }
+            }
+        }
+        return;
+    }
     for (var c4 = 0u; c4 < 4u; c4++) {
-        let jo = n0 + tn * 4u + c4;
+        let jo = j0 + c4;
         if (jo < n_cols) {
             let ro = jo % (hp * wp);
             let h = ph + s * (ro / wp);
@@ -380,9 +422,9 @@ fn backward_data(
                 let c = m0 + tm * TM + rr;
                 if (c < p.in_c) {
                     if (ACC) {
-                        dst[base + c * plane] += acc[rr][c4];
+                        st_add(base + c * plane, acc[rr][c4]);
                     } else {
-                        dst[base + c * plane] = acc[rr][c4];
+                        st(base + c * plane, acc[rr][c4]);
                     }
                 }
             }
@@ -496,12 +538,19 @@ fn backward_filter(
 
     // Slice `split` of the partial sums; with one split that is dw itself.
     let base = split * p.out_c * n_dim;
+    let j0 = n0 + tn * 4u;
+    // Rows of dw (C*K*K, e.g. 144 or 576) are contiguous: vec4 stores when 16-byte aligned.
+    let vec = n_dim % 4u == 0u && j0 + 3u < n_dim;
     for (var r = 0u; r < TM; r++) {
         let o = m0 + tm * TM + r;
+        if (vec && o < p.out_c) {
+            dst[(base + o * n_dim + j0) >> 2u] = acc[r];
+            continue;
+        }
         for (var c4 = 0u; c4 < 4u; c4++) {
-            let j = n0 + tn * 4u + c4;
+            let j = j0 + c4;
             if (o < p.out_c && j < n_dim) {
-                dst[base + o * n_dim + j] = acc[r][c4];
+                st(base + o * n_dim + j, acc[r][c4]);
             }
         }
     }
@@ -538,6 +587,6 @@ fn reduce_splits(
         workgroupBarrier();
     }
     if (row == 0u && i < p.n_out) {
-        dst[i] = red[li];
+        st(i, red[li]);
     }
 }
