@@ -5,6 +5,10 @@
 //! `CONV_BENCH_SHAPES=C` for the shapes whose label starts with C). Prints a markdown
 //! table of GFLOP/s. Times on a shared 2-core CPU vary 20-30% from run to run, so candle runs
 //! in the same process, interleaved with our kernels, and the ratios are what to compare.
+//!
+//! Before anything is timed, every variant's three passes are checked against candle's
+//! forward and autograd gradients (llm.c's habit: a fast wrong kernel is worth nothing); a
+//! mismatch aborts the bench with the pass, shape and worst element.
 
 use std::time::Instant;
 
@@ -96,6 +100,49 @@ impl Candle {
         let grads = (&self.forward() * &self.g).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(grads.get(self.x.as_tensor()).is_some() && grads.get(self.w.as_tensor()).is_some());
     }
+    /// The reference results (y, dx, dw) of L = sum(y * g), flattened.
+    fn reference(&self) -> [Vec<f32>; 3] {
+        let y = self.forward();
+        let grads = (&y * &self.g).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &CTensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        [flat(&y), flat(grads.get(self.x.as_tensor()).unwrap()), flat(grads.get(self.w.as_tensor()).unwrap())]
+    }
+}
+
+/// Products summed per output of each pass (operands in [-1, 1]): sets the tolerance.
+fn terms(s: &ConvShape, pass: ConvPass) -> usize {
+    match pass {
+        ConvPass::Forward => s.in_channels * s.kernel * s.kernel,
+        ConvPass::BackwardData => s.out_channels * s.kernel.div_ceil(s.stride).pow(2),
+        ConvPass::BackwardFilter => s.batch * s.out_h() * s.out_w(),
+    }
+}
+
+/// Runs `who`'s pass once and compares it with candle's result: Err names the worst element.
+/// Tolerance as in tests/conv2d.rs: 1e-5 relative plus 4 ulp of 1 per summed product.
+fn validate(who: Who, pass: ConvPass, o: &Operands, want: &[f32]) -> std::result::Result<(), String> {
+    let got = run_pass(who, pass, o).and_then(|t| t.to_vec()).map_err(|e| e.to_string())?;
+    if got.len() != want.len() {
+        return Err(format!("{} values, candle has {}", got.len(), want.len()));
+    }
+    let atol = 4.0 * f32::EPSILON * terms(&o.s, pass).max(1) as f32;
+    let worst = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .map(|(i, (g, w))| {
+            (i, *g, *w, if g.is_finite() { (g - w).abs() - (atol + 1e-5 * w.abs()) } else { f32::INFINITY })
+        })
+        .max_by(|a, b| a.3.total_cmp(&b.3));
+    match worst {
+        Some((i, g, w, excess)) if excess > 0.0 => {
+            Err(format!("element {i}: {g} against candle's {w} (tolerance {:.3e})", atol + 1e-5 * w.abs()))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Candle {
     /// Seconds of (forward, forward + backward).
     fn time(&self) -> (f64, f64) {
         let t0 = Instant::now();
@@ -150,8 +197,20 @@ fn main() {
             .chain(std::iter::once((format!("chosen ({})", chosen.join("/")), Who::Chooser)))
             .collect();
         let candle = Candle::new(s, &xs, &ws, &gs);
+        // Correctness first (this also compiles the pipelines): a wrong result aborts the bench.
+        let reference = candle.reference();
+        for (name, who) in &rows {
+            for (&pass, want) in PASSES.iter().zip(&reference) {
+                if let Err(e) = validate(*who, pass, &o, want) {
+                    eprintln!(
+                        "conv2d bench: {name} {pass:?} of {label} {xshape:?}x{wshape:?} does not match candle: {e}"
+                    );
+                    std::process::exit(1);
+                }
+            }
+        }
         candle.time();
-        // Warm-up (compiles pipelines); a variant that fails keeps its first error.
+        // Warm-up; a variant that fails keeps its first error.
         let mut errors: Vec<Option<String>> =
             rows.iter().map(|&(_, who)| PASSES.iter().find_map(|&p| time_pass(&gpu, who, p, &o).err())).collect();
         // Interleaved repetitions: candle and every variant see the same machine load.

@@ -8,18 +8,19 @@
 //   backward_filter  M = out-channels o, N = in-channels x taps,     K = batch x output pixels
 //
 // Tiling. A workgroup of 256 invocations (the size every WebGPU device supports) computes a
-// BM x BN block of D; invocation (tm, tn) holds a 4 x 4 register block (rows 4tm.., columns
-// 4tn..), so BM = 4 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
-// three shapes of the same 256 invocations: 64x64 (best reuse, 32 FMAs per element loaded),
-// 32x128 and 16x256 (for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
+// BM x BN block of D; invocation (tm, tn) holds an 8 x 4 register block (rows 8tm.., columns
+// 4tn..), so BM = 8 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
+// two shapes of the same 256 invocations: 64x128 (best reuse, 43 FMAs per element loaded) and
+// 32x256 (28, for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
 // compute mostly padding). The K loop walks tiles of BK = 8: each step every invocation loads
 // BM*8/256 elements of A and BN*8/256 of B from global memory into registers, stores them in
-// workgroup memory, and after a barrier does 8 x 16 FMAs from two vec4 workgroup loads per k.
+// workgroup memory, and after a barrier does 8 x 32 FMAs from three vec4 workgroup loads per k
+// (the 4 x 4 blocks before did 16 per two loads).
 // The global loads for step t+1 are issued before the FMAs of step t (register prefetch) so
 // their latency hides behind the arithmetic without a second workgroup buffer.
 //
 // Workgroup memory: A tile 8 x (BM + 4) floats and B tile 8 x (BN + 4) floats, stored
-// k-major as vec4s so the FMA loop reads 4 rows and 4 columns with one 16-byte load each. The
+// k-major as vec4s so the FMA loop reads 8 rows and 4 columns with three 16-byte loads. The
 // +4 pad (one vec4 per row) spreads the stores of invocations that write different k of the
 // same column over different banks. Sized for the largest tile of each: 136 + 520 vec4s =
 // 10.25 KiB, under WebGPU's guaranteed 16 KiB.
@@ -38,12 +39,17 @@
 //
 // backward_filter has a short M and N (channels x taps) but a long K (batch x pixels), so the
 // launcher splits K over workgroup_id.z (split-K): split s writes its partial sums to slice s
-// of a [splits][O][C*K*K] buffer and `reduce_splits` adds the slices in a fixed order (results
-// are deterministic). With one split the GEMM writes dw directly.
+// of a [splits][O][C*K*K] buffer and `reduce_splits` adds the slices. Splits are few and long
+// (at least 1024 K values each, about two waves of workgroups in all), so the partial buffer
+// stays small; the reduce is parallel: 8 invocations per output each sum every 8th slice
+// (coalesced: 32 consecutive outputs per row of the workgroup), then a workgroup tree adds the
+// 8 partial sums. The order is fixed, so results are deterministic. With one split the GEMM
+// writes dw directly.
 //
 // The kernel size KS and stride are override constants (divisions by them become
 // multiplications); channel counts and spatial sizes are runtime parameters. Every entry point
-// overwrites its output.
+// overwrites its output, except backward_data with ACC, which adds to it (dx += ...: the
+// shortcut gradient of a residual block is already there).
 
 struct Params {
     batch: u32,
@@ -71,35 +77,50 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> in0: array<f32>;
 @group(0) @binding(2) var<storage, read> in1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+// Seen as vec4s so a row of a register block (4 consecutive columns) is one 16-byte store
+// where the columns are contiguous and aligned; scalar stores go through `st`. Tensor buffers
+// are padded to 16 bytes, so the view covers every element.
+@group(0) @binding(3) var<storage, read_write> dst: array<vec4<f32>>;
 
 override KS: u32 = 3u;
 override STRIDE: u32 = 1u;
-// Invocations along M: 16 (64 x 64 tile), 8 (32 x 128) or 4 (16 x 256).
-override WG_M: u32 = 16u;
+// Invocations along M: 8 (64 x 128 tile) or 4 (32 x 256).
+override WG_M: u32 = 8u;
+// backward_data: add to dst instead of overwriting it.
+override ACC: bool = false;
 
 const WG: u32 = 256u;
 const BK: u32 = 8u;
 override KK: u32 = KS * KS;
 override WG_N: u32 = WG / WG_M;
-override BM: u32 = 4u * WG_M;
+override BM: u32 = 8u * WG_M;
 override BN: u32 = 4u * WG_N;
 // Elements of the A and B tiles each invocation moves per K step.
 override A_PER: u32 = (BM * BK + WG - 1u) / WG;
 override B_PER: u32 = BN * BK / WG;
 // Row strides of the tiles in vec4s (one vec4 of padding, see above).
-override AS: u32 = WG_M + 1u;
+override AS: u32 = BM / 4u + 1u;
 override BS: u32 = WG_N + 1u;
 
 var<workgroup> a_tile: array<vec4<f32>, 136>; // BK * (16 + 1): the largest A tile (BM = 64)
 var<workgroup> b_tile: array<vec4<f32>, 520>; // BK * (64 + 1): the largest B tile (BN = 256)
 
-var<private> acc: array<vec4<f32>, 4>; // the 4 x 4 register block: acc[row][column]
+// The 8 x 4 register block: acc[row][column]; rows 8tm + r of the tile.
+const TM: u32 = 8u;
+var<private> acc: array<vec4<f32>, 8>;
 var<private> ra: array<f32, 2>; // prefetched A elements (A_PER <= 2)
 var<private> rb: array<f32, 8>; // prefetched B elements (B_PER <= 8)
 
+fn st(i: u32, v: f32) {
+    dst[i >> 2u][i & 3u] = v;
+}
+
+fn st_add(i: u32, v: f32) {
+    dst[i >> 2u][i & 3u] += v;
+}
+
 fn zero_acc() {
-    for (var r = 0u; r < 4u; r++) {
+    for (var r = 0u; r < TM; r++) {
         acc[r] = vec4<f32>(0.0);
     }
 }
@@ -145,15 +166,20 @@ fn store_b_kmajor(li: u32) {
     }
 }
 
-// acc += A_tile[4tm.., :] x B_tile[:, 4tn..]: 16 FMAs per two vec4 workgroup loads.
+// acc += A_tile[8tm.., :] x B_tile[:, 4tn..]: 32 FMAs per three vec4 workgroup loads.
 fn mma(tm: u32, tn: u32) {
     for (var kk = 0u; kk < BK; kk++) {
-        let a = a_tile[kk * AS + tm];
+        let a0 = a_tile[kk * AS + 2u * tm];
+        let a1 = a_tile[kk * AS + 2u * tm + 1u];
         let b = b_tile[kk * BS + tn];
-        acc[0] = fma(vec4<f32>(a.x), b, acc[0]);
-        acc[1] = fma(vec4<f32>(a.y), b, acc[1]);
-        acc[2] = fma(vec4<f32>(a.z), b, acc[2]);
-        acc[3] = fma(vec4<f32>(a.w), b, acc[3]);
+        acc[0] = fma(vec4<f32>(a0.x), b, acc[0]);
+        acc[1] = fma(vec4<f32>(a0.y), b, acc[1]);
+        acc[2] = fma(vec4<f32>(a0.z), b, acc[2]);
+        acc[3] = fma(vec4<f32>(a0.w), b, acc[3]);
+        acc[4] = fma(vec4<f32>(a1.x), b, acc[4]);
+        acc[5] = fma(vec4<f32>(a1.y), b, acc[5]);
+        acc[6] = fma(vec4<f32>(a1.z), b, acc[6]);
+        acc[7] = fma(vec4<f32>(a1.w), b, acc[7]);
     }
 }
 
@@ -234,14 +260,27 @@ fn forward(
         workgroupBarrier();
     }
 
+    // j0 is a multiple of 4; with planes of a multiple of 4 pixels its 4 columns are 4
+    // consecutive, 16-byte aligned pixels of one image: one vec4 store per row.
+    let j0 = n0 + tn * 4u;
+    if (pix_n % 4u == 0u && j0 + 3u < n_cols) {
+        let base = (j0 / pix_n) * p.out_c * pix_n + j0 % pix_n;
+        for (var r = 0u; r < TM; r++) {
+            let o = m0 + tm * TM + r;
+            if (o < p.out_c) {
+                dst[(base + o * pix_n) >> 2u] = acc[r];
+            }
+        }
+        return;
+    }
     for (var c4 = 0u; c4 < 4u; c4++) {
-        let jo = n0 + tn * 4u + c4;
+        let jo = j0 + c4;
         if (jo < n_cols) {
             let base = (jo / pix_n) * p.out_c * pix_n + jo % pix_n;
-            for (var r = 0u; r < 4u; r++) {
-                let o = m0 + tm * 4u + r;
+            for (var r = 0u; r < TM; r++) {
+                let o = m0 + tm * TM + r;
                 if (o < p.out_c) {
-                    dst[base + o * pix_n] = acc[r][c4];
+                    st(base + o * pix_n, acc[r][c4]);
                 }
             }
         }
@@ -354,17 +393,39 @@ fn backward_data(
 
     // A phase no tap reaches (e.g. 1x1 kernel, stride 2) writes its zeros here too.
     let plane = p.in_h * p.in_w;
+    // Stride 1: columns are the pixels of dx themselves (one phase), so as in forward a row
+    // of the block is one aligned vec4 when planes hold a multiple of 4 pixels.
+    let j0 = n0 + tn * 4u;
+    if (s == 1u && plane % 4u == 0u && j0 + 3u < n_cols) {
+        let base = (j0 / plane) * p.in_c * plane + j0 % plane;
+        for (var rr = 0u; rr < TM; rr++) {
+            let c = m0 + tm * TM + rr;
+            if (c < p.in_c) {
+                let i4 = (base + c * plane) >> 2u;
+                if (ACC) {
+                    dst[i4] += acc[rr];
+                } else {
+                    dst[i4] = acc[rr];
+                }
+            }
+        }
+        return;
+    }
     for (var c4 = 0u; c4 < 4u; c4++) {
-        let jo = n0 + tn * 4u + c4;
+        let jo = j0 + c4;
         if (jo < n_cols) {
             let ro = jo % (hp * wp);
             let h = ph + s * (ro / wp);
             let w = pw + s * (ro % wp);
             let base = (jo / (hp * wp)) * p.in_c * plane + h * p.in_w + w;
-            for (var rr = 0u; rr < 4u; rr++) {
-                let c = m0 + tm * 4u + rr;
+            for (var rr = 0u; rr < TM; rr++) {
+                let c = m0 + tm * TM + rr;
                 if (c < p.in_c) {
-                    dst[base + c * plane] = acc[rr][c4];
+                    if (ACC) {
+                        st_add(base + c * plane, acc[rr][c4]);
+                    } else {
+                        st(base + c * plane, acc[rr][c4]);
+                    }
                 }
             }
         }
@@ -376,13 +437,41 @@ fn backward_data(
 // dw[o][c][kh][kw] = sum_{n, oh, ow} dy[n][o][oh][ow] * x[n][c][oh*S - pad + kh][ow*S - pad + kw]
 // A[o][k] = dy (k = n * OH*OW + pixel), B[k][j] = im2col(x)^T, j = c * KK + kh * KS + kw.
 // Both operands are contiguous along k, so both are loaded k-major.
+//
+// An invocation's k (= kt * BK + li % BK) only ever advances by BK, so its (image, output row,
+// output column) is kept in private variables and stepped by BK, instead of recovered by two
+// runtime divisions (by OH*OW and OW) per element of every K tile.
 
-fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
+var<private> bf_img: u32;
+var<private> bf_oh: u32;
+var<private> bf_ow: u32;
+
+fn bwd_filter_seek(k: u32) {
     let pix_n = p.out_h * p.out_w;
-    let k = kt * BK + li % BK;
-    let kok = k < p.batch * pix_n;
-    let img = k / pix_n;
-    let pix = k % pix_n;
+    bf_img = k / pix_n;
+    bf_oh = (k % pix_n) / p.out_w;
+    bf_ow = k % p.out_w;
+}
+
+fn bwd_filter_step() {
+    bf_ow += BK;
+    // One pass for rows of at least BK pixels; tiny outputs (e.g. 1x1) take a few.
+    while (bf_ow >= p.out_w) {
+        bf_ow -= p.out_w;
+        bf_oh += 1u;
+        if (bf_oh == p.out_h) {
+            bf_oh = 0u;
+            bf_img += 1u;
+        }
+    }
+}
+
+// Loads the K tile at the invocation's current position, then steps it to the next tile.
+fn bwd_filter_load(li: u32, m0: u32, n0: u32) {
+    let pix_n = p.out_h * p.out_w;
+    let kok = bf_img < p.batch;
+    let img = bf_img;
+    let pix = bf_oh * p.out_w + bf_ow;
     for (var i = 0u; i < A_PER; i++) {
         let m = li / BK + i * (WG / BK);
         let o = m0 + m;
@@ -392,8 +481,8 @@ fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
         }
         ra[i] = v;
     }
-    let ih0 = i32(pix / p.out_w * STRIDE) - i32(p.pad);
-    let iw0 = i32(pix % p.out_w * STRIDE) - i32(p.pad);
+    let ih0 = i32(bf_oh * STRIDE) - i32(p.pad);
+    let iw0 = i32(bf_ow * STRIDE) - i32(p.pad);
     let n_dim = p.in_c * KK;
     let x_base = img * p.in_c * p.in_h * p.in_w;
     for (var i = 0u; i < B_PER; i++) {
@@ -408,6 +497,7 @@ fn bwd_filter_load(li: u32, kt: u32, m0: u32, n0: u32) {
         }
         rb[i] = v;
     }
+    bwd_filter_step();
 }
 
 @compute @workgroup_size(256)
@@ -432,14 +522,15 @@ fn backward_filter(
 
     zero_acc();
     if (kt0 < kt1) {
-        bwd_filter_load(li, kt0, m0, n0);
+        bwd_filter_seek(kt0 * BK + li % BK);
+        bwd_filter_load(li, m0, n0);
     }
     for (var kt = kt0; kt < kt1; kt++) {
         store_a_kmajor(li);
         store_b_kmajor(li);
         workgroupBarrier();
         if (kt + 1u < kt1) {
-            bwd_filter_load(li, kt + 1u, m0, n0);
+            bwd_filter_load(li, m0, n0);
         }
         mma(tm, tn);
         workgroupBarrier();
@@ -447,27 +538,55 @@ fn backward_filter(
 
     // Slice `split` of the partial sums; with one split that is dw itself.
     let base = split * p.out_c * n_dim;
-    for (var r = 0u; r < 4u; r++) {
-        let o = m0 + tm * 4u + r;
+    let j0 = n0 + tn * 4u;
+    // Rows of dw (C*K*K, e.g. 144 or 576) are contiguous: vec4 stores when 16-byte aligned.
+    let vec = n_dim % 4u == 0u && j0 + 3u < n_dim;
+    for (var r = 0u; r < TM; r++) {
+        let o = m0 + tm * TM + r;
+        if (vec && o < p.out_c) {
+            dst[(base + o * n_dim + j0) >> 2u] = acc[r];
+            continue;
+        }
         for (var c4 = 0u; c4 < 4u; c4++) {
-            let j = n0 + tn * 4u + c4;
+            let j = j0 + c4;
             if (o < p.out_c && j < n_dim) {
-                dst[base + o * n_dim + j] = acc[r][c4];
+                st(base + o * n_dim + j, acc[r][c4]);
             }
         }
     }
 }
 
-// dst[i] = sum over s < splits of in0[s * n_out + i], in order of s.
+// dst[i] = sum over s < splits of in0[s * n_out + i]. Workgroup: 32 consecutive outputs x 8
+// invocations per output; invocation row r sums slices r, r + 8, ... (each row of 32 reads
+// consecutive addresses), then three tree steps in workgroup memory add the 8 row sums.
+const RED_COLS: u32 = 32u;
+const RED_ROWS: u32 = 8u;
+var<workgroup> red: array<f32, 256>;
+
 @compute @workgroup_size(256)
-fn reduce_splits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.n_out) {
-        return;
-    }
+fn reduce_splits(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let col = li % RED_COLS;
+    let row = li / RED_COLS;
+    let i = (wg.x + wg.y * nwg.x) * RED_COLS + col;
     var s = 0.0;
-    for (var k = 0u; k < p.splits; k++) {
-        s += in0[k * p.n_out + i];
+    if (i < p.n_out) {
+        for (var k = row; k < p.splits; k += RED_ROWS) {
+            s += in0[k * p.n_out + i];
+        }
     }
-    dst[i] = s;
+    red[li] = s;
+    workgroupBarrier();
+    for (var h = RED_ROWS / 2u; h > 0u; h /= 2u) {
+        if (row < h) {
+            red[li] += red[li + h * RED_COLS];
+        }
+        workgroupBarrier();
+    }
+    if (row == 0u && i < p.n_out) {
+        st(i, red[li]);
+    }
 }

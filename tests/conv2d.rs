@@ -91,6 +91,26 @@ fn check(variant: Option<ConvVariant>) {
             1e-5,
             sum_atol(filter_terms, 1.0),
         );
+        // Accumulating backward-data: dx += conv_backward_data(dy) onto a tensor that already
+        // holds something (the shortcut gradient of a residual block), and the overwriting
+        // form of the same call on a tensor full of garbage.
+        let prior = random(r.dx.len(), 2000 + i as u64);
+        let want: Vec<f32> = r.dx.iter().zip(&prior).map(|(a, b)| a + b).collect();
+        for accumulate in [true, false] {
+            let acc = gpu.tensor(&s.input_shape(), &prior).unwrap();
+            match variant {
+                Some(v) => conv2d::backward_data_into_with(v, &dy, &wt, st, p, &acc, accumulate).unwrap(),
+                None => conv2d::backward_data_into(&dy, &wt, st, p, &acc, accumulate).unwrap(),
+            }
+            let (what, want) = if accumulate { ("accumulated", &want) } else { ("into", &r.dx) };
+            assert_close(
+                &format!("backward-data {what} {label}"),
+                &acc.to_vec().unwrap(),
+                want,
+                1e-5,
+                sum_atol(data_terms + 1, 1.0),
+            );
+        }
     }
 }
 
@@ -150,4 +170,11 @@ fn bad_shapes_are_errors() {
     let dy_wrong = g.zeros(&[2, 4, 7, 7]).unwrap();
     assert!(conv2d::backward_data(&dy_wrong, &w, &[2, 3, 8, 8], 1, 1).is_err());
     assert!(conv2d::backward_filter(&x, &dy_wrong, &[4, 3, 3, 3], 1, 1).is_err());
+    let dx = g.zeros(&[2, 3, 8, 8]).unwrap();
+    assert!(conv2d::backward_data_into(&dy_wrong, &w, 1, 1, &dx, true).is_err());
+    // dx may not alias an input of the same call.
+    let dy = g.zeros(&[2, 4, 8, 8]).unwrap();
+    let w_sq = g.zeros(&[4, 4, 3, 3]).unwrap();
+    let e = conv2d::backward_data_into(&dy, &w_sq, 1, 1, &dy, true).unwrap_err();
+    assert!(e.to_string().contains("shares a buffer"), "{e}");
 }

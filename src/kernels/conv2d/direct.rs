@@ -72,12 +72,15 @@ struct Params {
     ctotal: u32,
     obase: u32,
     nsub: u32,
-    pad2: u32,
+    accum: u32,
+    /// Backward-filter: (images, x delta, dy delta, unused) of each window pair.
+    pairs: [[u32; 4]; 5],
 }
 
 /// A generated kernel and its lane block: `r` x `pb` outputs x `ch` channels (for `cw_*`:
-/// `r` x `pb` dy positions per step, `ch` output and `ch2` input channels). Must match the
-/// `KERNELS` table of the generator at the end of the WGSL file.
+/// `r` x `pb` dy positions per step, `ch` output and `ch2` input channels, and at most `pairs`
+/// (x, dy) window pairs per dispatch). Must match the `KERNELS` table of the generator at the
+/// end of the WGSL file.
 #[derive(Clone, Copy)]
 struct Blocked {
     entry: &'static str,
@@ -88,31 +91,32 @@ struct Blocked {
     pb: usize,
     ch: usize,
     ch2: usize,
+    pairs: usize,
 }
 
-/// `Blocked` from (entry, kernel, stride, padding or None for any, r, pb, ch, ch2).
+/// `Blocked` from (entry, kernel, stride, padding or None for any, r, pb, ch, ch2, pairs).
 macro_rules! blocked {
-    ($($e:literal, $k:literal, $s:literal, $p:expr, $r:literal, $pb:literal, $ch:literal, $ch2:literal);* $(;)?) => {
-        [$(Blocked { entry: $e, k: $k, s: $s, pad: $p, r: $r, pb: $pb, ch: $ch, ch2: $ch2 }),*]
+    ($($e:literal, $k:literal, $s:literal, $p:expr, $r:literal, $pb:literal, $ch:literal, $ch2:literal, $pairs:literal);* $(;)?) => {
+        [$(Blocked { entry: $e, k: $k, s: $s, pad: $p, r: $r, pb: $pb, ch: $ch, ch2: $ch2, pairs: $pairs }),*]
     };
 }
 
 const FORWARD: [Blocked; 4] = blocked![
-    "cf_k3s1", 3, 1, None, 8, 8, 4, 0;
-    "cf_k3s2", 3, 2, None, 4, 8, 8, 0;
-    "cf_k1s1", 1, 1, None, 2, 8, 16, 0;
-    "cf_k1s2", 1, 2, None, 2, 8, 16, 0;
+    "cf_k3s1", 3, 1, None, 8, 8, 4, 0, 1;
+    "cf_k3s2", 3, 2, None, 4, 8, 8, 0, 1;
+    "cf_k1s1", 1, 1, None, 2, 8, 16, 0, 1;
+    "cf_k1s2", 1, 2, None, 2, 8, 16, 0, 1;
 ];
 const TRANSPOSED: [Blocked; 3] = blocked![
-    "ct_k3s2p1", 3, 2, Some(1), 8, 8, 4, 0;
-    "ct_k3s2p0", 3, 2, Some(0), 8, 8, 4, 0;
-    "ct_k1s2p0", 1, 2, Some(0), 8, 8, 8, 0;
+    "ct_k3s2p1", 3, 2, Some(1), 8, 8, 4, 0, 1;
+    "ct_k3s2p0", 3, 2, Some(0), 8, 8, 4, 0, 1;
+    "ct_k1s2p0", 1, 2, Some(0), 8, 8, 8, 0, 1;
 ];
 const FILTER: [Blocked; 4] = blocked![
-    "cw_k3s1", 3, 1, None, 8, 8, 4, 4;
-    "cw_k3s2", 3, 2, None, 4, 8, 8, 2;
-    "cw_k1s1", 1, 1, None, 1, 8, 16, 16;
-    "cw_k1s2", 1, 2, None, 1, 8, 16, 16;
+    "cw_k3s1", 3, 1, None, 8, 8, 4, 4, 1;
+    "cw_k3s2", 3, 2, None, 4, 8, 8, 2, 1;
+    "cw_k1s1", 1, 1, None, 1, 8, 16, 16, 1;
+    "cw_k1s2", 1, 2, None, 1, 8, 16, 16, 1;
 ];
 
 fn find(table: &[Blocked], k: usize, s: usize, pad: usize) -> Option<Blocked> {
@@ -324,7 +328,8 @@ struct Job<'a> {
 
 /// Runs a `cf_*`/`ct_*` kernel over all images: one dispatch per group of images that fits a
 /// uniform window.
-fn run_blocked(gpu: &Gpu, g: Blocked, job: &Job, wp: &Packed, out: &Tensor) -> Result<()> {
+/// With `acc`, adds to `out` instead of overwriting it.
+fn run_blocked(gpu: &Gpu, g: Blocked, job: &Job, wp: &Packed, out: &Tensor, acc: bool) -> Result<()> {
     let per = job.cin * job.h * job.w;
     let groups = plan_groups(gpu, job.n, &[(job.src, per)]);
     let xssbo = groups[0].access[0].offset.is_none();
@@ -339,6 +344,7 @@ fn run_blocked(gpu: &Gpu, g: Blocked, job: &Job, wp: &Packed, out: &Tensor) -> R
         ("NWB", wp.windows.max(1) as f64),
         ("XSSBO", xssbo as u32 as f64),
         ("WSSBO", wp.storage() as u32 as f64),
+        ("ACC", acc as u32 as f64),
     ];
     let kernel = Kernel::with(SHADER, g.entry, &consts);
     let k2 = g.k * g.k;
@@ -384,7 +390,8 @@ fn run_blocked(gpu: &Gpu, g: Blocked, job: &Job, wp: &Packed, out: &Tensor) -> R
     Ok(())
 }
 
-fn generic(gpu: &Gpu, entry: &'static str, s: &ConvShape, total: usize, args: [Arg; 10]) -> Result<()> {
+/// A `generic_*` fallback; `acc` adds to the output (used by backward-data only).
+fn generic(gpu: &Gpu, entry: &'static str, s: &ConvShape, total: usize, args: [Arg; 10], acc: bool) -> Result<()> {
     let params = Params {
         nimg: u(s.batch)?,
         cin: u(s.in_channels)?,
@@ -399,7 +406,8 @@ fn generic(gpu: &Gpu, entry: &'static str, s: &ConvShape, total: usize, args: [A
         total: u(total)?,
         ..Default::default()
     };
-    gpu.dispatch(&Kernel::new(SHADER, entry), &params, &args, grid(gpu, total, WG_SIMPLE))
+    let consts = [("ACC", acc as u32 as f64)];
+    gpu.dispatch(&Kernel::with(SHADER, entry, &consts), &params, &args, grid(gpu, total, WG_SIMPLE))
 }
 
 /// y = conv(x, w); overwrites y.
@@ -408,7 +416,7 @@ pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Resu
     let Some(g) = find(&FORWARD, s.kernel, s.stride, s.pad) else {
         let (sx, sw) = (Arg::Storage(x), Arg::Storage(w));
         let args = [sx, sx, sx, sx, sx, sx, sx, sx, sw, Arg::Storage(y)];
-        return generic(gpu, "generic_forward", s, y.numel(), args);
+        return generic(gpu, "generic_forward", s, y.numel(), args, false);
     };
     let wp = repack(gpu, w, "repack_forward", s.kernel, s.in_channels, s.out_channels, g.ch, false)?;
     let job = Job {
@@ -422,11 +430,12 @@ pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Resu
         ow: s.out_w(),
         pad: s.pad,
     };
-    run_blocked(gpu, g, &job, &wp, y)
+    run_blocked(gpu, g, &job, &wp, y, false)
 }
 
-/// dx = conv_transpose(dy, w); overwrites dx.
-pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<()> {
+/// dx = conv_transpose(dy, w), or dx += it with `acc` (every element is written exactly once,
+/// so the add needs no zeroing and no separate pass).
+pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor, acc: bool) -> Result<()> {
     let gpu = dy.gpu();
     let mut job = Job {
         src: dy,
@@ -445,26 +454,33 @@ pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor)
         if let Some(g) = find(&FORWARD, s.kernel, 1, 0) {
             let wp = repack(gpu, w, "repack_transposed", s.kernel, s.out_channels, s.in_channels, g.ch, true)?;
             job.pad = s.kernel - 1 - s.pad;
-            return run_blocked(gpu, g, &job, &wp, dx);
+            return run_blocked(gpu, g, &job, &wp, dx, acc);
         }
     }
     if let Some(g) = find(&TRANSPOSED, s.kernel, s.stride, s.pad) {
         let wp = repack(gpu, w, "repack_transposed", s.kernel, s.out_channels, s.in_channels, g.ch, false)?;
         job.pad = s.pad;
-        return run_blocked(gpu, g, &job, &wp, dx);
+        return run_blocked(gpu, g, &job, &wp, dx, acc);
     }
     let (sd, sw) = (Arg::Storage(dy), Arg::Storage(w));
     let args = [sd, sd, sd, sd, sd, sd, sd, sd, sw, Arg::Storage(dx)];
-    generic(gpu, "generic_backward_data", s, dx.numel(), args)
+    generic(gpu, "generic_backward_data", s, dx.numel(), args, acc)
 }
 
 /// dw = sum over batch and pixels of dy * x; overwrites dw.
+///
+/// Split-K on a CPU adapter: the reduction (batch x pixels) is split into only `nsub`
+/// interleaved splits, each running over the whole batch. Consecutive dispatches (groups of
+/// images; `Blocked::pairs` window pairs each) add onto the same partial slices in order, instead of
+/// each writing slices of its own, so there is no slice per dispatch, no zero fill (the first
+/// dispatch overwrites) and at most one small reduce of `nsub` slices at the end. Layers with
+/// enough (output, input) channel blocks to occupy both threads (`nsub` = 1) write dw directly.
 pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
     let gpu = x.gpu();
     let Some(g) = find(&FILTER, s.kernel, s.stride, s.pad) else {
         let (sx, sd) = (Arg::Storage(x), Arg::Storage(dy));
         let args = [sx, sx, sd, sd, sx, sx, sx, sx, sx, Arg::Storage(dw)];
-        return generic(gpu, "generic_backward_filter", s, dw.numel(), args);
+        return generic(gpu, "generic_backward_filter", s, dw.numel(), args, false);
     };
     let (oh, ow) = (s.out_h(), s.out_w());
     let xper = s.in_channels * s.in_h * s.in_w;
@@ -474,98 +490,83 @@ pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tenso
     let dssbo = groups[0].access[1].offset.is_none();
     let fw = if ow <= g.pb { s.in_w } else { 0 };
     let fh = if oh <= g.r { s.in_h } else { 0 };
+    // Window pairs per dispatch: as many groups as the kernel binds (a shorter last chunk
+    // leaves its pairs empty, so one pipeline serves every dispatch).
+    let npair = g.pairs.min(groups.len()).max(1);
     let consts = [
         ("PAD", s.pad as f64),
         ("FW", fw as f64),
         ("FH", fh as f64),
         ("XSSBO", xssbo as u32 as f64),
         ("DSSBO", dssbo as u32 as f64),
+        ("NPAIR", npair as f64),
     ];
     let kernel = Kernel::with(SHADER, g.entry, &consts);
     let elems = dw.numel();
     let a = align(gpu) as usize / 4;
     let estride = elems.div_ceil(a) * a;
-    // Partial sums live in tensors of at most `per_tensor` slices (one storage binding).
-    let limits = gpu.limits();
-    let max_floats = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) / 4;
-    let per_tensor = (max_floats as usize).saturating_sub(WIN) / estride;
-    // Stand-in for the uniform bindings of operands read from storage.
+    // Stand-in for the uniform bindings of operands read from storage and of unused pairs.
     let dummy_own;
     let dummy = if x.buffer_bytes() >= WIN_BYTES {
         x
     } else if dy.buffer_bytes() >= WIN_BYTES {
         dy
     } else {
-        dummy_own = gpu.zeros(&[WIN])?;
+        dummy_own = gpu.empty(&[WIN])?;
         &dummy_own
     };
-    // Enough lanes for both threads: small layers also split each group's blocks over `nsub`
-    // lanes, each with its own partial slice.
+    // Enough lanes for both threads: small layers also split each dispatch's blocks over
+    // `nsub` lanes, each summing every nsub-th block into its own partial slice.
     let base = s.out_channels.div_ceil(g.ch) * s.in_channels.div_ceil(g.ch2);
     let steps = groups.iter().map(|grp| grp.nimg).min().unwrap_or(1) * oh.div_ceil(g.r) * ow.div_ceil(g.pb);
     let nsub = 64usize.div_ceil(base).clamp(1, steps.max(1));
-    // One dispatch per group of images, writing partial dW slices `slice..slice + nsub` of `out`.
-    let run = |grp: &Group, slice: usize, out: &Tensor| -> Result<()> {
-        let (xa, da) = (grp.access[0], grp.access[1]);
+    // The partial slices, plus one window of room so `reduce` can bind any slice as a uniform
+    // window. Every element of every slice is written by the first dispatch: no zero fill.
+    let scratch = if nsub > 1 { Some(gpu.empty(&[nsub * estride + WIN])?) } else { None };
+    let out = scratch.as_ref().unwrap_or(dw);
+    for (j, chunk) in groups.chunks(npair).enumerate() {
+        let mut pairs = [[0u32; 4]; 5];
+        for (k, grp) in chunk.iter().enumerate() {
+            pairs[k] = [u(grp.nimg)?, grp.access[0].delta, grp.access[1].delta, 0];
+        }
         let params = Params {
-            nimg: u(grp.nimg)?,
-            img0: u(grp.img0)?,
             cin: u(s.in_channels)?,
             cout: u(s.out_channels)?,
             h: u(s.in_h)?,
             w: u(s.in_w)?,
             oh: u(oh)?,
             ow: u(ow)?,
-            xdelta: xa.delta,
-            ddelta: da.delta,
-            slice: u(slice)?,
             estride: u(estride)?,
             nsub: u(nsub)?,
+            accum: (j > 0) as u32,
+            pairs,
             ..Default::default()
         };
         let d = Arg::Uniform { tensor: dummy, offset: 0, size: WIN_BYTES };
+        let xw = |k: usize| chunk.get(k).map_or(d, |grp| uniform(x, grp.access[0], dummy));
+        let dw_ = |k: usize| chunk.get(k).map_or(d, |grp| uniform(dy, grp.access[1], dummy));
+        // Bindings 1..15: pair 0 in (xu, du), pairs 1-2 in wu0..wu3, pairs 3-4 in ru0..ru3.
         let args = [
-            uniform(x, xa, dummy),
+            xw(0),
             Arg::Storage(x),
-            uniform(dy, da, dummy),
+            dw_(0),
             Arg::Storage(dy),
-            d,
-            d,
-            d,
-            d,
+            xw(1),
+            dw_(1),
+            xw(2),
+            dw_(2),
             Arg::Storage(x),
             Arg::Storage(out),
+            xw(3),
+            dw_(3),
+            xw(4),
+            dw_(4),
+            d,
         ];
-        gpu.dispatch(&kernel, &params, &args, grid(gpu, base * nsub, WG))
-    };
-    if groups.len() == 1 && nsub == 1 {
-        return run(&groups[0], 0, dw);
+        gpu.dispatch(&kernel, &params, &args, grid(gpu, base * nsub, WG))?;
     }
-    // Several slices: reduced afterwards. With very many, the partials go into several tensors
-    // in turn; slice 0 of each later one carries the sum of the ones before.
-    let per_tensor = per_tensor / nsub * nsub;
-    if per_tensor < 2 * nsub {
-        let (sx, sd) = (Arg::Storage(x), Arg::Storage(dy));
-        let args = [sx, sx, sd, sd, sx, sx, sx, sx, sx, Arg::Storage(dw)];
-        return generic(gpu, "generic_backward_filter", s, dw.numel(), args);
-    }
-    let mut carry: Option<(Tensor, usize)> = None;
-    let mut next = 0;
-    while next < groups.len() {
-        let first = carry.is_some() as usize;
-        let n = ((per_tensor - first) / nsub).min(groups.len() - next);
-        let parts = gpu.zeros(&[(first + n * nsub) * estride + WIN])?;
-        if let Some((prev, slices)) = carry.take() {
-            reduce(gpu, prev, slices, estride, elems, &parts)?;
-        }
-        for (k, grp) in groups[next..next + n].iter().enumerate() {
-            run(grp, first + k * nsub, &parts)?;
-        }
-        carry = Some((parts, first + n * nsub));
-        next += n;
-    }
-    match carry {
-        Some((parts, slices)) => reduce(gpu, parts, slices, estride, elems, dw),
+    match scratch {
+        Some(parts) => reduce(gpu, parts, nsub, estride, elems, dw),
         None => Ok(()),
     }
 }
@@ -582,7 +583,8 @@ fn reduce(gpu: &Gpu, parts: Tensor, slices: usize, estride: usize, elems: usize,
     let per_dispatch = m * REDUCE_FAN_IN;
     loop {
         let next = slices.div_ceil(per_dispatch);
-        let target = if next == 1 { None } else { Some(gpu.zeros(&[next * estride + WIN])?) };
+        // Every element a later level reads is written here: no zero fill.
+        let target = if next == 1 { None } else { Some(gpu.empty(&[next * estride + WIN])?) };
         let dst = target.as_ref().unwrap_or(out);
         for j in 0..next {
             let first = j * per_dispatch;
@@ -640,17 +642,17 @@ mod tests {
     #[test]
     fn tables_match_the_generated_kernels() {
         let src = crate::gpu::pipeline::shader_source(SHADER).expect("conv2d_direct.wgsl is embedded");
-        let rows =
-            FORWARD
-                .iter()
-                .map(|g| format!("(\"{}\", cf, ({}, {}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch))
-                .chain(TRANSPOSED.iter().map(|g| {
-                    let p = g.pad.expect("transposed kernels are generated per padding");
-                    format!("(\"{}\", ct, ({}, {}, {p}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch)
-                }))
-                .chain(FILTER.iter().map(|g| {
-                    format!("(\"{}\", cw, ({}, {}, {}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch, g.ch2)
-                }));
+        let rows = FORWARD
+            .iter()
+            .map(|g| format!("(\"{}\", cf, ({}, {}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch))
+            .chain(TRANSPOSED.iter().map(|g| {
+                let p = g.pad.expect("transposed kernels are generated per padding");
+                format!("(\"{}\", ct, ({}, {}, {p}, {}, {}, {}))", g.entry, g.k, g.s, g.r, g.pb, g.ch)
+            }))
+            .chain(FILTER.iter().map(|g| {
+                let (e, k, s, r, pb, ch, ch2, pairs) = (g.entry, g.k, g.s, g.r, g.pb, g.ch, g.ch2, g.pairs);
+                format!("(\"{e}\", cw, ({k}, {s}, {r}, {pb}, {ch}, {ch2}, {pairs}))")
+            }));
         for row in rows {
             assert!(src.contains(&format!("// @@     {row},")), "generator table lacks {row}");
         }

@@ -171,7 +171,7 @@ fn tune(gpu: &Gpu, shape: &ConvShape, pass: ConvPass) -> Result<ConvVariant> {
     for v in ConvVariant::ALL {
         let run = || match pass {
             ConvPass::Forward => run_forward(v, shape, &x, &w, &y),
-            ConvPass::BackwardData => run_backward_data(v, shape, &y, &w, &x),
+            ConvPass::BackwardData => run_backward_data(v, shape, &y, &w, &x, false),
             ConvPass::BackwardFilter => run_backward_filter(v, shape, &x, &y, &w),
         };
         run()?; // first run compiles the pipelines
@@ -190,10 +190,10 @@ fn run_forward(v: ConvVariant, s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor
         ConvVariant::Tiled => tiled::forward(s, x, w, y),
     }
 }
-fn run_backward_data(v: ConvVariant, s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<()> {
+fn run_backward_data(v: ConvVariant, s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor, acc: bool) -> Result<()> {
     match v {
-        ConvVariant::Direct => direct::backward_data(s, dy, w, dx),
-        ConvVariant::Tiled => tiled::backward_data(s, dy, w, dx),
+        ConvVariant::Direct => direct::backward_data(s, dy, w, dx, acc),
+        ConvVariant::Tiled => tiled::backward_data(s, dy, w, dx, acc),
     }
 }
 fn run_backward_filter(v: ConvVariant, s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
@@ -223,7 +223,8 @@ pub fn forward(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tens
 pub fn forward_with(v: ConvVariant, x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     check_same_device("conv2d", x, w)?;
     let s = ConvShape::new(x.shape(), w.shape(), stride, pad)?;
-    let y = x.gpu().zeros(&s.output_shape())?;
+    // Every kernel overwrites its whole output.
+    let y = x.gpu().empty(&s.output_shape())?;
     run_forward(v, &s, x, w, &y)?;
     Ok(y)
 }
@@ -246,9 +247,49 @@ pub fn backward_data_with(
     check_same_device("conv2d", dy, w)?;
     let s = ConvShape::new(x_shape, w.shape(), stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
-    let dx = dy.gpu().zeros(&s.input_shape())?;
-    run_backward_data(v, &s, dy, w, &dx)?;
+    let dx = dy.gpu().empty(&s.input_shape())?;
+    run_backward_data(v, &s, dy, w, &dx, false)?;
     Ok(dx)
+}
+
+/// Writes `dL/dx` into `dx` (whose shape is the input's), or adds it to `dx` with
+/// `accumulate`: a residual block passes the tensor that already holds the shortcut gradient
+/// and gets `dx += conv_backward_data(dy)` in the conv's own output stores, with no separate add
+/// pass and no extra tensor. Uses the chosen variant.
+pub fn backward_data_into(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    dx: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    let s = ConvShape::new(dx.shape(), w.shape(), stride, pad)?;
+    backward_data_into_with(choose(dy.gpu(), &s, ConvPass::BackwardData)?, dy, w, stride, pad, dx, accumulate)
+}
+
+/// [`backward_data_into`] with variant `v`.
+pub fn backward_data_into_with(
+    v: ConvVariant,
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    dx: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    check_same_device("conv2d", dy, w)?;
+    check_same_device("conv2d", dy, dx)?;
+    let s = ConvShape::new(dx.shape(), w.shape(), stride, pad)?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    // dx is written (and with `accumulate` read) while dy and w are read: no aliasing.
+    if dx.same_buffer(dy) || dx.same_buffer(w) {
+        return Err(Error::Unsupported {
+            op: "conv2d",
+            detail: "backward_data_into: dx shares a buffer with dy or the weight".into(),
+        });
+    }
+    run_backward_data(v, &s, dy, w, dx, accumulate)
 }
 
 /// `dw = dL/dw` given the input and `dy`, with the chosen variant.
@@ -269,7 +310,7 @@ pub fn backward_filter_with(
     check_same_device("conv2d", x, dy)?;
     let s = ConvShape::new(x.shape(), w_shape, stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
-    let dw = x.gpu().zeros(&s.weight_shape())?;
+    let dw = x.gpu().empty(&s.weight_shape())?;
     run_backward_filter(v, &s, x, dy, &dw)?;
     Ok(dw)
 }

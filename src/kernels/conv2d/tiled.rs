@@ -19,15 +19,18 @@ const BK: usize = 8;
 /// Workgroup memory the shader declares: A tile 8 x 17 vec4s and B tile 8 x 65 vec4s.
 const WORKGROUP_BYTES: u32 = (8 * 17 + 8 * 65) * 16;
 
-/// Split-K aims for about this many workgroups in flight: a couple of waves of 256-invocation
-/// workgroups on a GPU with ~100 compute units. Fewer leave backward-filter of a deep layer
-/// (a handful of output tiles over a K of batch x pixels) running on a few units.
-const SPLIT_TARGET_WORKGROUPS: usize = 1024;
-/// Each split covers at least this many K tiles (128 products per output) so writing and
-/// re-reading the partial sums stays small next to the GEMM.
-const SPLIT_MIN_TILES: usize = 16;
-/// The partial-sum buffer is capped at 16 MiB.
-const SPLIT_MAX_PARTIAL: usize = 1 << 22;
+/// Split-K aims for about this many workgroups in all: two waves of 256-invocation
+/// workgroups on a GPU with ~100-130 compute units (one or two resident per unit). More only
+/// lengthen the reduce; fewer leave backward-filter of a deep layer (a handful of output tiles
+/// over a K of batch x pixels) running on a few units.
+const SPLIT_TARGET_WORKGROUPS: usize = 256;
+/// Each split covers at least this many K tiles (1024 products per output), so the partial
+/// sums written and re-read are at most 1/512 of the GEMM's loads per output.
+const SPLIT_MIN_TILES: usize = 128;
+/// The partial-sum buffer is capped at 4 MiB.
+const SPLIT_MAX_PARTIAL: usize = 1 << 20;
+/// Outputs per workgroup of `reduce_splits` (the shader's `RED_COLS`).
+const RED_COLS: usize = 32;
 
 /// Must match the shader's `Params`.
 #[repr(C)]
@@ -47,8 +50,8 @@ struct Params {
     n_out: u32,
 }
 
-/// A tile shape of the 256 invocations: `wg_m` invocations along M, each holding 4 x 4
-/// outputs, so the workgroup computes `4 wg_m` x `4 (256 / wg_m)` outputs.
+/// A tile shape of the 256 invocations: `wg_m` invocations along M, each holding 8 x 4
+/// outputs (8 rows), so the workgroup computes `8 wg_m` x `4 (256 / wg_m)` outputs.
 #[derive(Clone, Copy, Debug)]
 struct Tile {
     wg_m: u32,
@@ -56,7 +59,7 @@ struct Tile {
 
 impl Tile {
     fn bm(self) -> usize {
-        4 * self.wg_m as usize
+        8 * self.wg_m as usize
     }
     fn bn(self) -> usize {
         4 * (WG / self.wg_m) as usize
@@ -64,11 +67,13 @@ impl Tile {
 }
 
 /// The tile shape for an `m` x `n` GEMM: the one with the least padded work, where the
-/// thinner shapes' padded work counts for more because they reuse each loaded element less
-/// (64x64 does 32 FMAs per element loaded, 32x128 about 26, 16x256 about 15). A 64-row tile
-/// on 16 channels would do 4x the useful work; 16x256 does it at about 0.7x the efficiency.
+/// thinner shape's padded work counts for more because it reuses each loaded element less
+/// (64x128 does about 43 FMAs per element loaded, 32x256 about 28). A 64-row tile on 32
+/// channels would do 2x the useful work; 32x256 does it at about 0.67x the efficiency. (A
+/// 16-row shape would need 16x512 tiles, whose B tile exceeds the 16 KiB of workgroup memory
+/// every device offers; 16-channel layers run on 32x256 with half the rows padding.)
 fn pick_tile(m: usize, n: usize) -> Tile {
-    [(16, 1.0), (8, 0.85), (4, 0.7)]
+    [(8, 1.0), (4, 0.67)]
         .into_iter()
         .map(|(wg_m, efficiency)| {
             let t = Tile { wg_m };
@@ -77,7 +82,7 @@ fn pick_tile(m: usize, n: usize) -> Tile {
         })
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, t)| t)
-        .unwrap_or(Tile { wg_m: 16 })
+        .unwrap_or(Tile { wg_m: 8 })
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -128,8 +133,8 @@ fn check(gpu: &Gpu, what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
     Ok(())
 }
 
-fn constants(s: &ConvShape, t: Tile) -> [(&'static str, f64); 3] {
-    [("KS", s.kernel as f64), ("STRIDE", s.stride as f64), ("WG_M", t.wg_m as f64)]
+fn constants(s: &ConvShape, t: Tile, acc: bool) -> [(&'static str, f64); 4] {
+    [("KS", s.kernel as f64), ("STRIDE", s.stride as f64), ("WG_M", t.wg_m as f64), ("ACC", acc as u32 as f64)]
 }
 
 /// The grid for `tiles_n` column tiles (folded over x and y past the per-dimension limit)
@@ -150,15 +155,15 @@ pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Resu
     let tiles_m = m.div_ceil(t.bm());
     let p = Params { tiles_m: u32_of(tiles_m, "row tiles")?, ..params(s)? };
     gpu.dispatch(
-        &Kernel::with(SHADER, "forward", &constants(s, t)),
+        &Kernel::with(SHADER, "forward", &constants(s, t, false)),
         &p,
         &[Arg::Storage(x), Arg::Storage(w), Arg::Storage(y)],
         grid(gpu, n.div_ceil(t.bn()), tiles_m)?,
     )
 }
 
-/// dx = conv_transpose(dy, w); overwrites dx.
-pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<()> {
+/// dx = conv_transpose(dy, w), or dx += it with `acc` (each element is written once).
+pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor, acc: bool) -> Result<()> {
     let gpu = dy.gpu();
     check(gpu, "output gradient", dy, s.output_shape())?;
     check(gpu, "weight", w, s.weight_shape())?;
@@ -170,7 +175,7 @@ pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor)
     let tiles_m = m.div_ceil(t.bm());
     let p = Params { tiles_m: u32_of(tiles_m, "row tiles")?, ..params(s)? };
     gpu.dispatch(
-        &Kernel::with(SHADER, "backward_data", &constants(s, t)),
+        &Kernel::with(SHADER, "backward_data", &constants(s, t, acc)),
         &p,
         &[Arg::Storage(dy), Arg::Storage(w), Arg::Storage(dx)],
         grid(gpu, n.div_ceil(t.bn()), tiles_m * s.stride * s.stride)?,
@@ -209,22 +214,22 @@ pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tenso
         n_out: u32_of(m * n, "weight elements")?,
         ..params(s)?
     };
-    let consts = constants(s, t);
+    let consts = constants(s, t, false);
     let kernel = Kernel::with(SHADER, "backward_filter", &consts);
     let grid = grid(gpu, tiles_n, tiles_m * splits)?;
     if splits == 1 {
         return gpu.dispatch(&kernel, &p, &[Arg::Storage(x), Arg::Storage(dy), Arg::Storage(dw)], grid);
     }
     // Every element of the partial buffer is written by the GEMM (each split has at least
-    // one K tile), so its zero fill is never read.
-    let partial = gpu.zeros(&[splits, m, n])?;
+    // one K tile), so it needs no zero fill.
+    let partial = gpu.empty(&[splits, m, n])?;
     gpu.dispatch(&kernel, &p, &[Arg::Storage(x), Arg::Storage(dy), Arg::Storage(&partial)], grid)?;
     // Binding 2 is unused by `reduce_splits`; the list only has to reach binding 3.
     gpu.dispatch(
         &Kernel::new(SHADER, "reduce_splits"),
         &p,
         &[Arg::Storage(&partial), Arg::Storage(&partial), Arg::Storage(dw)],
-        gpu.grid_1d(m * n, WG),
+        gpu.grid_1d(m * n, RED_COLS as u32),
     )
 }
 
@@ -234,9 +239,9 @@ mod tests {
 
     #[test]
     fn tile_shape_follows_rows() {
-        assert_eq!(pick_tile(64, 100_000).wg_m, 16);
-        assert_eq!(pick_tile(128, 4096).wg_m, 16);
-        assert_eq!(pick_tile(32, 100_000).wg_m, 8);
+        assert_eq!(pick_tile(64, 100_000).wg_m, 8);
+        assert_eq!(pick_tile(128, 4096).wg_m, 8);
+        assert_eq!(pick_tile(32, 100_000).wg_m, 4);
         assert_eq!(pick_tile(16, 100_000).wg_m, 4);
         assert_eq!(pick_tile(3, 100_000).wg_m, 4);
     }
