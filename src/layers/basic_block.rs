@@ -16,14 +16,13 @@ use super::{BatchNorm2d, Conv2d, Param};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::batch_norm::{BnSaved, Epilogue, Residual, ShortcutGrad};
-use crate::kernels::{conv2d, elementwise as ew};
+use crate::kernels::conv2d;
 
 /// `dx += conv`'s input gradient for output gradient `dy` (`dx` has the conv's input shape).
-/// The shortcut's gradient is already in `dx`, so the block's input gradient needs no
-/// separate add once conv2d's backward-data accumulates: replace the body with
-/// `conv2d::backward_data_into(dy, &conv.weight.value, conv.stride, conv.pad, dx, true)`.
+/// The shortcut's gradient is already in `dx`, and the conv's backward-data adds onto it in
+/// its own output stores: no separate add pass, no extra tensor.
 pub(crate) fn accumulate_backward_data(conv: &Conv2d, dy: &Tensor, dx: &Tensor) -> Result<()> {
-    ew::axpy(1.0, &conv2d::backward_data(dy, &conv.weight.value, dx.shape(), conv.stride, conv.pad)?, dx)
+    conv2d::backward_data_into(dy, &conv.weight.value, conv.stride, conv.pad, dx, true)
 }
 
 /// A basic residual block.

@@ -47,6 +47,10 @@ impl Conv2d {
     /// Writes the weight gradient only: the first layer of a network needs no input gradient.
     pub fn backward_weight(&mut self, x: &Tensor, dy: &Tensor) -> Result<()> {
         let w = &self.weight.value;
+        if self.weight.grad.is_view() {
+            // A stage's packed gradient: written in place, where one SGD dispatch reads it.
+            return conv2d::backward_filter_into(x, dy, self.stride, self.pad, &self.weight.grad);
+        }
         let dw = conv2d::backward_filter(x, dy, w.shape(), self.stride, self.pad)?;
         self.weight.set_grad(dw)
     }

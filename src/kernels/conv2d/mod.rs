@@ -314,3 +314,19 @@ pub fn backward_filter_with(
     run_backward_filter(v, &s, x, dy, &dw)?;
     Ok(dw)
 }
+
+/// Writes `dL/dw` into `dw` (the weight's shape; e.g. a view of a stage's packed gradients),
+/// with the chosen variant.
+pub fn backward_filter_into(x: &Tensor, dy: &Tensor, stride: usize, pad: usize, dw: &Tensor) -> Result<()> {
+    check_same_device("conv2d", x, dy)?;
+    check_same_device("conv2d", x, dw)?;
+    let s = ConvShape::new(x.shape(), dw.shape(), stride, pad)?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    if dw.same_buffer(x) || dw.same_buffer(dy) {
+        return Err(Error::Unsupported {
+            op: "conv2d",
+            detail: "backward_filter_into: dw shares a buffer with x or dy".into(),
+        });
+    }
+    run_backward_filter(choose(x.gpu(), &s, ConvPass::BackwardFilter)?, &s, x, dy, dw)
+}
