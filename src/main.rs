@@ -33,10 +33,11 @@ struct Cli {
     #[arg(long, global = true, env = "FEATREPLAY_CONV_VARIANT")]
     conv_variant: Option<String>,
 
-    /// Keep wgpu's runtime bounds checks in the shaders (off by default: every kernel guards
-    /// its own indices). Turn on to rule out an out-of-bounds access.
-    #[arg(long, global = true)]
-    shader_checks: bool,
+    /// wgpu's runtime bounds checks in the shaders: `auto` keeps them on CPU adapters and
+    /// leaves them out on GPUs (every kernel guards its own indices); `on` to rule out an
+    /// out-of-bounds access, `off` to leave them out everywhere.
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    shader_checks: String,
 
     #[command(subcommand)]
     command: Command,
@@ -486,7 +487,11 @@ fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
 }
 
 fn run(cli: Cli, given: &[&str]) -> Result<()> {
-    featreplay::gpu::set_shader_runtime_checks(cli.shader_checks);
+    featreplay::gpu::set_shader_runtime_checks(match cli.shader_checks.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    });
     match &cli.command {
         Command::Devices => {
             let adapters = list_adapters();

@@ -87,7 +87,7 @@ impl PipelineCache {
             // SAFETY: every kernel guards its indices against the sizes it is launched with
             // (checked by the launchers) and naga has validated the module above; the bounds
             // checks wgpu would add cost a compare and a select per memory access. The
-            // `--shader-checks` switch puts them back to hunt a suspected out-of-bounds access.
+            // `--shader-checks on` switch puts them back to hunt a suspected out-of-bounds access.
             unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
         };
         let entry = Arc::new(ShaderEntry { module, naga, info });
