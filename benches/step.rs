@@ -19,7 +19,7 @@ use featreplay::Gpu;
 use rand::{Rng, SeedableRng};
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use common::reference::{cross_entropy, resnet_forward, vars};

@@ -318,7 +318,8 @@ impl Profile {
         s += "\n|---|---:|";
         s += &"---:|".repeat(self.per_stage.len());
         s += "\n";
-        let rows: [(&str, fn(&Counters) -> String); 11] = [
+        type Row = (&'static str, fn(&Counters) -> String);
+        let rows: [Row; 11] = [
             ("dispatches", |c| c.dispatches.to_string()),
             ("compute passes", |c| c.passes.to_string()),
             ("copies and clears", |c| c.copies.to_string()),

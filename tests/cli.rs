@@ -85,7 +85,9 @@ fn profile_reports_a_steady_iteration_and_writes_json() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["| dispatches |", "| host waits | 1 |", "| buffers created | 0 |", "Device time by layer type", "| conv |"] {
+    for row in
+        ["| dispatches |", "| host waits | 1 |", "| buffers created | 0 |", "Device time by layer type", "| conv |"]
+    {
         assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
     }
     let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

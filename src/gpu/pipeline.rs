@@ -53,13 +53,15 @@ struct ShaderEntry {
 }
 
 type Constants = Vec<(&'static str, u64)>;
+/// The compiled override-constant sets of one (file, entry point).
+type Variants = Vec<(Constants, Arc<CachedPipeline>)>;
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     shaders: Mutex<HashMap<&'static str, Arc<ShaderEntry>>>,
     /// Per (file, entry point): the override-constant sets compiled so far. A lookup
     /// compares the constants in place and allocates nothing.
-    pipelines: Mutex<HashMap<(&'static str, &'static str), Vec<(Constants, Arc<CachedPipeline>)>>>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Variants>>,
 }
 
 static NEXT_PIPELINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

@@ -57,7 +57,13 @@ impl Tensor {
                     detail: format!("views {shapes:?} do not fit a tensor of {:?}", self.shape),
                 });
             }
-            out.push(Tensor { buf: self.buf.clone(), offset: at, view: true, shape: shape.clone(), gpu: self.gpu.clone() });
+            out.push(Tensor {
+                buf: self.buf.clone(),
+                offset: at,
+                view: true,
+                shape: shape.clone(),
+                gpu: self.gpu.clone(),
+            });
             at = (at + bytes).div_ceil(align) * align;
         }
         Ok(out)

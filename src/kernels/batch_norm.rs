@@ -541,6 +541,7 @@ pub fn backward_fused(
 
 /// [`backward_fused`] writing dgamma and dbeta into the given `[C]` tensors (e.g. views of
 /// a stage's packed gradients) instead of new ones; the returned [`BnGrads`] holds them.
+#[allow(clippy::too_many_arguments)]
 pub fn backward_fused_into(
     x: &Tensor,
     dy: &Tensor,

@@ -220,7 +220,7 @@ pub fn step_packed(
 ) -> Result<()> {
     cfg.validate()?;
     check(param, grad, momentum_buf)?;
-    if chunk % 4 != 0 || chunk == 0 || chunk_slots.numel() * chunk < param.numel() {
+    if !chunk.is_multiple_of(4) || chunk == 0 || chunk_slots.numel() * chunk < param.numel() {
         return Err(Error::ShapeMismatch {
             op: OP,
             detail: format!(

@@ -45,7 +45,12 @@ impl PendingCounts {
 }
 
 fn found(names: &[String], counts: Vec<u32>) -> Vec<NonFiniteCount> {
-    names.iter().zip(counts).filter(|(_, c)| *c > 0).map(|(n, c)| NonFiniteCount { name: n.clone(), count: c }).collect()
+    names
+        .iter()
+        .zip(counts)
+        .filter(|(_, c)| *c > 0)
+        .map(|(n, c)| NonFiniteCount { name: n.clone(), count: c })
+        .collect()
 }
 
 /// Slot of a stage's output.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::resume::{open_resume, resume_config, RESUMABLE_FLAGS};
 use super::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
-use super::{PendingChecks, sigma, Network, OptimConfig};
+use super::{sigma, Network, OptimConfig, PendingChecks};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
 use crate::error::{Error, Result};
