@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--input", default="3,32,32", help="C,H,W of the random images")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -37,9 +38,10 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = CifarResNet(a.depth).to(dev)
+    c, h, w = (int(v) for v in a.input.split(","))
+    model = CifarResNet(a.depth, in_channels=c).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    x = torch.rand(a.batch, 3, 32, 32, device=dev) * 2 - 1
+    x = torch.rand(a.batch, c, h, w, device=dev) * 2 - 1
     y = torch.randint(0, 10, (a.batch,), device=dev)
 
     def step() -> None:
@@ -62,6 +64,7 @@ def main() -> None:
     out = {
         "depth": a.depth,
         "batch": a.batch,
+        "input": [c, h, w],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "seconds_per_iteration": s,
         "img_per_s": a.batch / s,
