@@ -203,6 +203,20 @@ fn run_backward_filter(v: ConvVariant, s: &ConvShape, x: &Tensor, dy: &Tensor, d
     }
 }
 
+/// An `_into` pass's output `out` and inputs: one device, and the output aliasing neither input.
+fn check_output(pass: &str, out: (&str, &Tensor), inputs: [(&str, &Tensor); 2]) -> Result<()> {
+    let [(na, a), (nb, b)] = inputs;
+    check_same_device("conv2d", a, b)?;
+    check_same_device("conv2d", a, out.1)?;
+    if out.1.same_buffer(a) || out.1.same_buffer(b) {
+        return Err(Error::Unsupported {
+            op: "conv2d",
+            detail: format!("{pass}: {} shares a buffer with {na} or {nb}", out.0),
+        });
+    }
+    Ok(())
+}
+
 fn check_shape(what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
     if t.shape() != want {
         return Err(Error::ShapeMismatch {
@@ -278,17 +292,10 @@ pub fn backward_data_into_with(
     dx: &Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    check_same_device("conv2d", dy, w)?;
-    check_same_device("conv2d", dy, dx)?;
+    // dx is written (and with `accumulate` read) while dy and w are read: no aliasing.
+    check_output("backward_data_into", ("dx", dx), [("dy", dy), ("the weight", w)])?;
     let s = ConvShape::new(dx.shape(), w.shape(), stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
-    // dx is written (and with `accumulate` read) while dy and w are read: no aliasing.
-    if dx.same_buffer(dy) || dx.same_buffer(w) {
-        return Err(Error::Unsupported {
-            op: "conv2d",
-            detail: "backward_data_into: dx shares a buffer with dy or the weight".into(),
-        });
-    }
     run_backward_data(v, &s, dy, w, dx, accumulate)
 }
 
@@ -318,15 +325,8 @@ pub fn backward_filter_with(
 /// Writes `dL/dw` into `dw` (the weight's shape; e.g. a view of a stage's packed gradients),
 /// with the chosen variant.
 pub fn backward_filter_into(x: &Tensor, dy: &Tensor, stride: usize, pad: usize, dw: &Tensor) -> Result<()> {
-    check_same_device("conv2d", x, dy)?;
-    check_same_device("conv2d", x, dw)?;
+    check_output("backward_filter_into", ("dw", dw), [("x", x), ("dy", dy)])?;
     let s = ConvShape::new(x.shape(), dw.shape(), stride, pad)?;
     check_shape("output gradient", dy, s.output_shape())?;
-    if dw.same_buffer(x) || dw.same_buffer(dy) {
-        return Err(Error::Unsupported {
-            op: "conv2d",
-            detail: "backward_filter_into: dw shares a buffer with x or dy".into(),
-        });
-    }
     run_backward_filter(choose(x.gpu(), &s, ConvPass::BackwardFilter)?, &s, x, dy, dw)
 }
