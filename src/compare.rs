@@ -1,5 +1,5 @@
-//! `featreplay compare`: the paper's comparison in one command. BP, FR, DDG and DNI are
-//! trained with the same model, data, seed and optimiser for every K asked for; each run
+//! `featreplay compare`: the paper's comparison in one command. BP, FR, DDG, DNI, GPipe and
+//! DGL are trained with the same model, data, seed and optimiser for every K asked for; each run
 //! writes its own directory (`<method>-k<K>/`: metrics, sigma, curves, checkpoint) and the
 //! comparison adds, in the output directory:
 //! - `curves-k<K>.png`: training loss and test error per epoch, every method;
@@ -21,8 +21,11 @@ use crate::error::{Error, Result};
 use crate::report::{self, plot_panels, EpochRecord, Panel, SigmaRecord};
 use crate::train::run::{self, Observer, RunConfig, Start};
 
-/// The methods `compare` knows, in the order it runs them.
-pub const METHODS: [&str; 4] = ["bp", "fr", "ddg", "dni"];
+/// The methods `compare` knows, in the order it runs them (every registered method).
+pub const METHODS: [&str; 6] = {
+    let m = crate::train::method::METHODS;
+    [m[0].0, m[1].0, m[2].0, m[3].0, m[4].0, m[5].0]
+};
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -109,11 +112,11 @@ impl CompareConfig {
     fn check(&self) -> Result<()> {
         let bad = |detail: String| Error::Unsupported { op: "compare", detail };
         if self.methods.is_empty() {
-            return Err(bad("--methods is empty: name at least one of bp, fr, ddg, dni".into()));
+            return Err(bad(format!("--methods is empty: name at least one of {}", METHODS.join(", "))));
         }
         for m in &self.methods {
             if !METHODS.contains(&m.as_str()) {
-                return Err(bad(format!("unknown method '{m}': choose from bp, fr, ddg, dni")));
+                return Err(bad(format!("unknown method '{m}': choose from {}", METHODS.join(", "))));
             }
         }
         if self.ks.is_empty() || self.ks.contains(&0) {

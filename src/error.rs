@@ -86,6 +86,25 @@ pub enum Error {
     #[error("{dir} {found}; {hint}")]
     RunDirNotEmpty { dir: String, found: String, hint: String },
 
+    /// A pipeline stage stopped because a neighbour it exchanges tensors with is gone: a
+    /// consequence of another stage's failure, never the root cause (`stage` is 0-based).
+    #[error("module {} stopped: {what} (another module failed)", stage + 1)]
+    StageStopped { stage: usize, what: &'static str },
+
+    /// The schedule lost track of its own state: a module holds more stored inputs or
+    /// graphs than its delay allows, has none to replay, or the data feed ended early.
+    #[error("pipeline schedule error: {detail}")]
+    Schedule { detail: String },
+
+    /// A failure injected by a test at a stage and iteration (both 0-based, as the test's
+    /// `InjectedFailure` names them).
+    #[error("injected failure in stage {stage} at iteration {iteration}")]
+    InjectedFailure { stage: usize, iteration: u64 },
+
+    /// A stage's worker thread panicked (a bug: the panic's message went to stderr).
+    #[error("module {} panicked", stage + 1)]
+    StagePanicked { stage: usize },
+
     /// Reading a buffer back to the host failed.
     #[error("reading back a buffer from '{adapter}' failed: {message}")]
     ReadBack { adapter: String, message: String },

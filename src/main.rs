@@ -12,6 +12,7 @@ use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
 use featreplay::predict;
 use featreplay::report::EpochRecord;
+use featreplay::train::dgl::AuxConfig;
 use featreplay::train::eval::{self, InferenceOptions, TestSubset};
 use featreplay::train::resume;
 use featreplay::train::run::{self, Observer, RunConfig, Start};
@@ -170,6 +171,16 @@ struct TrainArgs {
     /// DNI: channels of the predictor's hidden layers (0: as many as the features).
     #[arg(long, default_value_t = 0)]
     dni_width: usize,
+    /// GPipe: micro-batches per batch (1: model-parallel backprop exactly).
+    #[arg(long, default_value_t = 4)]
+    microbatches: usize,
+    /// DGL: conv + BN + ReLU layers of each auxiliary head before its pooling and linear
+    /// classifier.
+    #[arg(long, default_value_t = 1)]
+    dgl_depth: usize,
+    /// DGL: channels of the head's conv layers (0: as many as the features).
+    #[arg(long, default_value_t = 0)]
+    dgl_width: usize,
     /// No progress bar (one line per epoch only).
     #[arg(long)]
     quiet: bool,
@@ -215,6 +226,8 @@ impl TrainArgs {
             algo: algo.to_string(),
             measure_sigma: self.measure_sigma,
             dni: PredictorConfig { depth: self.dni_depth, width: self.dni_width },
+            microbatches: self.microbatches,
+            dgl: AuxConfig { depth: self.dgl_depth, width: self.dgl_width },
             init_from: self.init_from.clone(),
         }
     }
@@ -225,14 +238,16 @@ enum Command {
     /// List every GPU adapter wgpu can reach.
     Devices,
     /// Train a ResNet with backprop (on one device or model-parallel over --splits devices),
-    /// Features Replay, delayed gradients (DDG) or synthetic gradients (DNI).
+    /// Features Replay, delayed gradients (DDG), synthetic gradients (DNI), GPipe or
+    /// Decoupled Greedy Learning (DGL).
     Train {
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
         train: TrainArgs,
         /// bp (backprop; model-parallel when --splits > 1), fr (Features Replay), ddg
-        /// (delayed gradients) or dni (synthetic gradients).
+        /// (delayed gradients), dni (synthetic gradients), gpipe (micro-batch pipeline,
+        /// --microbatches) or dgl (local losses, --dgl-depth, --dgl-width).
         #[arg(long, default_value = "bp")]
         algo: String,
         /// Write the pipeline's timeline as Chrome trace events (open in ui.perfetto.dev).
@@ -261,7 +276,7 @@ enum Command {
         #[command(flatten)]
         train: TrainArgs,
         /// Methods to run, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "bp,fr,ddg,dni")]
+        #[arg(long, value_delimiter = ',', default_value = "bp,fr,ddg,dni,gpipe,dgl")]
         methods: Vec<String>,
         /// Module counts K, comma-separated (runs at the largest K measure sigma, every
         /// --measure-sigma iterations, default 50; --splits is ignored).

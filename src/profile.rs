@@ -16,7 +16,6 @@ use serde::Serialize;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Counters, Gpu, OpTimingMethod};
-use crate::layers::loss::MetricsAccumulator;
 use crate::model::LayerSpec;
 use crate::train::run::{open_devices, prepare, RunConfig};
 use crate::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
@@ -101,41 +100,20 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     let (spec, ranges, batches) = workload(cfg)?;
     let method = cfg.run.method()?;
     let k = ranges.len();
-    let warmup = cfg.warmup.max(1).max(if method.is_some() { k } else { 1 });
+    // Past every module's warm-up (d_k iterations at most).
+    let warmup = cfg.warmup.max(1).max(k);
     let gpus = open_devices(&cfg.run.devices, k)?;
     let mut net = Network::new(spec.clone(), &ranges, &gpus, cfg.run.seed)?;
-    let mut state = match method {
-        Some(m) => Some(PipelineState::new(m, &net, cfg.run.seed)?),
-        None => None,
-    };
+    let mut state = PipelineState::new(method, &net, cfg.run.seed)?;
     if batches.len() < warmup + cfg.iterations + cfg.timed_iterations {
         return Err(Error::Unsupported { op: "profile", detail: "too few batches for the profile".into() });
     }
     let optim = &cfg.run.optim;
     let lr = optim.lr;
-    let mut acc = MetricsAccumulator::new(&gpus[k - 1])?;
+    // As the training loop runs it: the method's steps on the pipeline.
     let mut run = |net: &mut Network, batches: &[HostBatch]| -> Result<()> {
-        match state.as_mut() {
-            None => {
-                // As the training loop does: the step, the loss sums, and the one host wait
-                // (for the previous iteration's divergence counters).
-                let mut pending = None;
-                for b in batches {
-                    let out = net.bp_step(&b.images, &b.labels, optim, lr)?;
-                    acc.add(&out, b.labels.len())?;
-                    if let Some(p) = pending.replace(net.start_check_finite()?) {
-                        p.finish()?;
-                    }
-                }
-                if let Some(p) = pending {
-                    p.finish()?;
-                }
-            }
-            Some(st) => {
-                let opts = EpochOptions { end_of_epoch: false, ..EpochOptions::new(optim, lr) };
-                schedule::run_epoch(net, st, batches.iter().map(copy_batch), batches.len(), &opts)?;
-            }
-        }
+        let opts = EpochOptions { end_of_epoch: false, ..EpochOptions::new(optim, lr) };
+        schedule::run_epoch(net, &mut state, batches.iter().map(copy_batch), batches.len(), &opts)?;
         Ok(())
     };
 
@@ -195,7 +173,7 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     Ok(Profile {
         adapter: gpus[0].adapter().name.clone(),
         model: spec.name.clone(),
-        method: method.map(|m| m.name()).unwrap_or("bp").to_string(),
+        method: state.method.name().to_string(),
         stages: k,
         batch_size: cfg.run.batch_size,
         iterations: cfg.iterations,

@@ -8,7 +8,7 @@ use common::fr_sim::{simulate_ddg, simulate_fr, BnUpdate, FrSimConfig};
 use common::pipeline::*;
 use common::*;
 use featreplay::model::{split, SplitPolicy};
-use featreplay::train::schedule::{self, EpochOptions, Method, PipelineState};
+use featreplay::train::schedule::{self, EpochOptions, PipelineState};
 use featreplay::train::Network;
 
 fn check_against_simulation(k: usize) {
@@ -19,7 +19,7 @@ fn check_against_simulation(k: usize) {
         net.state().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.to_vec().unwrap())).collect();
     let data = batches(7, 50);
     let opt = optim();
-    let mut state = PipelineState::new(Method::Ddg, &net, 12).unwrap();
+    let mut state = PipelineState::new(common::pipeline::method("ddg"), &net, 12).unwrap();
     schedule::run_epoch(&mut net, &mut state, host(&data[..4]), 4, &EpochOptions::new(&opt, opt.lr)).unwrap();
     schedule::run_epoch(&mut net, &mut state, host(&data[4..]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
     let cfg = FrSimConfig {
@@ -82,7 +82,7 @@ fn ddg_stages_hold_their_delay_in_whole_graphs() {
     }
     let weight_bytes: Vec<u64> = net.stages.iter().map(|s| s.weight_bytes()).collect();
     let baseline: Vec<u64> = gpus.iter().map(|g| g.memory().live_tensor_bytes).collect();
-    let mut state = PipelineState::new(Method::Ddg, &net, 9).unwrap();
+    let mut state = PipelineState::new(common::pipeline::method("ddg"), &net, 9).unwrap();
     let data = batches(6, 20);
     let opt = optim();
     for (e, chunk) in [&data[..1], &data[1..4], &data[4..]].iter().enumerate() {

@@ -8,7 +8,8 @@ use common::pipeline::{devices, host, optim, resnet8};
 use common::*;
 use featreplay::layers::predictor::{GradientPredictor, PredictorConfig};
 use featreplay::model::{split, SplitPolicy};
-use featreplay::train::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
+use featreplay::train::dni::DniModule;
+use featreplay::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
 use featreplay::train::{Network, OptimConfig};
 
 fn batches(n: usize, seed: u64) -> Vec<HostBatch> {
@@ -53,7 +54,7 @@ fn a_zero_initialised_predictor_moves_its_module_only_by_weight_decay_at_the_fir
     let mut net = Network::new(spec, &ranges, &gpus, 5).unwrap();
     let before: Vec<Vec<f32>> = net.stages[0].params().iter().map(|p| p.value.to_vec().unwrap()).collect();
     let top_before: Vec<Vec<f32>> = net.stages[1].params().iter().map(|p| p.value.to_vec().unwrap()).collect();
-    let mut state = PipelineState::new(Method::Dni(PredictorConfig::default()), &net, 5).unwrap();
+    let mut state = PipelineState::new(common::pipeline::dni(PredictorConfig::default()), &net, 5).unwrap();
     let opt = optim();
     schedule::run_epoch(&mut net, &mut state, batches(1, 9).into_iter(), 1, &EpochOptions::new(&opt, opt.lr)).unwrap();
     // First SGD step (PyTorch, Nesterov): buf = d = g + wd * w; w -= lr * (d + m * buf) with
@@ -72,8 +73,8 @@ fn a_zero_initialised_predictor_moves_its_module_only_by_weight_decay_at_the_fir
     assert!(moved, "the last module learns from the loss");
     // The predictor was trained on the true gradient at the end of the epoch, so it is no
     // longer zero and nothing is in flight.
-    let st = &state.stages[0];
-    assert!(st.prediction.is_none() && st.pending_grad.is_none());
+    let st = state.module::<DniModule>(0).unwrap();
+    assert!(st.prediction.is_none() && state.stages[0].pending_grad.is_none());
     assert_eq!(st.predictor_steps, 1);
     let out_w = st.predictor.as_ref().unwrap().params().last().unwrap().value.to_vec().unwrap();
     assert!(out_w.iter().any(|v| *v != 0.0), "the predictor's output layer learned");
@@ -85,24 +86,28 @@ fn dni_trains_every_module_and_keeps_one_prediction_in_flight_within_an_epoch() 
     let ranges = split(&spec, 3, SplitPolicy::Even).unwrap();
     let gpus = devices(3);
     let mut net = Network::new(spec, &ranges, &gpus, 6).unwrap();
-    let mut state = PipelineState::new(Method::Dni(PredictorConfig { depth: 2, width: 4 }), &net, 6).unwrap();
+    let mut state = PipelineState::new(common::pipeline::dni(PredictorConfig { depth: 2, width: 4 }), &net, 6).unwrap();
     let opt = optim();
     let data = batches(6, 30);
     let mid = EpochOptions { end_of_epoch: false, ..EpochOptions::new(&opt, opt.lr) };
     let m = schedule::run_epoch(&mut net, &mut state, data[..3].iter().cloned(), 3, &mid).unwrap();
     assert!(m.loss.is_finite());
     for k in 0..2 {
-        let st = &state.stages[k];
+        let st = state.module::<DniModule>(k).unwrap();
         assert!(
-            st.prediction.is_some() && st.pending_grad.is_some(),
+            st.prediction.is_some() && state.stages[k].pending_grad.is_some(),
             "stage {k} holds its last prediction and gradient"
         );
         assert_eq!(st.predictor_steps, 2, "stage {k}: predictor trained on the first two true gradients");
     }
     schedule::run_epoch(&mut net, &mut state, data[3..].iter().cloned(), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
     for k in 0..2 {
-        assert_eq!(state.stages[k].predictor_steps, 6, "stage {k}: one predictor step per iteration");
+        assert_eq!(
+            state.module::<DniModule>(k).unwrap().predictor_steps,
+            6,
+            "stage {k}: one predictor step per iteration"
+        );
         assert_eq!(state.stages[k].steps, 6);
-        assert!(state.stages[k].prediction.is_none());
+        assert!(state.module::<DniModule>(k).unwrap().prediction.is_none());
     }
 }

@@ -62,7 +62,7 @@ fn stages_hold_exactly_their_delay_in_inputs() {
                 // Between iterations a module holds min(t, d_k) inputs (d_k + 1 during a
                 // step, one of which its replay consumes).
                 let held = t.min(d) as usize;
-                assert_eq!(state.stages[s].input_history.len(), held, "K={k} stage {s} after epoch {e}");
+                assert_eq!(state.history_lengths()[s], held, "K={k} stage {s} after epoch {e}");
                 let input_bytes: u64 = 4 * 4 * spec.input_of(ranges[s].start).unwrap().iter().product::<usize>() as u64;
                 let output_bytes: u64 = 4
                     * 4

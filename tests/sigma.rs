@@ -5,10 +5,11 @@
 
 mod common;
 
-use common::pipeline::{host, optim, resnet8};
+use common::pipeline::{dni, host, method, optim, resnet8};
 use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::{split, SplitPolicy};
-use featreplay::train::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
+use featreplay::train::dni::DniModule;
+use featreplay::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
 use featreplay::train::{sigma, Network, OptimConfig};
 use featreplay::Gpu;
 
@@ -60,12 +61,12 @@ fn fr_and_ddg_sigma_is_one_when_the_weights_barely_move() {
     // current weights, so sigma is 1 up to O(lr): only if every module's gradient is
     // compared with backprop on the batch it really belongs to (t - d_k).
     let opt = OptimConfig { lr: 1e-6, weight_decay: 0.0, schedule: vec![], gammas: vec![], ..OptimConfig::paper(1) };
-    for method in [Method::Fr, Method::Ddg] {
+    for method in [method("fr"), method("ddg")] {
         let mut net = network(3, 2);
-        let mut state = PipelineState::new(method, &net, 2).unwrap();
+        let mut state = PipelineState::new(method.clone(), &net, 2).unwrap();
         let data = batches(5, 11);
         schedule::run_epoch(&mut net, &mut state, data.into_iter(), 5, &EpochOptions::new(&opt, opt.lr)).unwrap();
-        let s = sigma::measure(&mut net, &state).unwrap();
+        let s = sigma::measure(&mut net, &mut state).unwrap();
         for (k, v) in s.iter().enumerate() {
             assert!((v - 1.0).abs() < 1e-3, "{method:?} stage {k}: sigma {v}");
         }
@@ -76,12 +77,12 @@ fn fr_and_ddg_sigma_is_one_when_the_weights_barely_move() {
 fn dni_sigma_is_zero_for_an_untrained_predictor_and_nan_during_warm_up() {
     let opt = optim();
     let mut net = network(3, 3);
-    let mut state = PipelineState::new(Method::Dni(PredictorConfig::default()), &net, 3).unwrap();
-    let s = sigma::measure(&mut net, &state).unwrap();
+    let mut state = PipelineState::new(dni(PredictorConfig::default()), &net, 3).unwrap();
+    let s = sigma::measure(&mut net, &mut state).unwrap();
     assert!(s.iter().all(|v| v.is_nan()), "nothing to measure before the first batch: {s:?}");
     let mid = EpochOptions { end_of_epoch: false, ..EpochOptions::new(&opt, opt.lr) };
     schedule::run_epoch(&mut net, &mut state, batches(1, 5).into_iter(), 1, &mid).unwrap();
-    let s = sigma::measure(&mut net, &state).unwrap();
+    let s = sigma::measure(&mut net, &mut state).unwrap();
     assert_eq!(&s[..2], &[0.0, 0.0], "a zero predictor predicts a zero gradient: {s:?}");
     assert!((s[2] - 1.0).abs() < 1e-6, "the last module gets the true gradient: {s:?}");
 }
@@ -89,8 +90,8 @@ fn dni_sigma_is_zero_for_an_untrained_predictor_and_nan_during_warm_up() {
 /// Every state tensor of the network and, for DNI, of the predictors.
 fn snapshot(net: &Network, state: &PipelineState) -> Vec<(String, Vec<f32>)> {
     let mut out: Vec<(String, Vec<f32>)> = net.state().into_iter().map(|(n, t)| (n, t.to_vec().unwrap())).collect();
-    for (k, st) in state.stages.iter().enumerate() {
-        if let Some(p) = &st.predictor {
+    for k in 0..state.stages.len() {
+        if let Some(p) = state.module::<DniModule>(k).and_then(|m| m.predictor.as_ref()) {
             for p in p.params() {
                 out.push((format!("{k}.{}", p.name), p.value.to_vec().unwrap()));
                 out.push((format!("{k}.m.{}", p.name), p.momentum.to_vec().unwrap()));
@@ -103,10 +104,10 @@ fn snapshot(net: &Network, state: &PipelineState) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn measuring_sigma_leaves_every_method_on_the_same_trajectory() {
     let opt = optim();
-    for method in [Method::Fr, Method::Ddg, Method::Dni(PredictorConfig { depth: 2, width: 4 })] {
+    for method in [method("fr"), method("ddg"), dni(PredictorConfig { depth: 2, width: 4 })] {
         let data = batches(6, 40);
         let mut plain = network(3, 4);
-        let mut plain_state = PipelineState::new(method, &plain, 4).unwrap();
+        let mut plain_state = PipelineState::new(method.clone(), &plain, 4).unwrap();
         let m1 = schedule::run_epoch(
             &mut plain,
             &mut plain_state,
@@ -117,13 +118,13 @@ fn measuring_sigma_leaves_every_method_on_the_same_trajectory() {
         .unwrap();
 
         let mut measured = network(3, 4);
-        let mut st = PipelineState::new(method, &measured, 4).unwrap();
+        let mut st = PipelineState::new(method.clone(), &measured, 4).unwrap();
         let mut losses = Vec::new();
         for (i, chunk) in data.chunks(2).enumerate() {
             let opts = EpochOptions { end_of_epoch: i == 2, ..EpochOptions::new(&opt, opt.lr) };
             let m = schedule::run_epoch(&mut measured, &mut st, chunk.iter().cloned(), 2, &opts).unwrap();
             losses.push(m.loss);
-            let s = sigma::measure(&mut measured, &st).unwrap();
+            let s = sigma::measure(&mut measured, &mut st).unwrap();
             assert!(s.iter().skip(1).all(|v| v.is_finite()), "{method:?} after chunk {i}: {s:?}");
         }
         let mean = losses.iter().sum::<f64>() / 3.0;

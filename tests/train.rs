@@ -117,7 +117,7 @@ fn bad_input_is_a_one_line_error() {
         (vec!["train", "--arch", "vgg"], "unknown architecture 'vgg'"),
         (vec!["train", "--dataset", "cifar10", "--data-dir", empty], empty),
         (vec!["train", "--schedule", "1", "2", "--gammas", "0.1"], "one gamma per schedule step"),
-        (vec!["train", "--algo", "kfac"], "choose bp, fr, ddg or dni"),
+        (vec!["train", "--algo", "kfac"], "choose bp, fr, ddg, dni, gpipe or dgl"),
         (vec!["train", "--measure-sigma", "0"], "--measure-sigma must be at least 1"),
         (vec!["train", "--algo", "dni", "--dni-depth", "0"], "--dni-depth must be at least 1"),
         (vec!["compare", "--methods", "bp,sgd"], "unknown method 'sgd'"),

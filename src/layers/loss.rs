@@ -27,6 +27,13 @@ pub fn forward_backward(logits: &Tensor, labels: &Tensor) -> Result<(LossOutput,
     Ok((LossOutput { loss: out.loss, correct: out.correct }, dlogits))
 }
 
+/// `dlogits * factor`, a new tensor (a micro-batch's share of a batch-mean loss).
+pub fn scaled(dlogits: &Tensor, factor: f32) -> Result<Tensor> {
+    let out = dlogits.gpu().zeros(dlogits.shape())?;
+    crate::kernels::elementwise::axpy(factor, dlogits, &out)?;
+    Ok(out)
+}
+
 /// Loss and correct counts only (evaluation).
 pub fn forward(logits: &Tensor, labels: &Tensor) -> Result<LossOutput> {
     let out = cross_entropy::forward(logits, labels)?;

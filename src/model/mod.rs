@@ -680,6 +680,22 @@ impl Stage {
         Ok(())
     }
 
+    /// A zeroed buffer the size of the stage's packed gradients, for summing the gradients
+    /// of several backward passes (GPipe's micro-batches).
+    pub fn grad_accumulator(&self) -> Result<Tensor> {
+        self.gpu.zeros(self.packed.grads.shape())
+    }
+
+    /// `acc += ` the gradients the last backward wrote (one dispatch for the stage).
+    pub fn accumulate_grads(&self, acc: &Tensor) -> Result<()> {
+        crate::kernels::elementwise::axpy(1.0, &self.packed.grads, acc)
+    }
+
+    /// Sets every parameter gradient from `acc` (of [`Self::grad_accumulator`]).
+    pub fn load_grads(&self, acc: &Tensor) -> Result<()> {
+        self.gpu.copy(acc, &self.packed.grads)
+    }
+
     /// Device bytes of this stage's parameter values.
     pub fn weight_bytes(&self) -> u64 {
         self.params().iter().map(|p| p.value.buffer_bytes()).sum()

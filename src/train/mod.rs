@@ -1,14 +1,19 @@
-//! Training schedules over a network split into stages. For now plain backprop (BP): on one
-//! device, or model-parallel over K devices (forward 1..K, then backward K..1, one device at
-//! a time: the baseline Features Replay is measured against).
+//! Training over a network split into stages: the [`Network`] and its optimiser, the
+//! pipeline every method runs on ([`schedule`]), the methods behind one seam ([`method`],
+//! one file each: [`bp`], [`fr`], [`ddg`], [`dni`], [`gpipe`], [`dgl`]), whole runs
+//! ([`run`]), sigma ([`sigma`]) and evaluation ([`eval`]).
 //!
 //! Schedules know stages and layers, never kernels; tensors cross devices only through the
 //! [`Transport`](crate::pipeline::Transport).
 
+pub mod bp;
 pub mod ddg;
+pub mod dgl;
 pub mod dni;
 pub mod eval;
 pub mod fr;
+pub mod gpipe;
+pub mod method;
 pub mod resume;
 pub mod run;
 pub mod schedule;

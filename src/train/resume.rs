@@ -36,13 +36,16 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
         "algo" => c.algo.clone(),
         "dni-depth" => c.dni.depth.to_string(),
         "dni-width" => c.dni.width.to_string(),
+        "microbatches" => c.microbatches.to_string(),
+        "dgl-depth" => c.dgl.depth.to_string(),
+        "dgl-width" => c.dgl.width.to_string(),
         "init-from" => c.init_from.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
         _ => return None,
     })
 }
 
 /// Every flag [`fixed_value`] knows.
-const FIXED_FLAGS: [&str; 18] = [
+const FIXED_FLAGS: [&str; 21] = [
     "init-from",
     "dataset",
     "arch",
@@ -61,6 +64,9 @@ const FIXED_FLAGS: [&str; 18] = [
     "algo",
     "dni-depth",
     "dni-width",
+    "microbatches",
+    "dgl-depth",
+    "dgl-width",
 ];
 
 /// The configuration of a resumed run: the checkpoint's `stored` one, with what the user
@@ -137,12 +143,14 @@ pub(super) struct Resumed {
 pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
     let ck = super::run::load_checkpoint(out)?;
     let stored = stored_config(&ck.meta, out)?;
-    if stored.algo == "ddg" {
+    let method = stored.method()?;
+    if !method.resumable() {
         return Err(Error::Unsupported {
             op: "resume",
             detail: format!(
-                "{}: a DDG run cannot be resumed (its stored graphs are not checkpointed); the checkpoint is left as it is: start a new run or evaluate it (featreplay eval {})",
+                "{}: a {} run cannot be resumed (its state between iterations is not checkpointed); the checkpoint is left as it is: start a new run or evaluate it (featreplay eval {})",
                 out.display(),
+                method.name().to_uppercase(),
                 out.display()
             ),
         });

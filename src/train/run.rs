@@ -14,9 +14,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::dgl::AuxConfig;
+use super::method::{self, MemoryQuery, MethodOptions, SavedFields, TrainingMethod};
 use super::resume::{open_resume, resume_config, RESUMABLE_FLAGS};
-use super::schedule::{self, EpochOptions, HostBatch, Method, PipelineState};
-use super::{sigma, Network, OptimConfig, PendingChecks};
+use super::schedule::{self, EpochOptions, HostBatch, PipelineState};
+use super::{sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
 use crate::error::{Error, Result};
@@ -51,7 +53,7 @@ pub struct RunConfig {
     pub seed: u64,
     /// Adapter selectors, one per stage or one for all; stages in order.
     pub devices: Vec<String>,
-    /// bp, fr, ddg or dni.
+    /// The method's name (see [`method::METHODS`]).
     pub algo: String,
     /// Measure sigma every N iterations (None: never).
     #[serde(default)]
@@ -59,6 +61,12 @@ pub struct RunConfig {
     /// DNI's gradient predictors.
     #[serde(default)]
     pub dni: PredictorConfig,
+    /// GPipe's micro-batches per batch.
+    #[serde(default = "default_microbatches")]
+    pub microbatches: usize,
+    /// DGL's auxiliary heads.
+    #[serde(default)]
+    pub dgl: AuxConfig,
     /// Start from the model in this file (a featreplay checkpoint or a plain PyTorch
     /// state_dict) instead of the seeded initialisation.
     #[serde(default)]
@@ -86,24 +94,20 @@ impl RunConfig {
             algo: "bp".into(),
             measure_sigma: None,
             dni: PredictorConfig::default(),
+            microbatches: default_microbatches(),
+            dgl: AuxConfig::default(),
             init_from: None,
         }
     }
 
-    /// The decoupled method of `algo` (None for backprop).
-    pub fn method(&self) -> Result<Option<Method>> {
-        Ok(match self.algo.as_str() {
-            "bp" => None,
-            "fr" => Some(Method::Fr),
-            "ddg" => Some(Method::Ddg),
-            "dni" => Some(Method::Dni(self.dni)),
-            other => {
-                return Err(Error::Unsupported {
-                    op: "train",
-                    detail: format!("--algo {other}: choose bp, fr, ddg or dni"),
-                })
-            }
-        })
+    /// The options of the methods that have any.
+    pub fn method_options(&self) -> MethodOptions {
+        MethodOptions { dni: self.dni, microbatches: self.microbatches, dgl: self.dgl }
+    }
+
+    /// The training method `algo` names.
+    pub fn method(&self) -> Result<Arc<dyn TrainingMethod>> {
+        method::by_name(&self.algo, &self.method_options())
     }
 
     /// Checks every field that can be checked without data or devices.
@@ -126,9 +130,6 @@ impl RunConfig {
         if self.measure_sigma == Some(0) {
             return Err(bad("--measure-sigma must be at least 1 (iterations between measurements)".into()));
         }
-        if self.dni.depth == 0 {
-            return Err(bad("--dni-depth must be at least 1 (the output conv)".into()));
-        }
         if self.devices.is_empty() || (self.devices.len() != 1 && self.devices.len() != self.splits) {
             return Err(bad(format!(
                 "{} devices for {} stages: give one or one per stage",
@@ -138,6 +139,11 @@ impl RunConfig {
         }
         self.optim.validate()
     }
+}
+
+/// GPipe's default: 4 micro-batches per batch.
+fn default_microbatches() -> usize {
+    4
 }
 
 /// The datasets, model description and split of a configuration.
@@ -277,21 +283,6 @@ pub fn evaluate(net: &Network, data: Arc<Dataset>, norm: &Normalization, batch_s
     acc.read()
 }
 
-/// The DNI predictors' tensors with checkpoint names: `<predictor param>` and
-/// `optimizer.momentum.<predictor param>`.
-fn predictor_tensors(st: &PipelineState) -> Vec<(String, crate::gpu::Tensor)> {
-    let mut out = Vec::new();
-    for s in &st.stages {
-        if let Some(p) = &s.predictor {
-            for p in p.params() {
-                out.push((p.name.clone(), p.value.clone()));
-                out.push((checkpoint::momentum_name(&p.name), p.momentum.clone()));
-            }
-        }
-    }
-    out
-}
-
 /// The prefix of checkpoint tensors that are training state other than the optimizer's: a
 /// decoupled pipeline's stored inputs and gradient in flight (`training.pipeline.`) and DNI's
 /// gradient predictors (`training.dni.`).
@@ -303,9 +294,9 @@ pub const TRAINING_PREFIX: &str = "training.";
 /// restores them, and a PyTorch user drops them before `load_state_dict(strict=True)`.
 pub const TRAINING_STATE_PREFIXES: [&str; 2] = ["optimizer.", TRAINING_PREFIX];
 
-/// The prefix of a decoupled pipeline's state: `training.pipeline.stage<k>.input_history.<i>`
-/// and `training.pipeline.stage<k>.pending_grad`.
-const PIPELINE: &str = "training.pipeline";
+/// The prefix of a pipeline's state: `training.pipeline.stage<k>.pending_grad` and what a
+/// method keeps per module (FR: `training.pipeline.stage<k>.input_history.<i>`).
+pub const PIPELINE: &str = "training.pipeline";
 
 /// Whether the checkpoint tensor `name` is training state (see [`TRAINING_STATE_PREFIXES`]).
 pub fn is_training_state(name: &str) -> bool {
@@ -406,12 +397,12 @@ pub fn load_weights(file: &Path) -> Result<Checkpoint> {
 }
 
 /// Host copies of every state tensor, for a checkpoint, with the run's history and data
-/// description in the metadata. Under FR the pipeline's state (each stage's input history
-/// and the gradient in flight) is saved too, so a resumed run continues the same pipeline;
-/// under DNI the predictors (the epoch boundary leaves no prediction in flight). DDG's stored
-/// graphs are not saved (see [`train`]). A non-finite value anywhere is divergence: nothing
-/// is returned to write.
-fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState, epoch: usize) -> Result<Checkpoint> {
+/// description in the metadata. The pipeline's state is saved too: the iteration, each
+/// stage's step count and gradient in flight, and what its method keeps
+/// ([`ModuleMethod::save`](super::method::ModuleMethod::save): FR's stored inputs, DNI's
+/// predictors, DGL's heads), so a resumed run continues the same pipeline. A non-finite
+/// value anywhere is divergence: nothing is returned to write.
+fn checkpoint_of(net: &Network, st: &PipelineState, run: &RunState, epoch: usize) -> Result<Checkpoint> {
     let mut meta = CheckpointMeta::new(epoch, net.steps, run.cfg.seed, json(&run.cfg)?);
     meta.best_top1 = Some(run.best);
     let mut extra = serde_json::json!({
@@ -424,16 +415,23 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
     if let Some(i) = &run.init_from {
         extra["init_from"] = serde_json::json!(i);
     }
-    if let Some(st) = pipeline {
-        extra["pipeline"] = serde_json::json!({
-            "method": st.method.name(),
-            "iteration": st.iteration,
-            "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
-            "predictor_steps": st.stages.iter().map(|s| s.predictor_steps).collect::<Vec<_>>(),
-            "history": st.stages.iter().map(|s| s.input_history.len()).collect::<Vec<_>>(),
-            "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
-        });
+    let saved = st.stages.iter().enumerate().map(|(k, s)| s.module.save(k)).collect::<Result<Vec<_>>>()?;
+    let mut pipeline = serde_json::json!({
+        "method": st.method.name(),
+        "iteration": st.iteration,
+        "steps": st.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+        "pending_grad": st.stages.iter().map(|s| s.pending_grad.is_some()).collect::<Vec<_>>(),
+    });
+    // A module's field `key` is stored as `pipeline.<key>[k]`.
+    for (k, sv) in saved.iter().enumerate() {
+        for (key, v) in &sv.fields {
+            if pipeline.get(*key).is_none() {
+                pipeline[*key] = serde_json::Value::Array(vec![serde_json::Value::Null; st.stages.len()]);
+            }
+            pipeline[*key][k] = v.clone();
+        }
     }
+    extra["pipeline"] = pipeline;
     meta.extra = extra;
     let mut ck = Checkpoint::new(meta);
     for (name, t) in net.state() {
@@ -442,17 +440,17 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
     for (name, c) in net.counter_state() {
         ck.push_i64(name, &[], vec![c.load(Ordering::Relaxed) as i64])?;
     }
-    if let Some(st) = pipeline {
-        for (k, s) in st.stages.iter().enumerate() {
-            for (i, t) in s.input_history.iter().enumerate() {
-                ck.push(format!("{PIPELINE}.stage{k}.input_history.{i}"), t.shape(), t.to_vec()?)?;
-            }
-            if let Some(g) = &s.pending_grad {
-                ck.push(format!("{PIPELINE}.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
-            }
+    for (k, s) in st.stages.iter().enumerate() {
+        if let Some(g) = &s.pending_grad {
+            ck.push(format!("{PIPELINE}.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
         }
-        for (name, t) in predictor_tensors(st) {
+    }
+    for sv in saved {
+        for (name, t) in sv.tensors {
             ck.push(name, t.shape(), t.to_vec()?)?;
+        }
+        for (name, v) in sv.counters {
+            ck.push_i64(name, &[], vec![v as i64])?;
         }
     }
     if let Some((name, count)) = ck.non_finite_tensors(|_| true).first() {
@@ -462,7 +460,8 @@ fn checkpoint_of(net: &Network, pipeline: Option<&PipelineState>, run: &RunState
 }
 
 /// Restores the pipeline state saved by [`checkpoint_of`] into `st` (fresh, with its
-/// predictors built).
+/// predictors and heads built). A checkpoint of a backprop run written before every method
+/// ran on the pipeline has no pipeline state: nothing but the step counts to restore.
 fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, path: &Path) -> Result<()> {
     let bad = |message: String| Error::Data { path: path.display().to_string(), message };
     // Checkpoints written before DDG and DNI existed describe an FR pipeline under "fr".
@@ -473,37 +472,30 @@ fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, 
             f["method"] = serde_json::json!("fr");
             f
         }
+        (None, None) if st.method.name() == "bp" => {
+            st.iteration = ck.meta.iteration;
+            for s in &mut st.stages {
+                s.steps = ck.meta.iteration;
+            }
+            return Ok(());
+        }
         _ => return Err(bad("no pipeline state in the checkpoint (another --algo?)".into())),
     };
-    let prefix = PIPELINE;
     if saved["method"].as_str() != Some(st.method.name()) {
         return Err(bad(format!("the checkpoint's pipeline runs {}, not {}", saved["method"], st.method.name())));
     }
     st.iteration = saved["iteration"].as_u64().ok_or_else(|| bad("pipeline state without iteration".into()))?;
-    for (s, stage) in st.stages.iter_mut().enumerate() {
+    for (k, stage) in st.stages.iter_mut().enumerate() {
         stage.steps =
-            saved["steps"][s].as_u64().ok_or_else(|| bad(format!("pipeline state without steps of stage {s}")))?;
-        stage.predictor_steps = saved["predictor_steps"][s].as_u64().unwrap_or(0);
-        let n = saved["history"][s].as_u64().unwrap_or(0);
-        let mut names: Vec<(String, bool)> =
-            (0..n).map(|i| (format!("{prefix}.stage{s}.input_history.{i}"), true)).collect();
-        if saved["pending_grad"][s].as_bool().unwrap_or(false) {
-            names.push((format!("{prefix}.stage{s}.pending_grad"), false));
-        }
-        for (name, is_input) in names {
+            saved["steps"][k].as_u64().ok_or_else(|| bad(format!("pipeline state without steps of stage {k}")))?;
+        if saved["pending_grad"][k].as_bool().unwrap_or(false) {
+            let name = format!("{PIPELINE}.stage{k}.pending_grad");
             let shape = ck.get(&name).ok_or_else(|| bad(format!("missing {name}")))?.shape.clone();
             let data = ck.take(&name, &shape)?;
-            let t = net.stages[s].gpu.tensor(&shape, &data)?;
-            if is_input {
-                stage.input_history.push_back(t);
-            } else {
-                stage.pending_grad = Some(t);
-            }
+            stage.pending_grad = Some(net.stages[k].gpu.tensor(&shape, &data)?);
         }
-    }
-    for (name, t) in predictor_tensors(st) {
-        let data = ck.take(&name, t.shape()).map_err(|e| bad(format!("DNI predictor: {e}")))?;
-        t.gpu().write(&t, &data)?;
+        let fields = SavedFields { pipeline: &saved, k };
+        stage.module.restore(&fields, ck, &net.stages[k].gpu, path)?;
     }
     Ok(())
 }
@@ -700,27 +692,10 @@ pub fn estimate_memory(cfg: &RunConfig, p: &Prepared) -> Result<(Vec<u64>, u64)>
     let method = cfg.method()?;
     let mut out = Vec::with_capacity(k);
     for (i, m) in plans.iter().enumerate() {
-        let delay = (k - 1 - i) as u64;
-        let params = 4 * m.params as u64;
-        let mut bytes = m.training_bytes();
-        match method {
-            None => {}
-            Some(Method::Fr) => bytes += (delay + 1) * m.input_bytes,
-            Some(Method::Ddg) => bytes += delay * (m.activation_bytes + params),
-            Some(Method::Dni(d)) if i + 1 < k => {
-                let features = p.spec.input_of(m.layers.end)?;
-                let c = features[0] as u64;
-                let spatial: u64 = features[1..].iter().map(|&v| v as u64).product::<u64>().max(1);
-                let w = if d.width == 0 { c } else { d.width as u64 };
-                let hidden = d.depth.saturating_sub(1) as u64;
-                let weights = 9 * (if hidden == 0 { c * c } else { c * w + hidden.saturating_sub(1) * w * w + w * c });
-                largest = largest.max(36 * w.max(c) * w.max(c)).max(4 * batch * w * spatial);
-                // Parameters (value, gradient, momentum) and the hidden layers' activations.
-                bytes += 12 * weights + 16 * batch * spatial * (hidden * w + c);
-            }
-            Some(Method::Dni(_)) => {}
-        }
-        out.push(bytes);
+        let q = MemoryQuery { spec: &p.spec, plan: m, k: i, stages: k, batch: cfg.batch_size };
+        let extra = method.extra_memory(&q)?;
+        largest = largest.max(extra.largest_tensor);
+        out.push(m.training_bytes() + extra.bytes);
     }
     Ok((out, largest))
 }
@@ -732,11 +707,7 @@ pub fn check_memory(cfg: &RunConfig, p: &Prepared) -> Result<()> {
     let (stages, largest) = estimate_memory(cfg, p)?;
     let detail =
         format!(" ({} stage(s), largest tensor {:.2} GiB)", stages.len(), largest as f64 / (1u64 << 30) as f64);
-    let hint = if cfg.algo == "dni" {
-        "; lower --batch-size, --depth or --dni-width"
-    } else {
-        "; lower --batch-size, --depth or the image size"
-    };
+    let hint = cfg.method()?.memory_hint();
     crate::data::refuse_beyond_host_memory("train", "this configuration needs", stages.iter().sum(), &detail, hint)
 }
 
@@ -825,10 +796,7 @@ pub fn train(
     let gpus = open_devices(&cfg.devices, p.ranges.len())?;
     check_device_limits(&gpus, cfg, &p)?;
     let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
-    let mut pipeline = match method {
-        Some(m) => Some(PipelineState::new(m, &net, cfg.seed)?),
-        None => None,
-    };
+    let mut pipeline = PipelineState::new(method, &net, cfg.seed)?;
     let mut run = RunState {
         cfg: cfg.clone(),
         best: 0.0,
@@ -850,9 +818,7 @@ pub fn train(
     if let Some(r) = resumed.as_mut() {
         run.init_from = r.init_from.take();
         let file = out.join(checkpoint::SAFETENSORS_FILE);
-        if let Some(st) = pipeline.as_mut() {
-            restore_pipeline(&net, st, &mut r.ck, &file)?;
-        }
+        restore_pipeline(&net, &mut pipeline, &mut r.ck, &file)?;
         restore(&mut net, &mut r.ck, &file)?;
         start_epoch = r.epoch;
         run.best = r.best;
@@ -869,8 +835,8 @@ pub fn train(
     let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
     let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
     for epoch in start_epoch..cfg.epochs {
-        let trained = train_epoch(&mut net, pipeline.as_mut(), &p, cfg, epoch, tracer.as_ref(), obs)
-            .map_err(diverged(epoch + 1))?;
+        let trained =
+            train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs).map_err(diverged(epoch + 1))?;
         if let Some(tr) = &tracer {
             tr.write()?;
         }
@@ -905,7 +871,7 @@ pub fn train(
         run.history.sigma.extend(trained.sigma.iter().cloned());
         // The checkpoint first: it holds this epoch's row, so a kill before the metrics
         // files are rewritten loses nothing (resume rewrites them from the checkpoint).
-        checkpoint::save(out, &checkpoint_of(&net, pipeline.as_ref(), &run, epoch + 1)?)?;
+        checkpoint::save(out, &checkpoint_of(&net, &pipeline, &run, epoch + 1)?)?;
         for s in trained.sigma {
             sigma_log.push(s)?;
         }
@@ -927,12 +893,12 @@ struct TrainedEpoch {
     sigma: Vec<SigmaRecord>,
 }
 
-/// One epoch (0-based) of training, BP or a decoupled pipeline, with the learning rate of
-/// each iteration, sigma measurements and divergence checks (every iteration, and the BN
+/// One epoch (0-based) of training on the pipeline, with the learning rate of each
+/// iteration, sigma measurements and divergence checks (every iteration, and the BN
 /// statistics at the end).
 fn train_epoch(
     net: &mut Network,
-    pipeline: Option<&mut PipelineState>,
+    st: &mut PipelineState,
     p: &Prepared,
     cfg: &RunConfig,
     epoch: usize,
@@ -956,88 +922,43 @@ fn train_epoch(
     let t0 = Instant::now();
     let mut seen = 0usize;
     let first_lr = cfg.optim.lr_at(net.steps, n);
-    let metrics = if let Some(st) = pipeline {
-        let mut feed = loader.map(|b| {
-            seen += b.len();
-            obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
-            HostBatch { images: b.images, labels: b.labels }
-        });
-        let mut done = 0usize;
-        let mut total = Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
-        while done < n {
-            // A chunk runs at one learning rate and ends at the next measurement.
-            let mut chunk = n - done;
-            if let Some(m) = cfg.measure_sigma {
-                chunk = chunk.min(m - (st.iteration % m as u64) as usize);
-            }
-            if let Some(next) = cfg.optim.next_change(st.iteration, n) {
-                chunk = chunk.min((next - st.iteration) as usize);
-            }
-            let lr = cfg.optim.lr_at(st.iteration, n);
-            reset_peak();
-            let m = schedule::run_epoch(
-                net,
-                st,
-                feed.by_ref().take(chunk),
-                chunk,
-                &EpochOptions { tracer, end_of_epoch: done + chunk == n, ..EpochOptions::new(&cfg.optim, lr) },
-            )?;
-            note_peak(&mut peak);
-            total = combine(total, m);
-            done += chunk;
-            if let Some(m) = cfg.measure_sigma {
-                if st.iteration.is_multiple_of(m as u64) {
-                    let t = Instant::now();
-                    let sigma = sigma::measure(net, st)?;
-                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: st.iteration, sigma });
-                    measuring += t.elapsed().as_secs_f64();
-                }
-            }
+    let mut feed = loader.map(|b| {
+        seen += b.len();
+        obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
+        HostBatch { images: b.images, labels: b.labels }
+    });
+    let mut done = 0usize;
+    let mut metrics = Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
+    while done < n {
+        // A chunk runs at one learning rate and ends at the next measurement.
+        let mut chunk = n - done;
+        if let Some(m) = cfg.measure_sigma {
+            chunk = chunk.min(m - (st.iteration % m as u64) as usize);
         }
-        total
-    } else {
-        let mut acc = MetricsAccumulator::new(&gpus[gpus.len() - 1])?;
+        if let Some(next) = cfg.optim.next_change(st.iteration, n) {
+            chunk = chunk.min((next - st.iteration) as usize);
+        }
+        let lr = cfg.optim.lr_at(st.iteration, n);
         reset_peak();
-        // The divergence counters of the previous iteration, read while this one runs.
-        let mut pending: Option<PendingChecks> = None;
-        for batch in loader {
-            let lr = cfg.optim.lr_at(net.steps, n);
-            let out = net.bp_step(&batch.images, &batch.labels, &cfg.optim, lr)?;
-            acc.add(&out, batch.len())?;
-            // The one host wait per iteration: this iteration's counters are copied behind its
-            // work, then the host waits for the previous iteration's, so the device runs this
-            // iteration while the host records the next, and the host is never more than one
-            // iteration ahead. A diverged iteration is found one iteration later, before
-            // anything is written.
-            let next = net.start_check_finite()?;
-            if let Some(p) = pending.replace(next) {
-                p.finish()?;
-            }
-            seen += batch.len();
-            obs.batch(epoch + 1, batch.index, seen as f64 / t0.elapsed().as_secs_f64());
-            if let Some(m) = cfg.measure_sigma {
-                if net.steps.is_multiple_of(m as u64) {
-                    if let Some(p) = pending.take() {
-                        p.finish()?;
-                    }
-                    note_peak(&mut peak);
-                    let t = Instant::now();
-                    let hb = HostBatch { images: batch.images, labels: batch.labels };
-                    let sigma = sigma::measure_bp(net, &hb)?;
-                    sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: net.steps, sigma });
-                    measuring += t.elapsed().as_secs_f64();
-                    reset_peak();
-                }
-            }
-        }
-        if let Some(p) = pending.take() {
-            p.finish()?;
-        }
+        let m = schedule::run_epoch(
+            net,
+            st,
+            feed.by_ref().take(chunk),
+            chunk,
+            &EpochOptions { tracer, end_of_epoch: done + chunk == n, ..EpochOptions::new(&cfg.optim, lr) },
+        )?;
         note_peak(&mut peak);
-        net.watch_buffers()?;
-        net.check_finite()?;
-        acc.read()?
-    };
+        metrics = combine(metrics, m);
+        done += chunk;
+        if let Some(m) = cfg.measure_sigma {
+            if st.iteration.is_multiple_of(m as u64) {
+                let t = Instant::now();
+                let sigma = sigma::measure(net, st)?;
+                sigmas.push(SigmaRecord { epoch: epoch + 1, iteration: st.iteration, sigma });
+                measuring += t.elapsed().as_secs_f64();
+            }
+        }
+    }
     let seconds = t0.elapsed().as_secs_f64() - measuring;
     Ok(TrainedEpoch { metrics, lr: first_lr, seconds, peak, sigma: sigmas })
 }

@@ -1,13 +1,15 @@
-//! The decoupled schedules of `docs/schedules.md` (Features Replay, DDG and
-//! DNI) on one worker thread per stage, with bounded channels between neighbours: features
-//! (with the labels) go up, gradients go down. This module owns the machinery every method
-//! shares (receiving the input, the last module's exact step, sending, the gradient one
-//! iteration late, epoch boundaries, failures); each method's step for a module k < K - 1 is
-//! in its own file: [`super::fr`], [`super::ddg`], [`super::dni`].
+//! The pipeline every training method runs on: one worker thread per stage, with bounded
+//! channels between neighbours: features (with the labels) go up, gradients go down. This
+//! module owns the machinery every method shares (receiving the input, the last module's
+//! exact step, sending, a gradient kept across epoch boundaries, the one host wait per
+//! iteration, failures); what a module does with it is its method's
+//! [`ModuleMethod`](super::method::ModuleMethod), one file per method (see
+//! [`super::method`]). The scheduler moves tensors and never does math.
 //!
-//! Module k (0-based here; the spec's k is 1-based) has delay `d_k = K - 1 - k`. In every
-//! method the last module runs forward, loss and backward on its fresh input, sends the input
-//! gradient down and updates its weights (with K = 1 every method is backprop).
+//! Module k (0-based here; `docs/schedules.md` counts from 1) has delay `d_k = K - 1 - k`.
+//! In every method but DGL and GPipe the last module runs forward, loss and backward on its
+//! fresh input, sends the input gradient down and updates its weights (with K = 1 every
+//! method is backprop).
 //!
 //! Ordering: the spec lists play, replay, then "wait for the gradient sent during this
 //! iteration". A module here plays iteration t first and only then waits for the gradient
@@ -18,66 +20,22 @@
 use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
+use std::sync::Arc;
+
+use super::method::{ModuleMethod, TrainingMethod};
 use super::{Network, OptimConfig};
 use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
-use crate::layers::predictor::{GradientPredictor, PredictorActivations, PredictorConfig};
-use crate::model::{Stage, StageActivations};
+use crate::model::Stage;
 use crate::pipeline::{InFlight, Transport};
 use crate::trace::Tracer;
 
-/// Which decoupled method a pipeline runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// Features Replay: keep inputs, replay them with current weights.
-    Fr,
-    /// Delayed gradients: keep whole graphs (activations and the weights that built them).
-    Ddg,
-    /// Synthetic gradients from a per-module predictor.
-    Dni(PredictorConfig),
-}
-
-impl Method {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Fr => "fr",
-            Method::Ddg => "ddg",
-            Method::Dni(_) => "dni",
-        }
-    }
-
-    /// Iterations between module k computing on a batch and receiving the gradient the module
-    /// above sends for it: d_k for FR and DDG (the gradient arrives d_k iterations later),
-    /// 1 for DNI (the true gradient trains the predictor one iteration later).
-    fn lag(&self, delay: u64) -> u64 {
-        match self {
-            Method::Fr | Method::Ddg => delay,
-            Method::Dni(_) => 1,
-        }
-    }
-}
-
-/// A forward graph kept by DDG until its gradient arrives: the activations and the weights
-/// that produced them (the gradient is evaluated at those stale weights).
-pub struct StoredGraph {
-    pub acts: StageActivations,
-    pub weights: Vec<Tensor>,
-}
-
-/// What one stage carries from one iteration (and epoch) to the next.
-#[derive(Default)]
+/// What one stage carries from one iteration (and epoch) to the next: its method's own
+/// state ([`ModuleMethod`]) and what every method shares.
 pub struct StageState {
-    /// FR: inputs played but not yet replayed, oldest first (at most d_k + 1 during a step).
-    pub input_history: VecDeque<Tensor>,
-    /// DDG: graphs built but not yet backpropagated, oldest first (at most d_k + 1).
-    pub graph_history: VecDeque<StoredGraph>,
-    /// DNI: this module's gradient predictor M_k (modules k < K - 1).
-    pub predictor: Option<GradientPredictor>,
-    /// DNI: the last prediction, waiting for the true gradient to train M_k.
-    pub prediction: Option<PredictorActivations>,
-    /// DNI: SGD steps of the predictor.
-    pub predictor_steps: u64,
+    /// The method's part on this module: its step and the state it keeps.
+    pub module: Box<dyn ModuleMethod>,
     /// A gradient from the module above that arrived but has not been used yet (held across
     /// epoch boundaries).
     pub pending_grad: Option<Tensor>,
@@ -85,9 +43,9 @@ pub struct StageState {
     pub steps: u64,
 }
 
-/// The state of a decoupled pipeline over a whole network.
+/// The state of a pipeline over a whole network, for any [`TrainingMethod`].
 pub struct PipelineState {
-    pub method: Method,
+    pub method: Arc<dyn TrainingMethod>,
     /// Iterations run so far (the spec's t of the next iteration).
     pub iteration: u64,
     pub stages: Vec<StageState>,
@@ -97,45 +55,47 @@ pub struct PipelineState {
 }
 
 impl PipelineState {
-    /// A fresh pipeline of `stages` modules; for DNI, `net` gets a predictor per module k <
-    /// K - 1 on that module's device.
-    pub fn new(method: Method, net: &Network, seed: u64) -> Result<PipelineState> {
+    /// A fresh pipeline running `method` over the network's stages (each module's state is
+    /// built on its stage's device: DNI's predictors, DGL's auxiliary heads).
+    pub fn new(method: Arc<dyn TrainingMethod>, net: &Network, seed: u64) -> Result<PipelineState> {
         let k_total = net.stages.len();
-        let mut stages: Vec<StageState> = (0..k_total).map(|_| StageState::default()).collect();
-        if let Method::Dni(cfg) = method {
-            for (k, st) in stages.iter_mut().enumerate().take(k_total.saturating_sub(1)) {
-                let stage = &net.stages[k];
-                let features = net.spec.input_of(stage.first_layer + stage.layers.len())?;
-                st.predictor = Some(GradientPredictor::new(
-                    &stage.gpu,
-                    &format!("{}dni.stage{k}", super::run::TRAINING_PREFIX),
-                    &features,
-                    &cfg,
-                    seed.wrapping_add(k as u64),
-                )?);
-            }
-        }
+        let stages = (0..k_total)
+            .map(|k| Ok(StageState { module: method.module(net, k, seed)?, pending_grad: None, steps: 0 }))
+            .collect::<Result<Vec<_>>>()?;
         Ok(PipelineState { method, iteration: 0, stages, recent_batches: VecDeque::new() })
     }
 
     /// A fresh Features Replay pipeline of `stages` modules.
     pub fn fr(stages: usize) -> PipelineState {
         PipelineState {
-            method: Method::Fr,
+            method: Arc::new(super::fr::Fr),
             iteration: 0,
-            stages: (0..stages).map(|_| StageState::default()).collect(),
+            stages: (0..stages)
+                .map(|_| StageState { module: Box::new(super::fr::FrModule::default()), pending_grad: None, steps: 0 })
+                .collect(),
             recent_batches: VecDeque::new(),
         }
     }
 
+    /// What each stage holds between iterations: FR's stored inputs, DDG's stored graphs
+    /// (d_k at most), nothing for the other methods.
+    pub fn held(&self) -> Vec<usize> {
+        self.stages.iter().map(|s| s.module.held()).collect()
+    }
+
     /// Inputs held by each stage (FR: d_k + 1 at most, d_k between iterations).
     pub fn history_lengths(&self) -> Vec<usize> {
-        self.stages.iter().map(|s| s.input_history.len()).collect()
+        self.held()
     }
 
     /// Graphs held by each stage (DDG: d_k + 1 at most, d_k between iterations).
     pub fn graph_counts(&self) -> Vec<usize> {
-        self.stages.iter().map(|s| s.graph_history.len()).collect()
+        self.held()
+    }
+
+    /// Stage k's method state as its concrete type (tests and measurements look inside).
+    pub fn module<T: 'static>(&self, k: usize) -> Option<&T> {
+        self.stages.get(k)?.module.as_any().downcast_ref::<T>()
     }
 }
 
@@ -150,23 +110,29 @@ pub struct HostBatch {
 pub(super) struct Up {
     h: Tensor,
     labels: Vec<u32>,
+    /// How many messages make up this iteration's input (GPipe's micro-batches; 1 else).
+    parts: usize,
 }
 
-pub(super) fn stopped(k: usize, what: &str) -> Error {
-    Error::Unsupported { op: "pipeline", detail: format!("stage {k} stopped: {what} (another stage failed)") }
+pub(super) fn stopped(k: usize, what: &'static str) -> Error {
+    Error::StageStopped { stage: k, what }
 }
 
-/// Everything one stage's worker needs for an epoch.
-pub(super) struct Worker<'a> {
+/// Everything one stage's worker needs for an epoch: its stage, the links to its neighbours
+/// and the state every method shares. The method's own state is not here: it is the
+/// [`ModuleMethod`] that drives the worker.
+pub struct Worker<'a> {
     pub(super) k: usize,
     stages: usize,
-    pub(super) method: Method,
     pub(super) stage: &'a mut Stage,
-    pub(super) state: &'a mut StageState,
+    /// A gradient from above that arrived and waits for this module's next step.
+    pending_grad: &'a mut Option<Tensor>,
+    /// SGD steps of the stage.
+    steps: &'a mut u64,
     first_iteration: u64,
     iterations: usize,
     end_of_epoch: bool,
-    classes: usize,
+    pub(super) classes: usize,
     optim: &'a OptimConfig,
     lr: f32,
     transport: &'a dyn Transport,
@@ -200,6 +166,13 @@ impl Worker<'_> {
         }
     }
 
+    /// Whether this is the last module (the one with the loss).
+    pub(super) fn is_last(&self) -> bool {
+        self.k + 1 == self.stages
+    }
+
+    /// d_k = K - 1 - k: iterations between this module's forward on a batch and the arrival
+    /// of that batch's gradient under FR and DDG.
     pub(super) fn delay(&self) -> u64 {
         (self.stages - 1 - self.k) as u64
     }
@@ -208,37 +181,24 @@ impl Worker<'_> {
     /// schedule lost track of the gradients it owes.
     pub(super) fn check_held(&self, held: usize, what: &str, t: u64) -> Result<()> {
         if held > self.delay() as usize {
-            return Err(Error::Unsupported {
-                op: "pipeline",
+            return Err(Error::Schedule {
                 detail: format!("stage {} holds {held} {what} after iteration {t}, more than its delay", self.k),
             });
         }
         Ok(())
     }
 
-    pub(super) fn step_lr(&self) -> f32 {
-        if self.k == 0 {
-            self.lr * self.optim.first_stage_lr_scale
-        } else {
-            self.lr
-        }
+    /// The optimiser of this module's updates (the first module's learning rate scaled).
+    pub(super) fn sgd_config(&self) -> crate::kernels::sgd::SgdConfig {
+        let lr = if self.k == 0 { self.lr * self.optim.first_stage_lr_scale } else { self.lr };
+        self.optim.sgd(lr)
     }
 
     /// SGD on the stage's parameters with their current gradients.
     pub(super) fn sgd(&mut self) -> Result<()> {
-        let cfg = self.optim.sgd(self.step_lr());
-        self.stage.sgd_step(&cfg, self.state.steps == 0)?;
-        self.state.steps += 1;
-        Ok(())
-    }
-
-    /// SGD on the DNI predictor's parameters (same optimiser and learning rate as its module).
-    pub(super) fn predictor_sgd(&mut self) -> Result<()> {
-        let cfg = self.optim.sgd(self.step_lr());
-        if let Some(p) = &self.state.predictor {
-            p.sgd_step(&cfg, self.state.predictor_steps == 0)?;
-        }
-        self.state.predictor_steps += 1;
+        let cfg = self.sgd_config();
+        self.stage.sgd_step(&cfg, *self.steps == 0)?;
+        *self.steps += 1;
         Ok(())
     }
 
@@ -266,6 +226,11 @@ impl Worker<'_> {
 
     /// Sends this module's output (with the labels) to the module above.
     pub(super) fn send_up(&mut self, h: Tensor, labels: Vec<u32>, t: u64) -> Result<()> {
+        self.send_up_part(h, labels, 1, t)
+    }
+
+    /// [`Self::send_up`] for one of the `parts` messages of this iteration's output.
+    pub(super) fn send_up_part(&mut self, h: Tensor, labels: Vec<u32>, parts: usize, t: u64) -> Result<()> {
         let next = self.next_gpu.clone().ok_or_else(|| stopped(self.k, "no stage above"))?;
         self.stage.watch_output(&h)?;
         // The features leave now, before the replay is recorded: on lavapipe, waiting for a
@@ -279,15 +244,15 @@ impl Worker<'_> {
             w.up_out
                 .as_ref()
                 .ok_or_else(|| stopped(w.k, "no stage above"))?
-                .send(Up { h, labels })
+                .send(Up { h, labels, parts })
                 .map_err(|_| stopped(w.k, "the stage above is gone"))
         })
     }
 
-    /// The gradient the module above sent one iteration ago (kept from the previous epoch,
-    /// or waited for).
+    /// The gradient from the module above: the one kept from the previous call (an epoch
+    /// boundary), or the next one sent, waited for.
     pub(super) fn take_gradient(&mut self, t: u64) -> Result<Tensor> {
-        match self.state.pending_grad.take() {
+        match self.pending_grad.take() {
             Some(g) => Ok(g),
             None => self.phase("wait gradient", t, |w| {
                 w.down_in
@@ -299,35 +264,68 @@ impl Worker<'_> {
         }
     }
 
-    /// The input of this iteration: the batch for module 0, the features from below else.
-    fn receive_input(&mut self) -> Result<(Tensor, Vec<u32>)> {
-        if let Some(rx) = &self.data_in {
-            let b = rx.recv().map_err(|_| stopped(self.k, "the data feed ended early"))?;
-            let mut shape = vec![b.labels.len()];
-            shape.extend(&self.input_shape);
-            return Ok((self.stage.gpu.tensor(&shape, &b.images)?, b.labels));
-        }
-        let up = self.up_in.as_ref().ok_or_else(|| stopped(self.k, "no input"))?;
-        let m = up.recv().map_err(|_| stopped(self.k, "the stage below is gone"))?;
-        Ok((m.h, m.labels))
+    /// The gradient kept for this module's next step, if one is (DNI trains its predictor
+    /// on it at an epoch's end).
+    pub(super) fn take_pending_gradient(&mut self) -> Option<Tensor> {
+        self.pending_grad.take()
     }
 
-    /// The last module, in every method: forward, loss, backward, update (exact backprop on
-    /// its input).
-    fn last_step(
+    /// The next batch from the data feed (module 0 only), on the host.
+    pub(super) fn receive_batch(&mut self) -> Result<HostBatch> {
+        let rx = self.data_in.as_ref().ok_or_else(|| stopped(self.k, "no data feed"))?;
+        rx.recv().map_err(|_| Error::Schedule { detail: format!("stage {}: the data feed ended early", self.k) })
+    }
+
+    /// Uploads images of this module's input shape to its device.
+    pub(super) fn upload(&self, images: &[f32], n: usize) -> Result<Tensor> {
+        let mut shape = vec![n];
+        shape.extend(&self.input_shape);
+        self.stage.gpu.tensor(&shape, images)
+    }
+
+    /// The per-sample input shape of module 0.
+    pub(super) fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// The next input: a batch for module 0, the features from below else.
+    pub(super) fn receive_input(&mut self) -> Result<(Tensor, Vec<u32>)> {
+        if self.data_in.is_some() {
+            let b = self.receive_batch()?;
+            return Ok((self.upload(&b.images, b.labels.len())?, b.labels));
+        }
+        let (h, labels, _) = self.receive_part()?;
+        Ok((h, labels))
+    }
+
+    /// The next message from below (modules k > 0): features, labels and how many
+    /// messages make up this iteration's input.
+    pub(super) fn receive_part(&mut self) -> Result<(Tensor, Vec<u32>, usize)> {
+        let up = self.up_in.as_ref().ok_or_else(|| stopped(self.k, "no input"))?;
+        let m = up.recv().map_err(|_| stopped(self.k, "the stage below is gone"))?;
+        Ok((m.h, m.labels, m.parts))
+    }
+
+    /// The last module, in every method but DGL and GPipe: forward, loss, backward, update
+    /// (exact backprop on its input); the input gradient goes down when `send_grad`.
+    pub(super) fn last_step(
         &mut self,
         x: Tensor,
         labels: Vec<u32>,
         t: u64,
         metrics: &mut Option<MetricsAccumulator>,
+        send_grad: bool,
     ) -> Result<()> {
         let y = loss::labels(&self.stage.gpu, &labels, self.classes)?;
         let (out, acts) = self.phase("forward", t, |w| w.stage.forward_train(&x, true))?;
         drop(x);
         self.stage.watch_output(&out)?;
         let (lo, dlogits) = self.phase("loss", t, |_| loss::forward_backward(&out, &y))?;
-        let dx = self.phase("backward", t, |w| w.stage.backward(acts, &dlogits, w.k > 0))?;
-        self.send_down(dx, t)?;
+        let need_dx = send_grad && self.k > 0;
+        let dx = self.phase("backward", t, |w| w.stage.backward(acts, &dlogits, need_dx))?;
+        // A stage may return its input gradient even when not asked (its first layer
+        // computes it anyway): only what was asked for goes down.
+        self.send_down(dx.filter(|_| need_dx), t)?;
         self.phase("update", t, |w| w.sgd())?;
         if let Some(m) = metrics.as_mut() {
             m.add(&lo, labels.len())?;
@@ -335,27 +333,15 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn run(mut self, metrics: &mut Option<MetricsAccumulator>) -> Result<()> {
+    fn run(mut self, module: &mut dyn ModuleMethod, metrics: &mut Option<MetricsAccumulator>) -> Result<()> {
         // The divergence counters of the previous iteration, read while this one runs.
         let mut pending: Option<crate::model::PendingCheck> = None;
         for i in 0..self.iterations {
             let t = self.first_iteration + i as u64;
             if self.fail_at == Some(t) {
-                return Err(Error::Unsupported {
-                    op: "pipeline",
-                    detail: format!("injected failure in stage {} at iteration {t}", self.k),
-                });
+                return Err(Error::InjectedFailure { stage: self.k, iteration: t });
             }
-            let (x, labels) = self.phase("receive", t, |w| w.receive_input())?;
-            if self.k + 1 == self.stages {
-                self.last_step(x, labels, t, metrics)?;
-            } else {
-                match self.method {
-                    Method::Fr => self.fr_step(x, labels, t)?,
-                    Method::Ddg => self.ddg_step(x, labels, t)?,
-                    Method::Dni(_) => self.dni_step(x, labels, t)?,
-                }
-            }
+            module.iteration(&mut self, t, metrics)?;
             // The one host wait of the iteration: this iteration's counters are copied behind
             // its work, then the previous iteration's are waited for, so the device runs this
             // iteration while the stage receives and records the next one.
@@ -363,50 +349,31 @@ impl Worker<'_> {
             if let Some(p) = pending.replace(next) {
                 p.finish()?;
             }
-            self.check_predictor(t)?;
+            module.check_finite(self.k, t)?;
         }
         if let Some(p) = pending.take() {
             p.finish()?;
         }
-        // The module above sent a gradient during the last iteration if it was past its own
-        // warm-up then; keep it for this module's next step (next call).
+        module.finish_checks()?;
+        // A gradient the module above sent during the last iteration is kept for this
+        // module's next step (next call).
         let last = self.first_iteration + self.iterations as u64;
-        if self.k + 1 < self.stages
+        if !self.is_last()
             && self.iterations > 0
-            && last >= self.method.lag(self.delay())
-            && self.state.pending_grad.is_none()
+            && module.gradient_in_flight(self.delay(), last)
+            && self.pending_grad.is_none()
         {
             let rx = self.down_in.as_ref().ok_or_else(|| stopped(self.k, "no gradient source"))?;
-            self.state.pending_grad = Some(rx.recv().map_err(|_| stopped(self.k, "the stage above is gone"))?);
+            *self.pending_grad = Some(rx.recv().map_err(|_| stopped(self.k, "the stage above is gone"))?);
         }
         if self.end_of_epoch {
-            self.finish_epoch()?;
+            module.finish_epoch(&mut self)?;
             // The running statistics are checked once an epoch, before evaluation and the
             // checkpoint read them.
             self.stage.watch_buffers()?;
-            self.check_finite(last.saturating_sub(1))?;
-        }
-        Ok(())
-    }
-
-    /// Errors when anything this stage (or its DNI predictor) trains or produces has held a
-    /// NaN or an infinity: a diverged module stops the run at once, whatever the loss says.
-    fn check_finite(&self, t: u64) -> Result<()> {
-        self.stage.check_finite(t)?;
-        self.check_predictor(t)
-    }
-
-    /// The DNI predictor's part of [`Self::check_finite`].
-    fn check_predictor(&self, t: u64) -> Result<()> {
-        if let Some(p) = &self.state.predictor {
-            let found = p.non_finite()?;
-            if !found.is_empty() {
-                return Err(Error::NonFinite {
-                    stage: self.k,
-                    iteration: t,
-                    detail: format!("{} (its DNI gradient predictor)", crate::layers::watch::describe(&found)),
-                });
-            }
+            let t = last.saturating_sub(1);
+            self.stage.check_finite(t)?;
+            module.check_finite(self.k, t)?;
         }
         Ok(())
     }
@@ -457,8 +424,7 @@ pub fn run_epoch(
     let EpochOptions { optim, lr, end_of_epoch, fail, tracer } = *opts;
     let k_total = net.stages.len();
     if state.stages.len() != k_total {
-        return Err(Error::Unsupported {
-            op: "pipeline",
+        return Err(Error::Schedule {
             detail: format!("pipeline state for {} stages used with {k_total}", state.stages.len()),
         });
     }
@@ -468,7 +434,6 @@ pub fn run_epoch(
     let mut metrics = Some(MetricsAccumulator::new(&gpus[k_total - 1])?);
     let first_iteration = state.iteration;
     let transport: &dyn Transport = net.transport.as_ref();
-    let method = state.method;
     let mut recent = std::mem::take(&mut state.recent_batches);
 
     // Channels: data -> stage 0; stage k -> k+1 (features); stage k+1 -> k (gradients).
@@ -488,12 +453,13 @@ pub fn run_epoch(
         let mut handles = Vec::new();
         let mut metrics_slot = metrics.take();
         for (k, (stage, st)) in net.stages.iter_mut().zip(state.stages.iter_mut()).enumerate() {
+            let StageState { module, pending_grad, steps } = st;
             let worker = Worker {
                 k,
                 stages: k_total,
-                method,
                 stage,
-                state: st,
+                pending_grad,
+                steps,
                 first_iteration,
                 iterations,
                 end_of_epoch,
@@ -514,7 +480,7 @@ pub fn run_epoch(
             };
             let mut m = if k + 1 == k_total { metrics_slot.take() } else { None };
             handles.push(scope.spawn(move || {
-                let r = worker.run(&mut m);
+                let r = worker.run(module.as_mut(), &mut m);
                 (r, m)
             }));
         }
@@ -532,7 +498,7 @@ pub fn run_epoch(
         }
         drop(data_tx);
         let mut out = Vec::new();
-        for h in handles {
+        for (k, h) in handles.into_iter().enumerate() {
             match h.join() {
                 Ok((r, m)) => {
                     if m.is_some() {
@@ -540,27 +506,24 @@ pub fn run_epoch(
                     }
                     out.push(r);
                 }
-                Err(_) => {
-                    out.push(Err(Error::Unsupported { op: "pipeline", detail: "a stage thread panicked".into() }))
-                }
+                Err(_) => out.push(Err(Error::StagePanicked { stage: k })),
             }
         }
         if fed < iterations && out.iter().all(|r| r.is_ok()) {
-            out.push(Err(Error::Unsupported {
-                op: "pipeline",
+            out.push(Err(Error::Schedule {
                 detail: format!("the data feed gave {fed} batches of the {iterations} announced"),
             }));
         }
         out
     });
-    // Report the root cause, not the "another stage failed" errors it caused.
+    // Report the root cause, not the stops it caused in the other stages.
     let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
     if !errors.is_empty() {
-        let root = errors.iter().position(|e| !e.to_string().contains("another stage failed")).unwrap_or(0);
+        let root = errors.iter().position(|e| !matches!(e, Error::StageStopped { .. })).unwrap_or(0);
         return Err(errors.swap_remove(root));
     }
     state.recent_batches = recent;
     state.iteration += iterations as u64;
     net.steps = state.iteration;
-    metrics.ok_or(Error::Unsupported { op: "pipeline", detail: "no metrics from the last stage".into() })?.read()
+    metrics.ok_or(Error::Schedule { detail: "no metrics from the last stage".into() })?.read()
 }

@@ -4,18 +4,15 @@
 //! at the current weights of every module. sigma_k > 0 means the method still moves module k
 //! in a descent direction.
 //!
-//! Which batch and which g_k, per method, at the boundary before iteration t:
-//! - FR: module k < K-1 replays batch t-d_k (its oldest stored input) with the gradient it
-//!   holds from module k+1; that replay's weight gradient is g_k.
-//! - DDG: module k < K-1 backpropagates its oldest stored graph (batch t-d_k, stale weights)
-//!   with the gradient it holds.
-//! - DNI: module k < K-1 backpropagates its predictor's gradient on the most recent batch
-//!   t-1, computed through the modules below at their current weights.
-//! - The last module, every method: forward through the modules below at their current
-//!   weights, loss and backward on batch t-1 (it gets the true gradient, so sigma is 1 up to
-//!   round-off; it is measured all the same).
-//! - BP: the backprop gradient of batch t-1 computed twice (sigma exactly 1: a check of the
-//!   measurement itself).
+//! Which batch and which g_k at the boundary before iteration t is each method's choice
+//! ([`ModuleMethod::sigma_gradient`](super::method::ModuleMethod::sigma_gradient), in the
+//! method's file): FR replays batch t-d_k with the gradient it holds, DDG backpropagates its
+//! oldest graph, DNI its predictor's gradient on batch t-1, DGL its local loss on batch t-1,
+//! BP and GPipe the exact gradient of batch t-1. The last module, every method: forward
+//! through the modules below at their current weights, loss and backward on batch t-1 (it
+//! gets the true gradient, so sigma is 1 up to round-off; it is measured all the same).
+//! [`measure_bp`]: the backprop gradient of a batch computed twice (sigma exactly 1: a check
+//! of the measurement itself).
 //!
 //! Nothing here changes the training trajectory: BN runs in training mode without updating
 //! its running statistics, no optimiser step is taken, stored inputs, graphs, gradients and
@@ -23,15 +20,16 @@
 //! use) are the only device state touched. Dot products are taken on the host in f64 (the
 //! gradients are small and read only every N iterations).
 
-use super::schedule::{HostBatch, Method, PipelineState};
+use super::method::SigmaInput;
+use super::schedule::{HostBatch, PipelineState};
 use super::Network;
 use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss;
-use crate::layers::predictor::GradientPredictor;
 use crate::model::Stage;
 
-fn stage_grads(stage: &Stage) -> Result<Vec<f32>> {
+/// Host copies of a stage's parameter gradients, in [`Stage::params`] order.
+pub fn stage_grads(stage: &Stage) -> Result<Vec<f32>> {
     let mut out = Vec::new();
     for p in stage.params() {
         out.extend(p.grad.to_vec()?);
@@ -50,7 +48,7 @@ pub fn sigma(g: &[f32], g_bp: &[f32]) -> f64 {
     }
 }
 
-fn images(net: &Network, batch: &HostBatch) -> Result<Tensor> {
+pub(super) fn images(net: &Network, batch: &HostBatch) -> Result<Tensor> {
     let mut shape = vec![batch.labels.len()];
     shape.extend(&net.spec.input);
     net.stages[0].gpu.tensor(&shape, &batch.images)
@@ -58,7 +56,7 @@ fn images(net: &Network, batch: &HostBatch) -> Result<Tensor> {
 
 /// Training-mode forward (no running-statistics update) of stages `0..upto` on `batch`:
 /// the input of stage `upto`, on its device.
-fn input_of_stage(net: &Network, batch: &HostBatch, upto: usize) -> Result<Tensor> {
+pub fn input_of_stage(net: &Network, batch: &HostBatch, upto: usize) -> Result<Tensor> {
     let mut h = images(net, batch)?;
     for s in &net.stages[..upto] {
         h = net.transport.transfer(&h, &s.gpu)?;
@@ -81,7 +79,7 @@ pub fn bp_gradients(net: &mut Network, batch: &HostBatch) -> Result<Vec<Vec<f32>
     let y = loss::labels(&net.stages[k_total - 1].gpu, &batch.labels, net.spec.classes)?;
     let (_, mut grad) = loss::forward_backward(&h, &y)?;
     for k in (0..k_total).rev() {
-        let a = acts.pop().ok_or(Error::Unsupported { op: "sigma", detail: "missing activations".into() })?;
+        let a = acts.pop().ok_or(Error::Schedule { detail: "sigma: missing activations".into() })?;
         grad = net.transport.transfer(&grad, &net.stages[k].gpu)?;
         if let Some(g) = net.stages[k].backward(a, &grad, k > 0)? {
             grad = g;
@@ -102,57 +100,16 @@ fn last_module_gradient(net: &mut Network, batch: &HostBatch) -> Result<Vec<f32>
     stage_grads(stage)
 }
 
-/// The gradient module k < K-1 would apply at the next iteration, and the batch it is for;
-/// None while the module is warming up.
-fn method_gradient(net: &mut Network, state: &PipelineState, k: usize) -> Result<Option<(Vec<f32>, HostBatch)>> {
-    let k_total = net.stages.len();
-    let delay = k_total - 1 - k;
-    let recent = &state.recent_batches;
-    let st = &state.stages[k];
-    let batch_delayed = || recent.len().checked_sub(delay).and_then(|i| recent.get(i)).cloned();
-    match state.method {
-        Method::Fr => {
-            let (Some(x), Some(g), Some(batch)) = (st.input_history.front(), &st.pending_grad, batch_delayed()) else {
-                return Ok(None);
-            };
-            let stage = &mut net.stages[k];
-            let (_, acts) = stage.forward_train(x, false)?;
-            stage.backward(acts, g, false)?;
-            Ok(Some((stage_grads(stage)?, batch)))
-        }
-        Method::Ddg => {
-            let (Some(graph), Some(g), Some(batch)) = (st.graph_history.front(), &st.pending_grad, batch_delayed())
-            else {
-                return Ok(None);
-            };
-            let stage = &mut net.stages[k];
-            let current = stage.snapshot_weights()?;
-            stage.load_weights(&graph.weights)?;
-            stage.backward_keeping(&graph.acts, g, false)?;
-            stage.load_weights(&current)?;
-            Ok(Some((stage_grads(stage)?, batch)))
-        }
-        Method::Dni(_) => {
-            let (Some(p), Some(batch)) = (&st.predictor, recent.back().cloned()) else {
-                return Ok(None);
-            };
-            let x = input_of_stage(net, &batch, k)?;
-            let stage = &mut net.stages[k];
-            let (h, acts) = stage.forward_train(&x, false)?;
-            let synthetic = GradientPredictor::synthetic_gradient(&p.forward(&h)?.0)?;
-            stage.backward(acts, &synthetic, false)?;
-            Ok(Some((stage_grads(stage)?, batch)))
-        }
-    }
-}
-
-/// sigma per stage for a decoupled pipeline at its current boundary (NaN for a module
-/// still warming up, or before any batch was seen).
-pub fn measure(net: &mut Network, state: &PipelineState) -> Result<Vec<f64>> {
+/// sigma per stage for a pipeline at its current boundary (NaN for a module still warming
+/// up, or before any batch was seen). Module k < K-1's gradient is its method's
+/// [`ModuleMethod::sigma_gradient`](super::method::ModuleMethod::sigma_gradient).
+pub fn measure(net: &mut Network, state: &mut PipelineState) -> Result<Vec<f64>> {
     let k_total = net.stages.len();
     let mut out = vec![f64::NAN; k_total];
     for (k, slot) in out.iter_mut().enumerate().take(k_total - 1) {
-        if let Some((g, batch)) = method_gradient(net, state, k)? {
+        let st = &mut state.stages[k];
+        let at = SigmaInput { recent: &state.recent_batches, pending_grad: st.pending_grad.as_ref() };
+        if let Some((g, batch)) = st.module.sigma_gradient(net, k, &at)? {
             let bp = bp_gradients(net, &batch)?;
             *slot = sigma(&g, &bp[k]);
         }

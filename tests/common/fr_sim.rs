@@ -499,3 +499,93 @@ pub fn simulate_ddg(
     }
     sim.finish(init)
 }
+
+/// The images of samples `range` of a batch's flat image data.
+fn sample_range(spec: &ModelSpec, data: &[f32], range: Range<usize>) -> Vec<f32> {
+    let per: usize = spec.input.iter().product();
+    data[range.start * per..range.end * per].to_vec()
+}
+
+/// GPipe from `init`, written from the spec: every batch of N samples is cut into
+/// `sizes(N)` micro-batches in order; each runs a training-mode forward of the whole model
+/// with its own BN statistics (running statistics updated once per micro-batch, in order);
+/// the objective is sum_m (n_m / N) * CE_m, whose gradient is the sum of the micro-batches'
+/// scaled gradients; one SGD step per batch.
+pub fn simulate_gpipe(
+    spec: &ModelSpec,
+    init: &[HostTensor],
+    batches: &[(Vec<f32>, Vec<u32>)],
+    sizes: impl Fn(usize) -> Vec<usize>,
+    cfg: &FrSimConfig,
+) -> Vec<HostTensor> {
+    let mut sim = Sim::new(spec, init, cfg);
+    let all = 0..spec.layers.len();
+    for (x, labels) in batches {
+        let n = labels.len();
+        let vars = sim.vars(all.clone());
+        let tensors: HashMap<String, CTensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let mut objective: Option<CTensor> = None;
+        let mut start = 0;
+        for size in sizes(n) {
+            let part = images(spec, &sample_range(spec, x, start..start + size));
+            let (logits, stats) = forward_range(spec, all.clone(), &tensors, &part);
+            sim.update_running(&stats);
+            let term = (cross_entropy(&logits, &labels[start..start + size]) * (size as f64 / n as f64)).unwrap();
+            objective = Some(match objective {
+                None => term,
+                Some(o) => (o + term).unwrap(),
+            });
+            start += size;
+        }
+        let grads = objective.unwrap().backward().unwrap();
+        sim.sgd(all.clone(), &vars, &grads);
+    }
+    sim.finish(init)
+}
+
+/// Decoupled Greedy Learning over `ranges` from `init` (the model) and `heads` (module k's
+/// auxiliary head: its spec, whose input is module k's output, and initial state), written
+/// from the spec: for every batch, module by module from the bottom, a training-mode forward
+/// of module k on its input (running statistics updated), the head's forward on the output
+/// (its statistics updated too), the head's cross-entropy against the batch's labels,
+/// backward through head and module, one SGD step of each; the module's output BEFORE its
+/// step is the next module's input. The last module trains on the model's own loss. Returns
+/// the final model state and each head's, with the names and order of the inputs.
+pub fn simulate_dgl(
+    spec: &ModelSpec,
+    ranges: &[Range<usize>],
+    init: &[HostTensor],
+    heads: &[(ModelSpec, Vec<HostTensor>)],
+    batches: &[(Vec<f32>, Vec<u32>)],
+    cfg: &FrSimConfig,
+) -> (Vec<HostTensor>, Vec<Vec<HostTensor>>) {
+    check_modules(spec, ranges);
+    let last = ranges.len() - 1;
+    assert_eq!(heads.len(), last, "one head per module but the last");
+    let mut sim = Sim::new(spec, init, cfg);
+    let mut head_sims: Vec<Sim> = heads.iter().map(|(s, i)| Sim::new(s, i, cfg)).collect();
+    for (x, labels) in batches {
+        let mut h = images(spec, x);
+        for (i, range) in ranges.iter().enumerate().take(last) {
+            let vars = sim.vars(range.clone());
+            let tensors: HashMap<String, CTensor> =
+                vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let (y, stats) = forward_range(spec, range.clone(), &tensors, &h);
+            sim.update_running(&stats);
+            let head = &mut head_sims[i];
+            let head_range = 0..heads[i].0.layers.len();
+            let hvars = head.vars(head_range.clone());
+            let htensors: HashMap<String, CTensor> =
+                hvars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let (logits, hstats) = forward_range(&heads[i].0, head_range.clone(), &htensors, &y);
+            head.update_running(&hstats);
+            let grads = cross_entropy(&logits, labels).backward().unwrap();
+            sim.sgd(range.clone(), &vars, &grads);
+            head.sgd(head_range, &hvars, &grads);
+            h = y.detach();
+        }
+        sim.train(ranges[last].clone(), &h, |logits| cross_entropy(logits, labels), true, false);
+    }
+    let heads_out = head_sims.into_iter().zip(heads).map(|(s, (_, i))| s.finish(i)).collect();
+    (sim.finish(init), heads_out)
+}

@@ -4,6 +4,10 @@
 
 use featreplay::model::resnet::{build, Arch, ResNetConfig};
 use featreplay::model::ModelSpec;
+use std::sync::Arc;
+
+use featreplay::layers::predictor::PredictorConfig;
+use featreplay::train::method::{by_name, MethodOptions, TrainingMethod};
 use featreplay::train::schedule::HostBatch;
 use featreplay::train::OptimConfig;
 use featreplay::Gpu;
@@ -43,4 +47,14 @@ pub fn host(b: &[(Vec<f32>, Vec<u32>)]) -> impl Iterator<Item = HostBatch> + '_ 
 /// `k` fresh devices (their memory accounting starts at zero).
 pub fn devices(k: usize) -> Vec<Gpu> {
     (0..k).map(|_| Gpu::open_default().unwrap()).collect()
+}
+
+/// The method named `name` with default options.
+pub fn method(name: &str) -> Arc<dyn TrainingMethod> {
+    by_name(name, &MethodOptions::default()).unwrap()
+}
+
+/// DNI with predictors shaped by `cfg`.
+pub fn dni(cfg: PredictorConfig) -> Arc<dyn TrainingMethod> {
+    by_name("dni", &MethodOptions { dni: cfg, ..MethodOptions::default() }).unwrap()
 }
