@@ -34,6 +34,9 @@ pub struct CompareConfig {
     pub base: RunConfig,
     pub methods: Vec<String>,
     pub ks: Vec<usize>,
+    /// Run BP on one device first (unless K = 1 is asked for anyway) and report speedups
+    /// over it too.
+    pub single_device_baseline: bool,
     pub out: PathBuf,
     /// Reuse a non-empty `out` (each run's directory is overwritten).
     pub overwrite: bool,
@@ -106,6 +109,12 @@ impl CompareSummary {
         let bp = self.get("bp", run.k)?.seconds_per_epoch()?;
         Some(bp / run.seconds_per_epoch()?)
     }
+
+    /// Time per epoch of BP on one device over that of `run` (when BP ran at K = 1).
+    pub fn speedup_over_one_device(&self, run: &MethodRun) -> Option<f64> {
+        let bp = self.get("bp", 1)?.seconds_per_epoch()?;
+        Some(bp / run.seconds_per_epoch()?)
+    }
 }
 
 impl CompareConfig {
@@ -129,6 +138,13 @@ impl CompareConfig {
     fn runs(&self) -> Vec<(&'static str, usize, RunConfig)> {
         let main_k = *self.ks.iter().max().unwrap_or(&1);
         let mut out = Vec::new();
+        if self.single_device_baseline && !self.ks.contains(&1) {
+            let mut rc = self.base.clone();
+            rc.algo = "bp".into();
+            rc.splits = 1;
+            rc.measure_sigma = None;
+            out.push(("bp", 1, rc));
+        }
         for &k in &self.ks {
             for method in METHODS.iter().filter(|m| self.methods.iter().any(|c| c == *m)) {
                 let mut rc = self.base.clone();
@@ -229,9 +245,9 @@ pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
     );
     let _ = writeln!(
         md,
-        "| method | K | status | best test error | final train loss | time/epoch (s) | speedup over BP | peak memory per stage (MiB) | mean sigma per stage |"
+        "| method | K | status | best test error | final train loss | time/epoch (s) | speedup over BP | speedup over BP, K = 1 | peak memory per stage (MiB) | mean sigma per stage |"
     );
-    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---|---|");
     for r in &s.runs {
         let status = match &r.outcome {
             Outcome::Completed => "completed".to_string(),
@@ -252,7 +268,7 @@ pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.method,
             r.k,
             status,
@@ -260,13 +276,24 @@ pub fn summary_markdown(cfg: &CompareConfig, s: &CompareSummary) -> String {
             fmt(r.records.last().map(|x| x.train_loss), &|v| format!("{v:.4}")),
             fmt(r.seconds_per_epoch(), &|v| format!("{v:.1}")),
             fmt(s.speedup(r), &|v| format!("{v:.2}x")),
+            fmt(s.speedup_over_one_device(r), &|v| format!("{v:.2}x")),
             if mem.is_empty() { "-".into() } else { mem },
             sig
         );
     }
+    let mut gpipe_ks: Vec<usize> = s.runs.iter().filter(|r| r.method == "gpipe").map(|r| r.k).collect();
+    gpipe_ks.dedup();
+    for k in gpipe_ks {
+        let m = b.microbatches;
+        let _ = writeln!(
+            md,
+            "\nGPipe at K = {k}: {m} micro-batches per batch, bubble (K - 1) / (M + K - 1) = {:.1}% of each module's iteration.",
+            100.0 * crate::train::gpipe::bubble_fraction(k, m)
+        );
+    }
     let _ = writeln!(
         md,
-        "\nTime per epoch excludes evaluation and sigma measurements, and the first epoch when there are more (it compiles the pipelines). Speedup: BP's time per epoch at the same K (model-parallel BP on the same devices) over the method's. Peak memory: bytes allocated on each stage's device during training (tensors and runtime buffers). Plots: curves-k<K>.png, memory.png, speed.png, sigma.png; per-run metrics in <method>-k<K>/."
+        "\nTime per epoch excludes evaluation and sigma measurements, and the first epoch when there are more (it compiles the pipelines). Speedup over BP: BP's time per epoch at the same K (model-parallel BP on the same devices, the paper's baseline) over the method's; over BP, K = 1: single-device BP's (with --single-device-baseline or K = 1 in --k). Peak memory: bytes allocated on each stage's device during training (tensors and runtime buffers). Plots: curves-k<K>.png, memory.png, speed.png, sigma.png; per-run metrics in <method>-k<K>/."
     );
     md
 }

@@ -268,8 +268,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Run BP, FR, DDG and DNI with the same model, data, seed and K and write metrics,
-    /// plots (curves, memory, speed, sigma) and a markdown summary (the paper's comparison).
+    /// Run BP, FR, DDG, DNI, GPipe and DGL with the same model, data, seed and K and write
+    /// metrics, plots (curves, memory, speed, sigma) and a markdown summary (the paper's
+    /// comparison).
     Compare {
         #[command(flatten)]
         model: ModelArgs,
@@ -282,6 +283,10 @@ enum Command {
         /// --measure-sigma iterations, default 50; --splits is ignored).
         #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
         k: Vec<usize>,
+        /// Also run backprop on one device (K = 1) first, and report every run's speedup over
+        /// it beside the speedup over BP on the same K devices.
+        #[arg(long)]
+        single_device_baseline: bool,
         /// Output directory: summary.md, summary.json, *.png and one directory per run.
         #[arg(long, default_value = "runs/compare")]
         out: PathBuf,
@@ -549,7 +554,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 summary.out.display()
             );
         }
-        Command::Compare { model, train, methods, k, out, overwrite } => {
+        Command::Compare { model, train, methods, k, single_device_baseline, out, overwrite } => {
             let mut base = train.run_config(model, selectors(&cli.device), "bp");
             // The comparison includes sigma: measured every 50 iterations unless told otherwise.
             base.measure_sigma = base.measure_sigma.or(Some(50));
@@ -561,6 +566,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 base,
                 methods: methods.clone(),
                 ks: k.clone(),
+                single_device_baseline: *single_device_baseline,
                 out: out.clone(),
                 overwrite: *overwrite,
             };
