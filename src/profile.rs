@@ -2,9 +2,10 @@
 //! (dispatches, compute passes, submits, host waits, buffers created, bytes zero-filled, CPU
 //! time spent recording) and where the device time goes, by layer type and kernel.
 //!
-//! Counts come from the devices' runtime counters over `iterations` iterations after
-//! `warmup` ones (pipelines compiled, the caching allocator filled, a pipeline's histories
-//! full). Device time per kernel comes from a separate pass over `timed_iterations` in which
+//! Counts come from the devices' runtime counters after `warmup` iterations (pipelines
+//! compiled, the caching allocator filled, a pipeline's histories full): a call of
+//! `iterations` iterations and one of twice as many are counted, and their difference is
+//! what `iterations` steady-state iterations cost (a call's own costs cancel). Device time per kernel comes from a separate pass over `timed_iterations` in which
 //! every dispatch runs alone: with GPU timestamps where the adapter has them, else timed on
 //! the host around a wait (which adds the submit overhead; the report says which).
 
@@ -105,7 +106,7 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     let gpus = open_devices(&cfg.run.devices, k)?;
     let mut net = Network::new(spec.clone(), &ranges, &gpus, cfg.run.seed)?;
     let mut state = PipelineState::new(method, &net, cfg.run.seed)?;
-    if batches.len() < warmup + cfg.iterations + cfg.timed_iterations {
+    if batches.len() < warmup + 3 * cfg.iterations + cfg.timed_iterations {
         return Err(Error::Unsupported { op: "profile", detail: "too few batches for the profile".into() });
     }
     let optim = &cfg.run.optim;
@@ -120,15 +121,22 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     run(&mut net, &batches[..warmup])?;
     net.sync()?;
     gpus.iter().for_each(Gpu::reset_peak_memory);
-    let before: Vec<Counters> = gpus.iter().map(Gpu::counters).collect();
-    let t0 = Instant::now();
-    run(&mut net, &batches[warmup..warmup + cfg.iterations])?;
-    net.sync()?;
-    let seconds = t0.elapsed().as_secs_f64() / cfg.iterations as f64;
-    let per_stage: Vec<Counters> =
-        gpus.iter().zip(&before).map(|(g, b)| per_iter(g.counters() - *b, cfg.iterations)).collect();
-    // The closing sync is the measurement's, not the iteration's.
-    let mut per_stage = per_stage;
+    // A call of the pipeline costs a few things once (its closing checks, the metrics read
+    // back, the measurement's sync): a call of n iterations and one of 2n are counted and
+    // timed, and their difference is n steady-state iterations.
+    let n = cfg.iterations;
+    let mut window = |net: &mut Network, from: usize, len: usize| -> Result<(Vec<Counters>, f64)> {
+        let before: Vec<Counters> = gpus.iter().map(Gpu::counters).collect();
+        let t0 = Instant::now();
+        run(net, &batches[from..from + len])?;
+        net.sync()?;
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok((gpus.iter().zip(&before).map(|(g, b)| g.counters() - *b).collect(), seconds))
+    };
+    let (short, short_s) = window(&mut net, warmup, n)?;
+    let (long, long_s) = window(&mut net, warmup + n, 2 * n)?;
+    let seconds = (long_s - short_s).max(0.0) / n as f64;
+    let mut per_stage: Vec<Counters> = long.iter().zip(&short).map(|(l, s)| per_iter(*l - *s, n)).collect();
     let per_iteration = per_stage.iter_mut().fold(Counters::default(), |a, c| a + *c);
     let peak_tensor_bytes = gpus.iter().map(|g| g.memory().peak_tensor_bytes).collect();
     let pool_bytes = gpus.iter().map(|g| g.memory().pool_bytes).collect();
@@ -140,7 +148,7 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
         for g in &gpus {
             op_timing = Some(g.start_op_timing()?);
         }
-        let timed = run(&mut net, &batches[warmup + cfg.iterations..]);
+        let timed = run(&mut net, &batches[warmup + 3 * n..]);
         let mut times = Vec::new();
         for g in &gpus {
             times.extend(g.op_times()?);
@@ -199,7 +207,7 @@ fn per_iter(c: Counters, n: usize) -> Counters {
         passes: d(c.passes),
         copies: d(c.copies),
         submits: d(c.submits),
-        host_waits: c.host_waits.saturating_sub(1).div_ceil(n),
+        host_waits: d(c.host_waits),
         buffers_created: d(c.buffers_created),
         bytes_created: c.bytes_created / n,
         bytes_zero_filled: c.bytes_zero_filled / n,
@@ -217,7 +225,7 @@ type Workload = (crate::model::ModelSpec, Vec<std::ops::Range<usize>>, Vec<HostB
 
 /// The model, its split and enough batches: the run's data, or random images.
 fn workload(cfg: &ProfileConfig) -> Result<Workload> {
-    let need = cfg.warmup.max(1).max(cfg.run.splits) + cfg.iterations + cfg.timed_iterations;
+    let need = cfg.warmup.max(1).max(cfg.run.splits) + 3 * cfg.iterations + cfg.timed_iterations;
     match &cfg.synthetic_input {
         None => {
             let p = prepare(&cfg.run)?;

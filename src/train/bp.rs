@@ -7,7 +7,6 @@
 //! The numbers are those of [`Network::bp_step`](super::Network::bp_step) (same layers,
 //! same order of operations per module; tests/bp.rs checks bit equality).
 
-use std::any::Any;
 use std::sync::Arc;
 
 use super::method::{MethodOptions, ModuleMethod, SigmaInput, TrainingMethod};
@@ -64,9 +63,5 @@ impl ModuleMethod for BpModule {
     ) -> Result<Option<(Vec<f32>, HostBatch)>> {
         let Some(batch) = at.recent.back().cloned() else { return Ok(None) };
         Ok(Some((bp_gradients(net, &batch)?.swap_remove(k), batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -10,7 +10,6 @@
 //! Memory: d_k + 1 activation sets (and weight copies) in module k, the "memory explosion"
 //! the FR paper measures. BN running statistics are updated by the (single) forward.
 
-use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -119,9 +118,5 @@ impl ModuleMethod for DdgModule {
         stage.backward_keeping(&graph.acts, g, false)?;
         stage.load_weights(&current)?;
         Ok(Some((stage_grads(stage)?, batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -16,7 +16,6 @@
 //! module's optimiser and learning rate; its BN running statistics are updated by every
 //! step. Features without spatial dimensions get the linear classifier alone.
 
-use std::any::Any;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -293,9 +292,5 @@ impl ModuleMethod for DglModule {
         let (h, acts) = stage.forward_train(&x, false)?;
         self.local_backward(stage, &h, acts, &batch.labels, classes, false)?;
         Ok(Some((stage_grads(&net.stages[k])?, batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

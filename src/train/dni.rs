@@ -11,7 +11,6 @@
 //! so no prediction is in flight at a checkpoint. The predictor uses the module's optimiser
 //! and learning rate. BN running statistics are updated by the module's (single) forward.
 
-use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -231,9 +230,5 @@ impl ModuleMethod for DniModule {
         let synthetic = GradientPredictor::synthetic_gradient(&p.forward(&h)?.0)?;
         stage.backward(acts, &synthetic, false)?;
         Ok(Some((stage_grads(stage)?, batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

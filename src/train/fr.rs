@@ -16,7 +16,6 @@
 //! produced this iteration's features); the replay pass leaves them untouched. The spec
 //! allows this choice; the reference code updates them in both.
 
-use std::any::Any;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
@@ -137,9 +136,5 @@ impl ModuleMethod for FrModule {
         let (_, acts) = stage.forward_train(x, false)?;
         stage.backward(acts, g, false)?;
         Ok(Some((stage_grads(stage)?, batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

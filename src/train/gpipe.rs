@@ -18,7 +18,6 @@
 //! fraction (K - 1) / (M + K - 1). Memory: a module holds the activations of all M
 //! micro-batches (those of one full batch, as backprop) plus one gradient accumulator.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use super::method::{ExtraMemory, MemoryQuery, MethodOptions, ModuleMethod, SigmaInput, TrainingMethod};
@@ -190,9 +189,5 @@ impl ModuleMethod for GpipeModule {
             start += size;
         }
         Ok(Some((sum, batch)))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

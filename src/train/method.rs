@@ -145,9 +145,6 @@ pub trait ModuleMethod: Send + Any {
     /// [`super::sigma`].
     fn sigma_gradient(&mut self, net: &mut Network, k: usize, at: &SigmaInput)
         -> Result<Option<(Vec<f32>, HostBatch)>>;
-
-    /// The state as its concrete type.
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// What a checkpoint stores of a module (see [`ModuleMethod::save`]).

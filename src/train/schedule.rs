@@ -95,7 +95,8 @@ impl PipelineState {
 
     /// Stage k's method state as its concrete type (tests and measurements look inside).
     pub fn module<T: 'static>(&self, k: usize) -> Option<&T> {
-        self.stages.get(k)?.module.as_any().downcast_ref::<T>()
+        let m: &dyn std::any::Any = self.stages.get(k)?.module.as_ref();
+        m.downcast_ref::<T>()
     }
 }
 
