@@ -2,7 +2,8 @@
 //! DGL are trained with the same model, data, seed and optimiser for every K asked for; each run
 //! writes its own directory (`<method>-k<K>/`: metrics, sigma, curves, checkpoint) and the
 //! comparison adds, in the output directory:
-//! - `curves-k<K>.png`: training loss and test error per epoch, every method;
+//! - `curves-k<K>.png`: training loss and test error per epoch, and against training
+//!   seconds (the loss per iteration, smoothed), every method;
 //! - `memory.png`: peak memory per stage, every method, one panel per K;
 //! - `speed.png`: time per epoch and speedup over BP (same K) per method against K;
 //! - `sigma.png`: sigma per stage over training for each decoupled method (largest K);
@@ -328,6 +329,31 @@ fn write_outputs(cfg: &CompareConfig, s: &CompareSummary) -> Result<()> {
                 x_desc: "epoch".into(),
                 y_desc: "test error (%)".into(),
                 series: per_epoch(&|e| 100.0 * (1.0 - e.test_top1)),
+            },
+            // The paper's "faster convergence" is per unit of time.
+            Panel {
+                title: format!("training loss per iteration (smoothed), K = {k}"),
+                x_desc: "training seconds".into(),
+                y_desc: "loss".into(),
+                series: runs
+                    .iter()
+                    .map(|r| {
+                        let pts = report::smoothed_iteration_losses(&r.records);
+                        (name(r), pts.iter().map(|p| (p.1, p.2)).collect())
+                    })
+                    .collect(),
+            },
+            Panel {
+                title: format!("test error, K = {k}"),
+                x_desc: "training seconds".into(),
+                y_desc: "test error (%)".into(),
+                series: runs
+                    .iter()
+                    .map(|r| {
+                        let pts = report::test_error_by_seconds(&r.records);
+                        (name(r), pts.iter().map(|p| (p.0, 100.0 * p.1)).collect())
+                    })
+                    .collect(),
             },
         ];
         plot_panels(&panels, &cfg.out.join(format!("curves-k{k}.png")))?;

@@ -14,6 +14,7 @@ use featreplay::predict;
 use featreplay::report::EpochRecord;
 use featreplay::train::dgl::AuxConfig;
 use featreplay::train::eval::{self, InferenceOptions, TestSubset};
+use featreplay::train::fr::BnUpdate;
 use featreplay::train::resume;
 use featreplay::train::run::{self, Observer, RunConfig, Start};
 use featreplay::train::OptimConfig;
@@ -153,6 +154,16 @@ struct TrainArgs {
     /// Learning-rate factor of the first module (the reference FR code uses 2).
     #[arg(long, default_value_t = 1.0)]
     first_module_lr_scale: f32,
+    /// FR: which passes of a module below the last update its batch-norm running statistics:
+    /// play (this project's choice) or both (play and replay, as the reference code does).
+    #[arg(long, default_value = "play", value_parser = parse_bn_update)]
+    fr_bn_update: BnUpdate,
+    /// The reference FR code's choices where featreplay differs and offers them: BN running
+    /// statistics updated in play and replay (--fr-bn-update both) and the first module at
+    /// twice the learning rate (--first-module-lr-scale 2); these override those flags. Its
+    /// shortcut padding layout and padded last batch are not offered (see the README).
+    #[arg(long)]
+    reference: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Train on the first N images of a seeded shuffle of the training set.
@@ -191,13 +202,17 @@ struct TrainArgs {
     init_from: Option<PathBuf>,
 }
 
+fn parse_bn_update(s: &str) -> std::result::Result<BnUpdate, String> {
+    s.parse().map_err(|e: featreplay::Error| e.to_string())
+}
+
 impl TrainArgs {
     fn optim(&self) -> OptimConfig {
         let mut optim = OptimConfig::paper(self.epochs);
         optim.lr = self.lr;
         optim.momentum = self.momentum;
         optim.weight_decay = self.decay;
-        optim.first_stage_lr_scale = self.first_module_lr_scale;
+        optim.first_stage_lr_scale = if self.reference { 2.0 } else { self.first_module_lr_scale };
         if let Some(s) = &self.schedule {
             optim.schedule = s.clone();
             optim.gammas = self.gammas.clone().unwrap_or_else(|| vec![0.1; s.len()]);
@@ -225,6 +240,7 @@ impl TrainArgs {
             devices,
             algo: algo.to_string(),
             measure_sigma: self.measure_sigma,
+            fr_bn_update: if self.reference { BnUpdate::Both } else { self.fr_bn_update },
             dni: PredictorConfig { depth: self.dni_depth, width: self.dni_width },
             microbatches: self.microbatches,
             dgl: AuxConfig { depth: self.dgl_depth, width: self.dgl_width },

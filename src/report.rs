@@ -48,6 +48,10 @@ pub struct EpochRecord {
     /// Mean sigma per stage over the epoch's measurements (empty when not measured).
     #[serde(default, with = "nan_as_null")]
     pub sigma: Vec<f64>,
+    /// The training loss of each iteration of the epoch, in order (absent in runs written
+    /// before it was recorded).
+    #[serde(default, with = "nan_as_null")]
+    pub batch_losses: Vec<f64>,
 }
 
 /// One measurement of sigma per stage (see `train::sigma`).
@@ -103,6 +107,9 @@ pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 /// The loss and accuracy curves [`MetricsLog`] redraws after every epoch.
 pub const CURVES_PNG: &str = "curves.png";
+
+/// Convergence per iteration and per second ([`plot_convergence`]), redrawn with the curves.
+pub const CONVERGENCE_PNG: &str = "convergence.png";
 /// The first line of `metrics.csv`.
 pub const CSV_HEADER: &str = "epoch,lr,train_loss,train_top1,test_loss,test_top1,test_top5,best_test_top1,epoch_seconds,images_per_second,peak_memory_bytes,sigma";
 
@@ -220,15 +227,19 @@ impl MetricsLog {
     /// epochs its checkpoint covers. Stale temporary files of an interrupted write are deleted.
     pub fn create(dir: &Path, records: Vec<EpochRecord>) -> Result<MetricsLog> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        remove_stale_temps(dir, &[METRICS_JSONL, METRICS_CSV, CURVES_PNG]);
+        remove_stale_temps(dir, &[METRICS_JSONL, METRICS_CSV, CURVES_PNG, CONVERGENCE_PNG]);
         let log = MetricsLog { dir: dir.to_path_buf(), records };
         log.write_files()?;
-        let curves = dir.join(CURVES_PNG);
         if !log.records.is_empty() {
-            plot(&log.records, &curves)?;
-        } else if let Err(e) = fs::remove_file(&curves) {
-            if e.kind() != io::ErrorKind::NotFound {
-                return Err(io(&curves)(e));
+            log.plots()?;
+        } else {
+            for name in [CURVES_PNG, CONVERGENCE_PNG] {
+                let path = dir.join(name);
+                if let Err(e) = fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        return Err(io(&path)(e));
+                    }
+                }
             }
         }
         Ok(log)
@@ -257,7 +268,13 @@ impl MetricsLog {
             self.records.pop();
             return Err(e);
         }
-        plot(&self.records, &self.dir.join(CURVES_PNG))
+        self.plots()
+    }
+
+    /// Redraws `curves.png` and `convergence.png`.
+    fn plots(&self) -> Result<()> {
+        plot(&self.records, &self.dir.join(CURVES_PNG))?;
+        plot_convergence(&self.records, &self.dir.join(CONVERGENCE_PNG))
     }
 
     /// The records, in order.
@@ -463,6 +480,66 @@ fn draw_curves(records: &[EpochRecord], path: &Path, rgb: &mut [u8], size: (u32,
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// The training loss of every iteration, smoothed (an exponential moving average with
+/// weight 0.9, debiased as TensorBoard's), as (epoch position, seconds, loss): iteration j
+/// of the n of epoch e sits at e - 1 + (j + 1) / n epochs, and at the training seconds
+/// before epoch e plus (j + 1) / n of epoch e's (iteration times are interpolated within an
+/// epoch, whose total is measured).
+pub fn smoothed_iteration_losses(records: &[EpochRecord]) -> Vec<(f64, f64, f64)> {
+    let mut out = Vec::new();
+    let (mut ema, mut weight, mut seconds) = (0.0f64, 0.0f64, 0.0f64);
+    for r in records {
+        let n = r.batch_losses.len();
+        for (j, &l) in r.batch_losses.iter().enumerate() {
+            if !l.is_finite() {
+                continue;
+            }
+            ema = 0.9 * ema + 0.1 * l;
+            weight = 0.9 * weight + 0.1;
+            let f = (j + 1) as f64 / n as f64;
+            out.push(((r.epoch - 1) as f64 + f, seconds + f * r.epoch_seconds, ema / weight));
+        }
+        seconds += r.epoch_seconds;
+    }
+    out
+}
+
+/// Test error (1 - top-1) at the end of each epoch against the training seconds so far.
+pub fn test_error_by_seconds(records: &[EpochRecord]) -> Vec<(f64, f64)> {
+    let mut seconds = 0.0;
+    records
+        .iter()
+        .map(|r| {
+            seconds += r.epoch_seconds;
+            (seconds, 1.0 - r.test_top1)
+        })
+        .collect()
+}
+
+/// Convergence as the FR paper reads it: training loss per iteration (smoothed) and test
+/// error, each against epochs and against training seconds (evaluation left out).
+pub fn plot_convergence(records: &[EpochRecord], path: &Path) -> Result<()> {
+    let losses = smoothed_iteration_losses(records);
+    let by_epoch: Vec<(f64, f64)> = losses.iter().map(|p| (p.0, p.2)).collect();
+    let by_time: Vec<(f64, f64)> = losses.iter().map(|p| (p.1, p.2)).collect();
+    let err_epoch: Vec<(f64, f64)> = records.iter().map(|r| (r.epoch as f64, 1.0 - r.test_top1)).collect();
+    let panel = |title: &str, x: &str, y: &str, name: &str, data: Vec<(f64, f64)>| Panel {
+        title: title.into(),
+        x_desc: x.into(),
+        y_desc: y.into(),
+        series: vec![(name.into(), data)],
+    };
+    plot_panels(
+        &[
+            panel("training loss per iteration (smoothed)", "epoch", "loss", "train", by_epoch),
+            panel("training loss per iteration (smoothed)", "training seconds", "loss", "train", by_time),
+            panel("test error", "epoch", "1 - top-1", "test", err_epoch),
+            panel("test error", "training seconds", "1 - top-1", "test", test_error_by_seconds(records)),
+        ],
+        path,
+    )
 }
 
 /// One chart of a multi-panel figure: named series of (x, y) points.

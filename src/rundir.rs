@@ -44,13 +44,14 @@ pub const LOCK_FILE: &str = ".featreplay.lock";
 /// The files a featreplay training run writes into its output directory, the ones
 /// [`clear_run_outputs`] deletes (with their temporary files). A `--trace` file is named by the
 /// user and is not among them.
-pub const RUN_OUTPUTS: [&str; 6] = [
+pub const RUN_OUTPUTS: [&str; 7] = [
     checkpoint::SAFETENSORS_FILE,
     checkpoint::JSON_FILE,
     report::METRICS_JSONL,
     report::METRICS_CSV,
     report::SIGMA_JSONL,
     report::CURVES_PNG,
+    report::CONVERGENCE_PNG,
 ];
 
 /// How many names an error lists before summarising the rest as a count.

@@ -108,6 +108,11 @@ fn a_failing_stage_stops_the_run_with_its_error() {
 /// FR on the GPU equals the candle simulation of the spec's schedule (written independently
 /// from the spec in tests/common/fr_sim.rs) for every tensor of every stage.
 fn check_against_simulation(k: usize) {
+    check_against_simulation_with(k, common::fr_sim::BnUpdate::Play);
+}
+
+/// [`check_against_simulation`] with the BN running statistics updated as `bn` says.
+fn check_against_simulation_with(k: usize, bn: common::fr_sim::BnUpdate) {
     use common::fr_sim::{simulate_fr, BnUpdate, FrSimConfig};
     let spec = resnet8();
     let ranges = split(&spec, k, SplitPolicy::Even).unwrap();
@@ -116,7 +121,14 @@ fn check_against_simulation(k: usize) {
         net.state().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.to_vec().unwrap())).collect();
     let data = batches(7, 40);
     let opt = optim();
-    let mut state = PipelineState::fr(k);
+    let fr_bn_update = match bn {
+        BnUpdate::Play => featreplay::train::fr::BnUpdate::Play,
+        BnUpdate::Both => featreplay::train::fr::BnUpdate::Both,
+        BnUpdate::Replay => unreachable!("featreplay does not offer replay-only updates"),
+    };
+    let opts = featreplay::train::method::MethodOptions { fr_bn_update, ..Default::default() };
+    let method = featreplay::train::method::by_name("fr", &opts).unwrap();
+    let mut state = PipelineState::new(method, &net, 11).unwrap();
     // Two calls, so the epoch boundary (a gradient in flight) is crossed too.
     schedule::run_epoch(&mut net, &mut state, host(&data[..4]), 4, &EpochOptions::new(&opt, opt.lr)).unwrap();
     schedule::run_epoch(&mut net, &mut state, host(&data[4..]), 3, &EpochOptions::new(&opt, opt.lr)).unwrap();
@@ -125,7 +137,7 @@ fn check_against_simulation(k: usize) {
         momentum: opt.momentum,
         weight_decay: opt.weight_decay,
         nesterov: opt.nesterov,
-        bn_update: BnUpdate::Play,
+        bn_update: bn,
     };
     let want = simulate_fr(&spec, &ranges, &init, &data, &cfg);
     let got: std::collections::HashMap<String, Vec<f32>> =
@@ -150,6 +162,12 @@ fn check_against_simulation(k: usize) {
 #[test]
 fn fr_two_modules_matches_the_spec_simulation() {
     check_against_simulation(2);
+}
+
+/// The reference code's choice: running statistics updated in play and replay.
+#[test]
+fn fr_with_bn_updated_in_play_and_replay_matches_the_spec_simulation() {
+    check_against_simulation_with(3, common::fr_sim::BnUpdate::Both);
 }
 
 #[test]

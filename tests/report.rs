@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use featreplay::report::{
-    self, read_metrics, read_sigma, write_atomic, EpochRecord, MetricsLog, Panel, SigmaLog, SigmaRecord, CSV_HEADER,
-    CURVES_PNG, METRICS_CSV, METRICS_JSONL, SIGMA_JSONL,
+    self, read_metrics, read_sigma, write_atomic, EpochRecord, MetricsLog, Panel, SigmaLog, SigmaRecord,
+    CONVERGENCE_PNG, CSV_HEADER, CURVES_PNG, METRICS_CSV, METRICS_JSONL, SIGMA_JSONL,
 };
 use featreplay::Error;
 use process::KillOnDrop;
@@ -35,6 +35,7 @@ fn record(epoch: usize) -> EpochRecord {
         images_per_second: 4000.0 + e,
         peak_memory_bytes: vec![1 << 20, 3 << 20],
         sigma: vec![0.5, f64::NAN],
+        batch_losses: vec![2.1 / e, 1.9 / e],
     }
 }
 
@@ -107,7 +108,7 @@ fn create_writes_exactly_the_records_and_push_appends() {
     assert_eq!(csv_rows(&dir).len(), 3);
     assert_whole_png(&dir.join(CURVES_PNG), (1100, 450));
     // No temporary file is left behind.
-    assert_eq!(listing(&dir), names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG]));
+    assert_eq!(listing(&dir), names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG, CONVERGENCE_PNG]));
 
     // Creating with fewer records (a resumed run whose checkpoint is older) drops the rest;
     // with none, the curves (of epochs now gone) are removed.
@@ -241,7 +242,7 @@ fn stale_temporary_files_are_removed_by_create_and_others_kept() {
     }
     MetricsLog::create(dir, vec![record(1)]).unwrap();
     let mut want = names(&kept);
-    want.extend(names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG, ".sigma.tmp-12-3.jsonl"]));
+    want.extend(names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG, CONVERGENCE_PNG, ".sigma.tmp-12-3.jsonl"]));
     assert_eq!(listing(dir), want);
     SigmaLog::create(dir, vec![]).unwrap();
     want.remove(".sigma.tmp-12-3.jsonl");
@@ -348,5 +349,5 @@ fn metrics_survive_kill_9_at_random_moments() {
     // The next writer cleans up what the kills left.
     MetricsLog::open(&dir, rows + 1).unwrap();
     SigmaLog::open(&dir, rows + 1).unwrap();
-    assert_eq!(listing(&dir), names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG, SIGMA_JSONL]));
+    assert_eq!(listing(&dir), names(&[METRICS_JSONL, METRICS_CSV, CURVES_PNG, CONVERGENCE_PNG, SIGMA_JSONL]));
 }

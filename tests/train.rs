@@ -61,11 +61,22 @@ fn train_writes_everything_and_resume_is_exact() {
     let args = tiny(&full, "3");
     let (ok, stdout, stderr) = featreplay(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{stdout}{stderr}");
-    for f in ["metrics.jsonl", "metrics.csv", "curves.png", "checkpoint.safetensors", "checkpoint.json"] {
+    for f in
+        ["metrics.jsonl", "metrics.csv", "curves.png", "convergence.png", "checkpoint.safetensors", "checkpoint.json"]
+    {
         assert!(full.join(f).exists(), "{f} missing");
     }
     let m = metrics(&full);
     assert_eq!(m.len(), 3);
+    // Every iteration's loss is recorded (256 images in batches of 32), and their mean,
+    // weighted by batch size (all equal here), is the epoch's training loss.
+    for r in &m {
+        let b: Vec<f64> = r["batch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(b.len(), 8, "{r}");
+        let mean = b.iter().sum::<f64>() / 8.0;
+        let loss = r["train_loss"].as_f64().unwrap();
+        assert!((mean - loss).abs() < 1e-5 * loss.max(1.0), "mean of batch losses {mean} vs {loss}");
+    }
     let loss: Vec<f64> = m.iter().map(|r| r["train_loss"].as_f64().unwrap()).collect();
     assert!(loss[2] < loss[0], "training loss did not fall: {loss:?}");
     assert!(m[2]["test_top1"].as_f64().unwrap() > 0.3, "a ResNet-8 beats chance (10%) on Fashion-MNIST");

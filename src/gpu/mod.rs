@@ -561,6 +561,28 @@ impl Gpu {
         Ok(())
     }
 
+    /// One tensor `[sum of numel]` holding `parts` one after the other (copies only), so many
+    /// small tensors are read back with one wait.
+    pub fn gather(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let total: usize = parts.iter().map(|t| t.numel()).sum();
+        let out = self.empty(&[total.max(1)])?;
+        let mut rec = self.inner.recorder.lock().unwrap();
+        rec.pass = None;
+        let mut at = 0u64;
+        for t in parts {
+            self.check_owned(t, "gather")?;
+            let bytes = t.numel() as u64 * 4;
+            if bytes > 0 {
+                let enc = Self::encoder(&self.inner.device, &mut rec);
+                enc.copy_buffer_to_buffer(&t.buf.buffer, t.offset, &out.buf.buffer, out.offset + at, bytes);
+                self.inner.counters.copy();
+            }
+            at += bytes;
+        }
+        drop(rec);
+        Ok(out)
+    }
+
     fn encoder<'r>(device: &wgpu::Device, rec: &'r mut Recorder) -> &'r mut wgpu::CommandEncoder {
         rec.encoder.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("featreplay batch") })

@@ -40,25 +40,42 @@ pub fn forward(logits: &Tensor, labels: &Tensor) -> Result<LossOutput> {
     Ok(LossOutput { loss: out.loss, correct: out.correct })
 }
 
-/// Sums of loss and correct counts over many batches, kept on the device until read.
+/// Sums of loss and correct counts over many batches, and each batch's loss, kept on the
+/// device until read.
 pub struct MetricsAccumulator {
     loss_sum: Tensor,
     correct: Tensor,
     samples: usize,
+    /// Each batch's mean loss (`[1]` each), in order.
+    batch_losses: Vec<Tensor>,
 }
 
-/// Averages over the samples seen.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Averages over the samples seen, and each batch's mean loss.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Metrics {
     pub loss: f64,
     pub top1: f64,
     pub top5: f64,
     pub samples: usize,
+    /// The mean loss of each batch, in order (for per-iteration curves).
+    pub batch_losses: Vec<f32>,
+}
+
+impl Metrics {
+    /// No samples.
+    pub fn empty() -> Metrics {
+        Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0, batch_losses: vec![] }
+    }
 }
 
 impl MetricsAccumulator {
     pub fn new(gpu: &Gpu) -> Result<MetricsAccumulator> {
-        Ok(MetricsAccumulator { loss_sum: gpu.zeros(&[1])?, correct: gpu.zeros(&[2])?, samples: 0 })
+        Ok(MetricsAccumulator {
+            loss_sum: gpu.zeros(&[1])?,
+            correct: gpu.zeros(&[2])?,
+            samples: 0,
+            batch_losses: vec![],
+        })
     }
 
     /// Adds one batch (its mean loss weighted by its size, so partial batches count right).
@@ -66,14 +83,22 @@ impl MetricsAccumulator {
         crate::kernels::elementwise::axpy(batch as f32, &out.loss, &self.loss_sum)?;
         crate::kernels::elementwise::axpy(1.0, &out.correct, &self.correct)?;
         self.samples += batch;
+        self.batch_losses.push(out.loss.clone());
         Ok(())
     }
 
-    /// Reads the averages (waits for the device).
+    /// Reads the averages and the batch losses (one wait for the device).
     pub fn read(&self) -> Result<Metrics> {
-        let l = self.loss_sum.to_vec()?;
-        let c = self.correct.to_vec()?;
+        let mut parts = vec![&self.loss_sum, &self.correct];
+        parts.extend(self.batch_losses.iter());
+        let all = self.loss_sum.gpu().gather(&parts)?.to_vec()?;
         let n = self.samples.max(1) as f64;
-        Ok(Metrics { loss: l[0] as f64 / n, top1: c[0] as f64 / n, top5: c[1] as f64 / n, samples: self.samples })
+        Ok(Metrics {
+            loss: all[0] as f64 / n,
+            top1: all[1] as f64 / n,
+            top5: all[2] as f64 / n,
+            samples: self.samples,
+            batch_losses: all[3..3 + self.batch_losses.len()].to_vec(),
+        })
     }
 }

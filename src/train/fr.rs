@@ -12,9 +12,10 @@
 //!   that old input down.
 //!
 //! Batch normalisation: modules k < K-1 run BN in training mode in both play and replay;
-//! the running statistics are updated in the PLAY pass only (fresh data, the weights that
-//! produced this iteration's features); the replay pass leaves them untouched. The spec
-//! allows this choice; the reference code updates them in both.
+//! by default the running statistics are updated in the PLAY pass only (fresh data, the
+//! weights that produced this iteration's features) and the replay leaves them untouched.
+//! The spec allows this choice; the reference code updates them in both
+//! (`--fr-bn-update both`, part of `--reference`).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -30,12 +31,37 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 
-/// Features Replay.
-#[derive(Debug)]
-pub struct Fr;
+/// Which passes of a module k < K - 1 update its batch-norm running statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BnUpdate {
+    /// The play only (fresh data, the weights that produced this iteration's features):
+    /// this project's choice.
+    #[default]
+    Play,
+    /// Play and replay, as the reference FR code does.
+    Both,
+}
 
-pub fn method(_: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
-    Ok(Arc::new(Fr))
+impl std::str::FromStr for BnUpdate {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "play" => Ok(BnUpdate::Play),
+            "both" => Ok(BnUpdate::Both),
+            _ => Err(Error::Unsupported { op: "train", detail: format!("--fr-bn-update {s}: choose play or both") }),
+        }
+    }
+}
+
+/// Features Replay.
+#[derive(Debug, Default)]
+pub struct Fr {
+    pub bn_update: BnUpdate,
+}
+
+pub fn method(opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
+    Ok(Arc::new(Fr { bn_update: opts.fr_bn_update }))
 }
 
 impl TrainingMethod for Fr {
@@ -44,7 +70,7 @@ impl TrainingMethod for Fr {
     }
 
     fn module(&self, _: &Network, _: usize, _: u64) -> Result<Box<dyn ModuleMethod>> {
-        Ok(Box::new(FrModule::default()))
+        Ok(Box::new(FrModule { update_in_replay: self.bn_update == BnUpdate::Both, ..FrModule::default() }))
     }
 
     /// d_k + 1 stored inputs at most (during a step).
@@ -63,6 +89,8 @@ fn history_name(k: usize, i: usize) -> String {
 pub struct FrModule {
     /// Inputs played but not yet replayed, oldest first (at most d_k + 1 during a step).
     pub input_history: VecDeque<Tensor>,
+    /// The replay updates the BN running statistics too ([`BnUpdate::Both`]).
+    pub update_in_replay: bool,
 }
 
 impl ModuleMethod for FrModule {
@@ -78,7 +106,8 @@ impl ModuleMethod for FrModule {
             let oldest = self.input_history.pop_front().ok_or_else(|| Error::Schedule {
                 detail: format!("stage {} has no stored input to replay at iteration {t}", w.k),
             })?;
-            let (_, acts) = w.phase("replay", t, |w| w.stage.forward_train(&oldest, false))?;
+            let update = self.update_in_replay;
+            let (_, acts) = w.phase("replay", t, |w| w.stage.forward_train(&oldest, update))?;
             drop(oldest);
             let dx = w.phase("backward", t, |w| w.stage.backward(acts, &g, w.k > 0))?;
             drop(g);

@@ -195,6 +195,8 @@ impl SigmaInput<'_> {
 /// The options of the methods that have any (from the run configuration).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MethodOptions {
+    /// FR: which passes update the BN running statistics.
+    pub fr_bn_update: super::fr::BnUpdate,
     pub dni: PredictorConfig,
     /// GPipe: micro-batches per batch.
     pub microbatches: usize,
@@ -203,7 +205,12 @@ pub struct MethodOptions {
 
 impl Default for MethodOptions {
     fn default() -> Self {
-        MethodOptions { dni: PredictorConfig::default(), microbatches: 4, dgl: Default::default() }
+        MethodOptions {
+            fr_bn_update: Default::default(),
+            dni: PredictorConfig::default(),
+            microbatches: 4,
+            dgl: Default::default(),
+        }
     }
 }
 

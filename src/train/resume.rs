@@ -37,6 +37,8 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
         "dni-depth" => c.dni.depth.to_string(),
         "dni-width" => c.dni.width.to_string(),
         "microbatches" => c.microbatches.to_string(),
+        "fr-bn-update" => format!("{:?}", c.fr_bn_update).to_lowercase(),
+        "reference" => (c.fr_bn_update == super::fr::BnUpdate::Both && c.optim.first_stage_lr_scale == 2.0).to_string(),
         "dgl-depth" => c.dgl.depth.to_string(),
         "dgl-width" => c.dgl.width.to_string(),
         "init-from" => c.init_from.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
@@ -45,7 +47,7 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
 }
 
 /// Every flag [`fixed_value`] knows.
-const FIXED_FLAGS: [&str; 21] = [
+const FIXED_FLAGS: [&str; 22] = [
     "init-from",
     "dataset",
     "arch",
@@ -65,6 +67,7 @@ const FIXED_FLAGS: [&str; 21] = [
     "dni-depth",
     "dni-width",
     "microbatches",
+    "fr-bn-update",
     "dgl-depth",
     "dgl-width",
 ];

@@ -58,6 +58,9 @@ pub struct RunConfig {
     /// Measure sigma every N iterations (None: never).
     #[serde(default)]
     pub measure_sigma: Option<usize>,
+    /// FR: which passes update the BN running statistics.
+    #[serde(default)]
+    pub fr_bn_update: super::fr::BnUpdate,
     /// DNI's gradient predictors.
     #[serde(default)]
     pub dni: PredictorConfig,
@@ -93,6 +96,7 @@ impl RunConfig {
             devices: vec!["auto".into()],
             algo: "bp".into(),
             measure_sigma: None,
+            fr_bn_update: Default::default(),
             dni: PredictorConfig::default(),
             microbatches: default_microbatches(),
             dgl: AuxConfig::default(),
@@ -102,7 +106,7 @@ impl RunConfig {
 
     /// The options of the methods that have any.
     pub fn method_options(&self) -> MethodOptions {
-        MethodOptions { dni: self.dni, microbatches: self.microbatches, dgl: self.dgl }
+        MethodOptions { fr_bn_update: self.fr_bn_update, dni: self.dni, microbatches: self.microbatches, dgl: self.dgl }
     }
 
     /// The training method `algo` names.
@@ -866,6 +870,7 @@ pub fn train(
             images_per_second: trained.metrics.samples as f64 / trained.seconds,
             peak_memory_bytes: trained.peak,
             sigma: SigmaRecord::mean(&trained.sigma, gpus.len()),
+            batch_losses: trained.metrics.batch_losses.iter().map(|&l| l as f64).collect(),
         };
         run.history.epochs.push(record.clone());
         run.history.sigma.extend(trained.sigma.iter().cloned());
@@ -928,7 +933,7 @@ fn train_epoch(
         HostBatch { images: b.images, labels: b.labels }
     });
     let mut done = 0usize;
-    let mut metrics = Metrics { loss: 0.0, top1: 0.0, top5: 0.0, samples: 0 };
+    let mut metrics = Metrics::empty();
     while done < n {
         // A chunk runs at one learning rate and ends at the next measurement.
         let mut chunk = n - done;
@@ -970,5 +975,7 @@ fn combine(a: Metrics, b: Metrics) -> Metrics {
         return a;
     }
     let w = |x: f64, y: f64| (x * a.samples as f64 + y * b.samples as f64) / n as f64;
-    Metrics { loss: w(a.loss, b.loss), top1: w(a.top1, b.top1), top5: w(a.top5, b.top5), samples: n }
+    let mut batch_losses = a.batch_losses.clone();
+    batch_losses.extend(&b.batch_losses);
+    Metrics { loss: w(a.loss, b.loss), top1: w(a.top1, b.top1), top5: w(a.top5, b.top5), samples: n, batch_losses }
 }

@@ -68,7 +68,7 @@ impl PipelineState {
     /// A fresh Features Replay pipeline of `stages` modules.
     pub fn fr(stages: usize) -> PipelineState {
         PipelineState {
-            method: Arc::new(super::fr::Fr),
+            method: Arc::new(super::fr::Fr::default()),
             iteration: 0,
             stages: (0..stages)
                 .map(|_| StageState { module: Box::new(super::fr::FrModule::default()), pending_grad: None, steps: 0 })
