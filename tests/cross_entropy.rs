@@ -252,3 +252,23 @@ fn ties_and_infinite_logits_never_favour_the_label() {
     let (_, top1, top5) = read(&ce::forward(&gz, &ce::labels_tensor(g, &labels, c).unwrap()).unwrap());
     assert_eq!((top1, top5), topk_reference(&z, &labels, c));
 }
+
+/// The metrics keep every batch's loss in order, also past their first allocation (1024
+/// batches), and the sums stay exact.
+#[test]
+fn metrics_keep_every_batch_loss_past_the_first_allocation() {
+    use featreplay::layers::loss::{LossOutput, MetricsAccumulator};
+    let g = gpu();
+    let mut acc = MetricsAccumulator::new(g).unwrap();
+    let n = 1030;
+    for i in 0..n {
+        let out =
+            LossOutput { loss: g.tensor(&[1], &[i as f32]).unwrap(), correct: g.tensor(&[2], &[1.0, 2.0]).unwrap() };
+        acc.add(&out, 2).unwrap();
+    }
+    let m = acc.read().unwrap();
+    assert_eq!(m.batch_losses, (0..n).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(m.samples, 2 * n);
+    assert_eq!(m.loss, (n - 1) as f64 / 2.0);
+    assert_eq!((m.top1, m.top5), (0.5, 1.0));
+}

@@ -561,6 +561,33 @@ impl Gpu {
         Ok(())
     }
 
+    /// Copies `n` values of `src` from element `src_at` into `dst` from element `dst_at`.
+    pub fn copy_region(&self, src: &Tensor, src_at: usize, dst: &Tensor, dst_at: usize, n: usize) -> Result<()> {
+        self.check_owned(src, "copy")?;
+        self.check_owned(dst, "copy")?;
+        if src_at + n > src.numel() || dst_at + n > dst.numel() {
+            return Err(Error::ShapeMismatch {
+                op: "copy",
+                detail: format!("{n} values from {src_at} of {:?} to {dst_at} of {:?}", src.shape, dst.shape),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut rec = self.inner.recorder.lock().unwrap();
+        rec.pass = None;
+        let enc = Self::encoder(&self.inner.device, &mut rec);
+        enc.copy_buffer_to_buffer(
+            &src.buf.buffer,
+            src.offset + 4 * src_at as u64,
+            &dst.buf.buffer,
+            dst.offset + 4 * dst_at as u64,
+            4 * n as u64,
+        );
+        self.inner.counters.copy();
+        Ok(())
+    }
+
     /// One tensor `[sum of numel]` holding `parts` one after the other (copies only), so many
     /// small tensors are read back with one wait.
     pub fn gather(&self, parts: &[&Tensor]) -> Result<Tensor> {

@@ -46,9 +46,15 @@ pub struct MetricsAccumulator {
     loss_sum: Tensor,
     correct: Tensor,
     samples: usize,
-    /// Each batch's mean loss (`[1]` each), in order.
-    batch_losses: Vec<Tensor>,
+    /// Each batch's mean loss, in order: the first `batches` values.
+    batch_losses: Tensor,
+    batches: usize,
 }
+
+/// Batch losses a [`MetricsAccumulator`] holds before it grows: one size class of the
+/// caching allocator for any call of up to this many iterations, so a steady state
+/// creates no buffer.
+const MIN_BATCH_SLOTS: usize = 1024;
 
 /// Averages over the samples seen, and each batch's mean loss.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +80,8 @@ impl MetricsAccumulator {
             loss_sum: gpu.zeros(&[1])?,
             correct: gpu.zeros(&[2])?,
             samples: 0,
-            batch_losses: vec![],
+            batch_losses: gpu.empty(&[MIN_BATCH_SLOTS])?,
+            batches: 0,
         })
     }
 
@@ -83,22 +90,27 @@ impl MetricsAccumulator {
         crate::kernels::elementwise::axpy(batch as f32, &out.loss, &self.loss_sum)?;
         crate::kernels::elementwise::axpy(1.0, &out.correct, &self.correct)?;
         self.samples += batch;
-        self.batch_losses.push(out.loss.clone());
+        let gpu = self.loss_sum.gpu().clone();
+        if self.batches == self.batch_losses.numel() {
+            let grown = gpu.empty(&[2 * self.batches])?;
+            gpu.copy_region(&self.batch_losses, 0, &grown, 0, self.batches)?;
+            self.batch_losses = grown;
+        }
+        gpu.copy_region(&out.loss, 0, &self.batch_losses, self.batches, 1)?;
+        self.batches += 1;
         Ok(())
     }
 
     /// Reads the averages and the batch losses (one wait for the device).
     pub fn read(&self) -> Result<Metrics> {
-        let mut parts = vec![&self.loss_sum, &self.correct];
-        parts.extend(self.batch_losses.iter());
-        let all = self.loss_sum.gpu().gather(&parts)?.to_vec()?;
+        let all = self.loss_sum.gpu().gather(&[&self.loss_sum, &self.correct, &self.batch_losses])?.to_vec()?;
         let n = self.samples.max(1) as f64;
         Ok(Metrics {
             loss: all[0] as f64 / n,
             top1: all[1] as f64 / n,
             top5: all[2] as f64 / n,
             samples: self.samples,
-            batch_losses: all[3..3 + self.batch_losses.len()].to_vec(),
+            batch_losses: all[3..3 + self.batches].to_vec(),
         })
     }
 }

@@ -32,6 +32,10 @@ impl TrainingMethod for Bp {
     fn module(&self, _: &Network, _: usize, _: u64) -> Result<Box<dyn ModuleMethod>> {
         Ok(Box::new(BpModule))
     }
+
+    fn keeps_state(&self) -> bool {
+        false
+    }
 }
 
 /// BP keeps nothing between iterations.

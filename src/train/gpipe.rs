@@ -51,6 +51,10 @@ impl TrainingMethod for Gpipe {
         Ok(Box::new(GpipeModule { microbatches: self.microbatches }))
     }
 
+    fn keeps_state(&self) -> bool {
+        false
+    }
+
     /// The gradient accumulator (the micro-batches' activations together are one batch's).
     fn extra_memory(&self, q: &MemoryQuery) -> Result<ExtraMemory> {
         let bytes = if self.microbatches > 1 { 4 * q.plan.params as u64 } else { 0 };

@@ -50,6 +50,13 @@ pub trait TrainingMethod: Send + Sync + std::fmt::Debug {
         true
     }
 
+    /// Whether a module keeps anything between iterations (BP and GPipe keep nothing: a
+    /// checkpoint without pipeline state, as BP runs wrote before every method ran on the
+    /// pipeline, is a valid start for them).
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     /// What to lower when the run does not fit in memory.
     fn memory_hint(&self) -> &'static str {
         "; lower --batch-size, --depth or the image size"

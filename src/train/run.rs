@@ -476,7 +476,7 @@ fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, 
             f["method"] = serde_json::json!("fr");
             f
         }
-        (None, None) if st.method.name() == "bp" => {
+        (None, None) if !st.method.keeps_state() => {
             st.iteration = ck.meta.iteration;
             for s in &mut st.stages {
                 s.steps = ck.meta.iteration;
