@@ -27,11 +27,9 @@ pub fn forward_backward(logits: &Tensor, labels: &Tensor) -> Result<(LossOutput,
     Ok((LossOutput { loss: out.loss, correct: out.correct }, dlogits))
 }
 
-/// `dlogits * factor`, a new tensor (a micro-batch's share of a batch-mean loss).
-pub fn scaled(dlogits: &Tensor, factor: f32) -> Result<Tensor> {
-    let out = dlogits.gpu().zeros(dlogits.shape())?;
-    crate::kernels::elementwise::axpy(factor, dlogits, &out)?;
-    Ok(out)
+/// `dlogits *= factor`, in place (a micro-batch's share of a batch-mean loss).
+pub fn scale(dlogits: &Tensor, factor: f32) -> Result<()> {
+    crate::kernels::elementwise::scale(dlogits, factor)
 }
 
 /// Loss and correct counts only (evaluation).

@@ -680,10 +680,15 @@ impl Stage {
         Ok(())
     }
 
-    /// A zeroed buffer the size of the stage's packed gradients, for summing the gradients
-    /// of several backward passes (GPipe's micro-batches).
+    /// A buffer the size of the stage's packed gradients (uninitialised), for summing the
+    /// gradients of several backward passes (GPipe's micro-batches).
     pub fn grad_accumulator(&self) -> Result<Tensor> {
-        self.gpu.zeros(self.packed.grads.shape())
+        self.gpu.empty(self.packed.grads.shape())
+    }
+
+    /// `acc = ` the gradients the last backward wrote (one copy for the stage).
+    pub fn store_grads(&self, acc: &Tensor) -> Result<()> {
+        self.gpu.copy(&self.packed.grads, acc)
     }
 
     /// `acc += ` the gradients the last backward wrote (one dispatch for the stage).
@@ -691,9 +696,10 @@ impl Stage {
         crate::kernels::elementwise::axpy(1.0, &self.packed.grads, acc)
     }
 
-    /// Sets every parameter gradient from `acc` (of [`Self::grad_accumulator`]).
-    pub fn load_grads(&self, acc: &Tensor) -> Result<()> {
-        self.gpu.copy(acc, &self.packed.grads)
+    /// The gradients the last backward wrote `+= acc`: every parameter gradient becomes the
+    /// sum (one dispatch for the stage).
+    pub fn add_to_grads(&self, acc: &Tensor) -> Result<()> {
+        crate::kernels::elementwise::axpy(1.0, acc, &self.packed.grads)
     }
 
     /// Device bytes of this stage's parameter values.

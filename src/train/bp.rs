@@ -65,7 +65,7 @@ impl ModuleMethod for BpModule {
         k: usize,
         at: &SigmaInput,
     ) -> Result<Option<(Vec<f32>, HostBatch)>> {
-        let Some(batch) = at.recent.back().cloned() else { return Ok(None) };
+        let Some(batch) = at.latest() else { return Ok(None) };
         Ok(Some((bp_gradients(net, &batch)?.swap_remove(k), batch)))
     }
 }

@@ -282,7 +282,7 @@ impl ModuleMethod for DglModule {
         k: usize,
         at: &SigmaInput,
     ) -> Result<Option<(Vec<f32>, HostBatch)>> {
-        let Some(batch) = at.recent.back().cloned() else { return Ok(None) };
+        let Some(batch) = at.latest() else { return Ok(None) };
         if self.head.is_none() {
             return Ok(None);
         }

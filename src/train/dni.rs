@@ -221,7 +221,7 @@ impl ModuleMethod for DniModule {
         k: usize,
         at: &SigmaInput,
     ) -> Result<Option<(Vec<f32>, HostBatch)>> {
-        let (Some(p), Some(batch)) = (&self.predictor, at.recent.back().cloned()) else {
+        let (Some(p), Some(batch)) = (&self.predictor, at.latest()) else {
             return Ok(None);
         };
         let x = input_of_stage(net, &batch, k)?;

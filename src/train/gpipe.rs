@@ -48,7 +48,7 @@ impl TrainingMethod for Gpipe {
     }
 
     fn module(&self, _: &Network, _: usize, _: u64) -> Result<Box<dyn ModuleMethod>> {
-        Ok(Box::new(GpipeModule { microbatches: self.microbatches }))
+        Ok(Box::new(GpipeModule { microbatches: self.microbatches, acc: None }))
     }
 
     fn keeps_state(&self) -> bool {
@@ -75,9 +75,10 @@ pub fn micro_batch_sizes(n: usize, m: usize) -> Vec<usize> {
     (0..parts).map(|i| n / parts + usize::from(i < n % parts)).collect()
 }
 
-/// GPipe keeps nothing between iterations.
+/// GPipe keeps nothing between iterations but its gradient accumulator (allocated once).
 pub struct GpipeModule {
     microbatches: usize,
+    acc: Option<Tensor>,
 }
 
 impl GpipeModule {
@@ -110,7 +111,9 @@ impl ModuleMethod for GpipeModule {
         let inputs = self.inputs(w, t)?;
         let parts = inputs.len();
         let total: usize = inputs.iter().map(|(_, l)| l.len()).sum();
-        let acc = if parts > 1 { Some(w.stage.grad_accumulator()?) } else { None };
+        if parts > 1 && self.acc.is_none() {
+            self.acc = Some(w.stage.grad_accumulator()?);
+        }
         // Fill: every micro-batch's forward, activations kept (and the logits, on the last
         // module; the others send their output up).
         let mut kept: Vec<(StageActivations, Option<Tensor>, Vec<u32>)> = Vec::with_capacity(parts);
@@ -125,16 +128,17 @@ impl ModuleMethod for GpipeModule {
                 kept.push((acts, None, Vec::new()));
             }
         }
-        // Drain: every micro-batch's backward in the same order, gradients summed (the
-        // accumulator starts at zero, so its first sum is the first gradient exactly).
-        for (acts, logits, labels) in kept {
+        // Drain: every micro-batch's backward in the same order, gradients summed in order:
+        // the first stored, the middle ones added to the sum, the sum added to the last.
+        for (m, (acts, logits, labels)) in kept.into_iter().enumerate() {
             let need_dx = w.k > 0;
             let dx = if let Some(h) = logits {
                 let y = loss::labels(&w.stage.gpu, &labels, w.classes)?;
                 let (lo, dlogits) = w.phase("loss", t, |_| loss::forward_backward(&h, &y))?;
                 drop(h);
-                let dlogits =
-                    if parts > 1 { loss::scaled(&dlogits, labels.len() as f32 / total as f32)? } else { dlogits };
+                if parts > 1 {
+                    loss::scale(&dlogits, labels.len() as f32 / total as f32)?;
+                }
                 if let Some(mt) = metrics.as_mut() {
                     mt.add(&lo, labels.len())?;
                 }
@@ -143,13 +147,14 @@ impl ModuleMethod for GpipeModule {
                 let g = w.take_gradient(t)?;
                 w.phase("backward", t, |w| w.stage.backward(acts, &g, need_dx))?
             };
-            if let Some(acc) = &acc {
-                w.stage.accumulate_grads(acc)?;
+            if let (true, Some(acc)) = (parts > 1, &self.acc) {
+                match m {
+                    0 => w.stage.store_grads(acc)?,
+                    m if m + 1 < parts => w.stage.accumulate_grads(acc)?,
+                    _ => w.stage.add_to_grads(acc)?,
+                }
             }
             w.send_down(dx, t)?;
-        }
-        if let Some(acc) = &acc {
-            w.stage.load_grads(acc)?;
         }
         w.phase("update", t, |w| w.sgd())
     }
@@ -172,7 +177,7 @@ impl ModuleMethod for GpipeModule {
         k: usize,
         at: &SigmaInput,
     ) -> Result<Option<(Vec<f32>, HostBatch)>> {
-        let Some(batch) = at.recent.back().cloned() else { return Ok(None) };
+        let Some(batch) = at.latest() else { return Ok(None) };
         let n = batch.labels.len();
         let per = batch.images.len() / n.max(1);
         let mut sum: Vec<f32> = Vec::new();

@@ -192,6 +192,11 @@ pub struct SigmaInput<'a> {
 }
 
 impl SigmaInput<'_> {
+    /// The most recent batch (t - 1), if any was fed.
+    pub fn latest(&self) -> Option<HostBatch> {
+        self.recent.back().cloned()
+    }
+
     /// The batch of iteration t - d, t being the next iteration (d >= 1; d = 1 is the most
     /// recent batch).
     pub fn delayed(&self, d: usize) -> Option<HostBatch> {
