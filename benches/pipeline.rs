@@ -26,7 +26,14 @@ fn flag(name: &str) -> bool {
 }
 
 fn resnet(depth: usize) -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth, input: vec![3, 32, 32], classes: 10 }).expect("model")
+    build(&ResNetConfig {
+        shortcut_pad: Default::default(),
+        arch: Arch::ResNet,
+        depth,
+        input: vec![3, 32, 32],
+        classes: 10,
+    })
+    .expect("model")
 }
 
 fn batches(n: usize, batch: usize, seed: u64) -> Vec<HostBatch> {

@@ -120,7 +120,7 @@ impl CompareSummary {
 
 impl CompareConfig {
     fn check(&self) -> Result<()> {
-        let bad = |detail: String| Error::Unsupported { op: "compare", detail };
+        let bad = |detail: String| Error::InvalidConfig { op: "compare", detail };
         if self.methods.is_empty() {
             return Err(bad(format!("--methods is empty: name at least one of {}", METHODS.join(", "))));
         }
@@ -168,13 +168,13 @@ impl CompareConfig {
         let p = run::prepare(&self.base)?;
         for (method, k, rc) in self.runs() {
             rc.check()
-                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
+                .map_err(|e| Error::InvalidConfig { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
             let ranges = crate::model::split(&p.spec, k, rc.split.parse()?)
-                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("--k {k}: {e}") })?;
+                .map_err(|e| Error::InvalidConfig { op: "compare", detail: format!("--k {k}: {e}") })?;
             let pk = run::Prepared { ranges, ..p.clone() };
             run::estimate_memory(&rc, &pk)
                 .and_then(|_| run::check_memory(&rc, &pk))
-                .map_err(|e| Error::Unsupported { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
+                .map_err(|e| Error::InvalidConfig { op: "compare", detail: format!("{method} with K = {k}: {e}") })?;
         }
         crate::rundir::check_new_run_dir(&self.out, self.overwrite)
     }

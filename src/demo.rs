@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::kernels::shortcut::ChannelPad;
 use crate::layers::loss::MetricsAccumulator;
 use crate::layers::normal;
 use crate::model::{LayerSpec, ModelSpec};
@@ -74,8 +75,20 @@ pub fn tiny_resnet(cfg: &DemoConfig) -> ModelSpec {
             },
             LayerSpec::BatchNorm { name: "bn1".into(), channels: w },
             LayerSpec::Relu,
-            LayerSpec::Basic { name: "layer1.0".into(), in_channels: w, out_channels: w, stride: 1 },
-            LayerSpec::Basic { name: "layer2.0".into(), in_channels: w, out_channels: 2 * w, stride: 2 },
+            LayerSpec::Basic {
+                name: "layer1.0".into(),
+                in_channels: w,
+                out_channels: w,
+                stride: 1,
+                shortcut_pad: ChannelPad::Both,
+            },
+            LayerSpec::Basic {
+                name: "layer2.0".into(),
+                in_channels: w,
+                out_channels: 2 * w,
+                stride: 2,
+                shortcut_pad: ChannelPad::Both,
+            },
             LayerSpec::GlobalAvgPool,
             LayerSpec::Linear { name: "linear".into(), in_features: 2 * w, out_features: cfg.classes },
         ],
@@ -94,7 +107,7 @@ impl DemoConfig {
             || cfg.width < 2
             || !cfg.width.is_multiple_of(2)
         {
-            return Err(Error::Unsupported {
+            return Err(Error::InvalidConfig {
                 op: "demo",
                 detail: format!(
                     "need batch >= 1, samples >= batch, classes >= 2, size >= 4 and an even width >= 2 (got {cfg:?})"
@@ -149,10 +162,7 @@ pub fn run(gpu: &Gpu, cfg: &DemoConfig, mut on_epoch: impl FnMut(&EpochReport)) 
             peak_memory_bytes: gpu.memory().peak_bytes,
         };
         if !loss.is_finite() {
-            return Err(Error::Unsupported {
-                op: "demo",
-                detail: format!("loss became {loss} at epoch {epoch}; lower --lr"),
-            });
+            return Err(Error::Diverged { epoch, reason: format!("loss {loss}") });
         }
         on_epoch(&report);
         reports.push(report);

@@ -52,6 +52,19 @@ pub enum Error {
     #[error("unsupported {op} configuration: {detail}")]
     Unsupported { op: &'static str, detail: String },
 
+    /// A flag or configuration value that is invalid, or conflicts with another one, with the
+    /// data or with the checkpoint it applies to (found before any work is done).
+    #[error("invalid {op} configuration: {detail}")]
+    InvalidConfig { op: &'static str, detail: String },
+
+    /// More host memory than is available now (estimated before anything is allocated).
+    #[error("{op}: {detail}")]
+    InsufficientMemory { op: &'static str, detail: String },
+
+    /// An invariant of featreplay itself broke (a bug, never the user's input).
+    #[error("internal error in {op}: {detail} (a bug in featreplay; please report it)")]
+    Internal { op: &'static str, detail: String },
+
     /// A kernel variant name that does not exist.
     #[error("unknown kernel variant '{name}' for {op}; choose one of: {choices}")]
     UnknownVariant { op: &'static str, name: String, choices: String },

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use featreplay::compare::{self, CompareConfig};
+use featreplay::data::LastBatch;
 use featreplay::demo::{self, DemoConfig};
 use featreplay::gpu::{list_adapters, AdapterSelector};
 use featreplay::kernels::conv2d;
+use featreplay::kernels::shortcut::ChannelPad;
 use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
 use featreplay::predict;
@@ -91,6 +93,10 @@ struct SourceArgs {
     /// For a plain state_dict: the depth (default 20).
     #[arg(long)]
     depth: Option<usize>,
+    /// For a plain state_dict: where its option-A shortcuts put their zero channels, both
+    /// (default) or after (the reference FR code's models).
+    #[arg(long, value_parser = parse_shortcut_pad)]
+    shortcut_pad: Option<ChannelPad>,
     /// For a plain state_dict of a folder dataset: the image side.
     #[arg(long)]
     image_size: Option<usize>,
@@ -126,6 +132,7 @@ impl SourceArgs {
             mean: self.mean.clone(),
             std: self.std.clone(),
             conv_variant: cli.conv_variant.as_ref().map(|v| v.trim().to_string()),
+            shortcut_pad: self.shortcut_pad,
         })
     }
 }
@@ -158,10 +165,21 @@ struct TrainArgs {
     /// play (this project's choice) or both (play and replay, as the reference code does).
     #[arg(long, default_value = "play", value_parser = parse_bn_update)]
     fr_bn_update: BnUpdate,
-    /// The reference FR code's choices where featreplay differs and offers them: BN running
-    /// statistics updated in play and replay (--fr-bn-update both) and the first module at
-    /// twice the learning rate (--first-module-lr-scale 2); these override those flags. Its
-    /// shortcut padding layout and padded last batch are not offered (see the README).
+    /// Where the option-A shortcut of basic blocks puts its zero channels: both (half on each
+    /// side, this project's choice) or after (all after the input channels, as the reference
+    /// FR code does).
+    #[arg(long, default_value = "both", value_parser = parse_shortcut_pad)]
+    shortcut_pad: ChannelPad,
+    /// The final partial training batch of each epoch: keep (trained on as it is), drop, or
+    /// pad (filled up to the batch size with the epoch's first samples, as the reference FR
+    /// code's loader does).
+    #[arg(long, default_value = "keep", value_parser = parse_last_batch)]
+    last_batch: LastBatch,
+    /// The reference FR code's choices where featreplay differs: BN running statistics
+    /// updated in play and replay (--fr-bn-update both), the first module at twice the
+    /// learning rate (--first-module-lr-scale 2), shortcut zero channels after the input
+    /// channels (--shortcut-pad after) and a padded last batch (--last-batch pad); these
+    /// override those flags.
     #[arg(long)]
     reference: bool,
     #[arg(long, default_value_t = 0)]
@@ -206,6 +224,14 @@ fn parse_bn_update(s: &str) -> std::result::Result<BnUpdate, String> {
     s.parse().map_err(|e: featreplay::Error| e.to_string())
 }
 
+fn parse_shortcut_pad(s: &str) -> std::result::Result<ChannelPad, String> {
+    s.parse().map_err(|e: featreplay::Error| e.to_string())
+}
+
+fn parse_last_batch(s: &str) -> std::result::Result<LastBatch, String> {
+    s.parse().map_err(|e: featreplay::Error| e.to_string())
+}
+
 impl TrainArgs {
     fn optim(&self) -> OptimConfig {
         let mut optim = OptimConfig::paper(self.epochs);
@@ -222,7 +248,7 @@ impl TrainArgs {
         optim
     }
 
-    fn run_config(&self, model: &ModelArgs, devices: Vec<String>, algo: &str) -> RunConfig {
+    fn run_config(&self, model: &ModelArgs, cli: &Cli, algo: &str) -> RunConfig {
         RunConfig {
             dataset: model.dataset.clone(),
             data_dir: model.data_dir.clone(),
@@ -237,7 +263,7 @@ impl TrainArgs {
             batch_size: model.batch_size,
             optim: self.optim(),
             seed: self.seed,
-            devices,
+            devices: selectors(&cli.device),
             algo: algo.to_string(),
             measure_sigma: self.measure_sigma,
             fr_bn_update: if self.reference { BnUpdate::Both } else { self.fr_bn_update },
@@ -245,6 +271,9 @@ impl TrainArgs {
             microbatches: self.microbatches,
             dgl: AuxConfig { depth: self.dgl_depth, width: self.dgl_width },
             init_from: self.init_from.clone(),
+            shortcut_pad: if self.reference { ChannelPad::After } else { self.shortcut_pad },
+            last_batch: if self.reference { LastBatch::Pad } else { self.last_batch },
+            conv_variant: cli.conv_variant.as_ref().map(|v| v.trim().to_string()),
         }
     }
 }
@@ -540,11 +569,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             println!("default: [0] (override with --device or FEATREPLAY_ADAPTER)");
         }
         Command::Train { model, train, algo, out, resume, trace, overwrite } => {
-            let requested = train.run_config(model, selectors(&cli.device), algo);
-            if let Some(v) = &cli.conv_variant {
-                std::env::set_var(conv2d::VARIANT_ENV, v);
-                apply_conv_variant(&cli.conv_variant, &[])?;
-            }
+            let requested = train.run_config(model, &cli, algo);
             let (dir, cfg, start) = match resume {
                 Some(d) => {
                     if *overwrite {
@@ -571,13 +596,9 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             );
         }
         Command::Compare { model, train, methods, k, single_device_baseline, out, overwrite } => {
-            let mut base = train.run_config(model, selectors(&cli.device), "bp");
+            let mut base = train.run_config(model, &cli, "bp");
             // The comparison includes sigma: measured every 50 iterations unless told otherwise.
             base.measure_sigma = base.measure_sigma.or(Some(50));
-            if let Some(v) = &cli.conv_variant {
-                std::env::set_var(conv2d::VARIANT_ENV, v);
-                apply_conv_variant(&cli.conv_variant, &[])?;
-            }
             let cfg = CompareConfig {
                 base,
                 methods: methods.clone(),
@@ -663,12 +684,8 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             if *iterations == 0 {
                 anyhow::bail!("--iterations must be at least 1");
             }
-            if let Some(v) = &cli.conv_variant {
-                std::env::set_var(conv2d::VARIANT_ENV, v);
-                apply_conv_variant(&cli.conv_variant, &[])?;
-            }
             let cfg = featreplay::profile::ProfileConfig {
-                run: train.run_config(model, selectors(&cli.device), algo),
+                run: train.run_config(model, &cli, algo),
                 warmup: *warmup,
                 iterations: *iterations,
                 timed_iterations: *timed_iterations,

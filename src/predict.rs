@@ -54,10 +54,13 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f64)> {
 /// Predicts the top `k` classes of every input with `model`, `batch_size` images at a time.
 pub fn predict(model: &LoadedModel, inputs: &Inputs, k: usize, batch_size: usize) -> Result<Vec<Prediction>> {
     if k == 0 || batch_size == 0 {
-        return Err(Error::Unsupported { op: "predict", detail: "--top-k and --batch-size must be at least 1".into() });
+        return Err(Error::InvalidConfig {
+            op: "predict",
+            detail: "--top-k and --batch-size must be at least 1".into(),
+        });
     }
     let k = k.min(model.classes);
-    let [c, h, w]: [usize; 3] = model.input.as_slice().try_into().map_err(|_| Error::Unsupported {
+    let [c, h, w]: [usize; 3] = model.input.as_slice().try_into().map_err(|_| Error::InvalidConfig {
         op: "predict",
         detail: format!("model input {:?} is not [C, H, W]", model.input),
     })?;

@@ -14,11 +14,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 use crate::gpu::{Counters, Gpu, OpTimingMethod};
 use crate::model::LayerSpec;
-use crate::train::run::{open_devices, prepare, RunConfig};
+use crate::train::run::{force_conv_variant, open_devices, prepare, RunConfig};
 use crate::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
 use crate::train::Network;
 
@@ -96,7 +96,7 @@ pub fn layer_type(shader: &str) -> &'static str {
 /// Runs the profile.
 pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     if cfg.iterations == 0 {
-        return Err(Error::Unsupported { op: "profile", detail: "--iterations must be at least 1".into() });
+        return Err(Error::InvalidConfig { op: "profile", detail: "--iterations must be at least 1".into() });
     }
     let (spec, ranges, batches) = workload(cfg)?;
     let method = cfg.run.method()?;
@@ -104,10 +104,11 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     // Past every module's warm-up (d_k iterations at most).
     let warmup = cfg.warmup.max(1).max(k);
     let gpus = open_devices(&cfg.run.devices, k)?;
+    force_conv_variant(&gpus, cfg.run.conv_variant.as_deref());
     let mut net = Network::new(spec.clone(), &ranges, &gpus, cfg.run.seed)?;
     let mut state = PipelineState::new(method, &net, cfg.run.seed)?;
     if batches.len() < warmup + 3 * cfg.iterations + cfg.timed_iterations {
-        return Err(Error::Unsupported { op: "profile", detail: "too few batches for the profile".into() });
+        return Err(Error::InvalidConfig { op: "profile", detail: "too few batches for the profile".into() });
     }
     let optim = &cfg.run.optim;
     let lr = optim.lr;
@@ -235,12 +236,13 @@ fn workload(cfg: &ProfileConfig) -> Result<Workload> {
         Some(input) => {
             cfg.run.check()?;
             if input.len() != 3 || input.contains(&0) {
-                return Err(Error::Unsupported {
+                return Err(Error::InvalidConfig {
                     op: "profile",
                     detail: format!("--input-shape {input:?}: give C,H,W, each at least 1"),
                 });
             }
             let spec = crate::model::resnet::build(&crate::model::resnet::ResNetConfig {
+                shortcut_pad: cfg.run.shortcut_pad,
                 arch: cfg.run.arch.parse()?,
                 depth: cfg.run.depth,
                 input: input.clone(),
@@ -267,8 +269,7 @@ fn host_batches(cfg: &RunConfig, p: &crate::train::run::Prepared, n: usize) -> R
     let mut out = Vec::with_capacity(n);
     let mut epoch = 0u64;
     while out.len() < n {
-        let loader =
-            Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch)?;
+        let loader = Loader::new(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch)?;
         let before = out.len();
         for b in loader {
             if b.labels.len() == cfg.batch_size && out.len() < n {
@@ -276,7 +277,7 @@ fn host_batches(cfg: &RunConfig, p: &crate::train::run::Prepared, n: usize) -> R
             }
         }
         if out.len() == before {
-            return Err(Error::Unsupported {
+            return Err(Error::InvalidConfig {
                 op: "profile",
                 detail: format!("the training set holds fewer than --batch-size {} images", cfg.batch_size),
             });

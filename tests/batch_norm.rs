@@ -32,6 +32,7 @@ use candle_core::{DType, Tensor as CTensor, Var};
 use common::reference::shortcut_a;
 use common::*;
 use featreplay::kernels::batch_norm::{self as bn, Epilogue, Residual, ShortcutGrad};
+use featreplay::kernels::shortcut::ChannelPad;
 use featreplay::Tensor;
 
 /// Unit roundoff of f32 (half an ulp at 1).
@@ -398,7 +399,7 @@ fn run_case(shape: [usize; 4], seed: u64) {
     let fused = |epi: Epilogue| bn::forward_train_fused(&gx1, &ggamma, &gbeta, &grm, &grv, 0.0, EPS, epi).unwrap();
     let f_relu = fused(Epilogue::RELU);
     let f_id = fused(Epilogue::add_relu(Residual::Identity(&gres_id)));
-    let f_a = fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2 }));
+    let f_a = fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2, pad: ChannelPad::Both }));
     for (what, f) in [("relu", &f_relu), ("identity residual", &f_id), ("option-A residual", &f_a)] {
         // The same statistics kernel: bit-for-bit the plain forward's.
         assert_eq!(f.saved.stats.to_vec().unwrap(), stats, "saved statistics of the fused forward ({what}), {name}");
@@ -417,7 +418,7 @@ fn run_case(shape: [usize; 4], seed: u64) {
         &ggamma,
         &f1.saved,
         Some(&f_a.y),
-        Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2 }),
+        Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2, pad: ChannelPad::Both }),
     )
     .unwrap();
     let host = |b: &bn::BnGrads| (b.dx.to_vec().unwrap(), b.dgamma.to_vec().unwrap(), b.dbeta.to_vec().unwrap());
@@ -430,11 +431,11 @@ fn run_case(shape: [usize; 4], seed: u64) {
     let eval_fused =
         |epi: Epilogue| bn::forward_eval_fused(&gx1, &ggamma, &gbeta, &grm, &grv, EPS, epi).unwrap().to_vec().unwrap();
     let eval_relu = eval_fused(Epilogue::RELU);
-    let eval_a = eval_fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2 }));
+    let eval_a = eval_fused(Epilogue::add_relu(Residual::OptionA { x: &gres_a, stride: 2, pad: ChannelPad::Both }));
 
     let r1 = reference(&x1, shape, &gamma, &beta, &dy);
     // The residuals as candle computes them, and the masked gradients of the fused backwards.
-    let short_a = cvec(&shortcut_a(&ct(&res_a, &in_shape), c, 2));
+    let short_a = cvec(&shortcut_a(&ct(&res_a, &in_shape), c, 2, ChannelPad::Both));
     let masked = |y: &[f32]| -> Vec<f32> { dy.iter().zip(y).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect() };
     let dy_masked = [masked(&y_relu), masked(&y_id), masked(&y_a)];
     let r_fused: Vec<Reference> = dy_masked.iter().map(|d| reference(&x1, shape, &gamma, &beta, d)).collect();
@@ -442,8 +443,12 @@ fn run_case(shape: [usize; 4], seed: u64) {
     // autograd of the shortcut.
     assert_close(&format!("identity shortcut gradient, {name}"), &ds_id, &dy_masked[1], 0.0, 0.0);
     let xa = Var::from_tensor(&ct(&res_a, &in_shape)).unwrap();
-    let ga_grads =
-        (shortcut_a(xa.as_tensor(), c, 2) * ct(&dy_masked[2], &shape)).unwrap().sum_all().unwrap().backward().unwrap();
+    let ga_grads = (shortcut_a(xa.as_tensor(), c, 2, ChannelPad::Both) * ct(&dy_masked[2], &shape))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert_close(
         &format!("option-A shortcut gradient, {name}"),
         &ds_a,
@@ -608,9 +613,9 @@ fn fused_step(g: &featreplay::Gpu, shape: [usize; 4], seed: u64) -> Vec<Vec<f32>
     let (rm, rv) = (t(&random(c, seed + 3), &[c]), t(&vec![1.0; c], &[c]));
     let block_in = t(&random(in_shape.iter().product(), seed + 4), &in_shape);
     let dy = t(&random(numel, seed + 5), &shape);
-    let epi = Epilogue::add_relu(Residual::OptionA { x: &block_in, stride: 2 });
+    let epi = Epilogue::add_relu(Residual::OptionA { x: &block_in, stride: 2, pad: ChannelPad::Both });
     let f = bn::forward_train_fused(&x, &gamma, &beta, &rm, &rv, MOMENTUM, EPS, epi).unwrap();
-    let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2 });
+    let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride: 2, pad: ChannelPad::Both });
     let b = bn::backward_fused(&x, &dy, &gamma, &f.saved, Some(&f.y), sg).unwrap();
     [&f.y, &f.saved.stats, &rm, &rv, &b.dx, &b.dgamma, &b.dbeta, b.dshortcut.as_ref().unwrap()]
         .iter()
@@ -653,11 +658,16 @@ fn split_and_single_passes_agree_bitwise() {
 }
 
 #[test]
-fn option_a_strides_1_and_3_match_candle() {
+fn option_a_strides_and_layouts_match_candle() {
     // The general cell loop of the option-A gradient (stride 2 has its own branch): stride 3
-    // from 7x7 (cells of 3, 3 and 1 rows) and stride 1 (pure channel padding).
+    // from 7x7 (cells of 3, 3 and 1 rows) and stride 1 (pure channel padding), each with the
+    // zero channels on both sides and all after; stride 2 with them all after.
     let g = gpu();
-    for (i, (in_shape, stride)) in [([3usize, 3, 7, 7], 3usize), ([2, 3, 5, 5], 1)].into_iter().enumerate() {
+    let cases = [([3usize, 3, 7, 7], 3usize, ChannelPad::Both), ([2, 3, 5, 5], 1, ChannelPad::Both)]
+        .into_iter()
+        .chain([([3usize, 3, 7, 7], 3usize, ChannelPad::After), ([2, 3, 5, 5], 1, ChannelPad::After)])
+        .chain([([2usize, 3, 8, 8], 2usize, ChannelPad::After)]);
+    for (i, (in_shape, stride, pad)) in cases.enumerate() {
         let shape = [in_shape[0], 5, in_shape[2].div_ceil(stride), in_shape[3].div_ceil(stride)];
         let numel: usize = shape.iter().product();
         let (gx, _) = pair(&shape, 70 + i as u64);
@@ -667,27 +677,27 @@ fn option_a_strides_1_and_3_match_candle() {
         let zeros = g.zeros(&[5]).unwrap();
         let (rm, rv) = (g.zeros(&[5]).unwrap(), g.tensor(&[5], &[1.0; 5]).unwrap());
         let plain = bn::forward_train(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS).unwrap();
-        let epi = Epilogue::add_relu(Residual::OptionA { x: &gin, stride });
+        let epi = Epilogue::add_relu(Residual::OptionA { x: &gin, stride, pad });
         let fused = bn::forward_train_fused(&gx, &ones, &zeros, &rm, &rv, 0.0, EPS, epi).unwrap();
         // max(bn + r, 0) from the plain kernel's bn and candle's shortcut: one rounding of the add.
-        let short = cvec(&shortcut_a(&cin, 5, stride));
+        let short = cvec(&shortcut_a(&cin, 5, stride, pad));
         let want: Vec<f32> = plain.y.to_vec().unwrap().iter().zip(&short).map(|(y, r)| (y + r).max(0.0)).collect();
         let y = fused.y.to_vec().unwrap();
-        assert_close(&format!("option-A residual, stride {stride}"), &y, &want, 0.0, 0.0);
-        let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride });
+        assert_close(&format!("option-A residual, stride {stride}, pad {pad}"), &y, &want, 0.0, 0.0);
+        let sg = Some(ShortcutGrad::OptionA { in_shape: &in_shape, stride, pad });
         let b = bn::backward_fused(&gx, &gdy, &ones, &plain.saved, Some(&fused.y), sg).unwrap();
         let dy = gdy.to_vec().unwrap();
         let masked: Vec<f32> = dy.iter().zip(&y).map(|(&d, &y)| if y > 0.0 { d } else { 0.0 }).collect();
         assert_eq!(masked.len(), numel);
         let xv = Var::from_tensor(&cin).unwrap();
-        let grads = (shortcut_a(xv.as_tensor(), 5, stride) * ct(&masked, &shape))
+        let grads = (shortcut_a(xv.as_tensor(), 5, stride, pad) * ct(&masked, &shape))
             .unwrap()
             .sum_all()
             .unwrap()
             .backward()
             .unwrap();
         assert_close(
-            &format!("option-A shortcut gradient, stride {stride}"),
+            &format!("option-A shortcut gradient, stride {stride}, pad {pad}"),
             &b.dshortcut.unwrap().to_vec().unwrap(),
             &cvec(grads.get(xv.as_tensor()).unwrap()),
             0.0,
@@ -760,22 +770,26 @@ fn bad_shapes_are_errors() {
     let bad_res = g.zeros(&[2, 3, 4, 5]).unwrap();
     train_err(fused(Epilogue::add_relu(Residual::Identity(&bad_res))), "must have the shape of x");
     let big = g.zeros(&[2, 1, 8, 8]).unwrap();
-    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 1 })), "not x's");
+    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 1, pad: ChannelPad::Both })), "not x's");
     let even = g.zeros(&[2, 2, 8, 8]).unwrap();
-    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &even, stride: 2 })), "even difference");
-    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 0 })), "stride");
+    train_err(
+        fused(Epilogue::add_relu(Residual::OptionA { x: &even, stride: 2, pad: ChannelPad::Both })),
+        "even difference",
+    );
+    train_err(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 0, pad: ChannelPad::Both })), "stride");
     train_err(fused(Epilogue::add_relu(Residual::Identity(&rm))), "must have the shape of x");
     eval_err(
         bn::forward_eval_fused(&x, &c3, &c3, &rm, &rv, EPS, Epilogue::add_relu(Residual::Identity(&bad_res))),
         "must have the shape of x",
     );
-    assert!(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 2 })).is_ok());
+    assert!(fused(Epilogue::add_relu(Residual::OptionA { x: &big, stride: 2, pad: ChannelPad::Both })).is_ok());
     let grads_err = |r: featreplay::Result<bn::BnGrads>, want: &str| {
         let err = r.map(|_| ()).unwrap_err().to_string();
         assert!(err.contains(want), "expected '{want}' in: {err}");
     };
     grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, Some(&bad_res), None), "relu_out");
-    let a = |in_shape: &'static [usize], stride| Some(ShortcutGrad::OptionA { in_shape, stride });
+    let a =
+        |in_shape: &'static [usize], stride| Some(ShortcutGrad::OptionA { in_shape, stride, pad: ChannelPad::Both });
     grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, None, a(&[2, 1, 8, 9], 2)), "not x's");
     grads_err(bn::backward_fused(&x, &x, &c3, &f.saved, None, a(&[2, 1, 8], 2)), "4 dimensions");
     assert!(bn::backward_fused(&x, &x, &c3, &f.saved, Some(&x), a(&[2, 1, 7, 8], 2)).is_ok());

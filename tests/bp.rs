@@ -15,7 +15,14 @@ use featreplay::train::{Network, OptimConfig};
 use featreplay::Gpu;
 
 fn resnet8(input: usize, classes: usize) -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, input, input], classes }).unwrap()
+    build(&ResNetConfig {
+        shortcut_pad: Default::default(),
+        arch: Arch::ResNet,
+        depth: 8,
+        input: vec![3, input, input],
+        classes,
+    })
+    .unwrap()
 }
 
 fn host_state(net: &Network) -> Vec<(String, Vec<usize>, Vec<f32>)> {

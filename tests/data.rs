@@ -16,7 +16,7 @@ use featreplay::data::idx::{
 };
 use featreplay::data::{
     augment_params, default_max_host_bytes, epoch_order, make_batch, num_batches, parse_mem_available, transform_image,
-    Augment, CropFlip, Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization, Split,
+    Augment, CropFlip, Dataset, DatasetKind, LastBatch, LoadOptions, Loader, LoaderConfig, Normalization, Split,
     FALLBACK_MAX_HOST_BYTES,
 };
 use featreplay::Error;
@@ -628,8 +628,8 @@ fn loader_yields_every_sample_once_per_epoch() {
     let d = Arc::new(toy(103, 1, 3, 3, 7));
     let norm = Normalization::from_dataset(&d);
     let cfg = LoaderConfig::train(10, 5);
-    assert_eq!(num_batches(103, 10, false), 11);
-    assert_eq!(num_batches(103, 10, true), 10);
+    assert_eq!(num_batches(103, 10, LastBatch::Keep), 11);
+    assert_eq!(num_batches(103, 10, LastBatch::Drop), 10);
     let mut previous = None;
     for epoch in 0..3 {
         let loader = Loader::new(d.clone(), norm.clone(), cfg, epoch).unwrap();
@@ -650,11 +650,33 @@ fn loader_yields_every_sample_once_per_epoch() {
         assert_ne!(previous.as_ref(), Some(&seen));
         previous = Some(seen);
     }
-    // drop_last: 10 full batches
-    let cfg_drop = LoaderConfig { drop_last: true, ..cfg };
+    // drop: 10 full batches
+    let cfg_drop = LoaderConfig { last_batch: LastBatch::Drop, ..cfg };
     let batches: Vec<_> = Loader::new(d.clone(), norm.clone(), cfg_drop, 0).unwrap().collect();
     assert_eq!(batches.len(), 10);
     assert!(batches.iter().all(|b| b.len() == 10));
+    // pad: 11 full batches, the last one ending with the epoch's first 7 samples
+    let cfg_pad = LoaderConfig { last_batch: LastBatch::Pad, ..cfg };
+    let order = epoch_order(103, 5, 0);
+    let batches: Vec<_> = Loader::new(d.clone(), norm.clone(), cfg_pad, 0).unwrap().collect();
+    assert_eq!(batches.len(), 11);
+    assert!(batches.iter().all(|b| b.len() == 10 && b.images.len() == 90));
+    let last = &batches[10];
+    assert_eq!(last.indices[..3], order[100..]);
+    assert_eq!(last.indices[3..], order[..7]);
+    assert!(last.indices.iter().zip(&last.labels).all(|(&i, &l)| d.label(i) == l));
+    // the full batches are untouched
+    assert_eq!(batches[..10].iter().flat_map(|b| b.indices.clone()).collect::<Vec<_>>(), order[..100]);
+    // a dataset smaller than one batch cycles through its order
+    let small = Arc::new(toy(4, 1, 3, 3, 2));
+    let cfg_small = LoaderConfig { last_batch: LastBatch::Pad, ..LoaderConfig::train(10, 1) };
+    let b: Vec<_> = Loader::new(small.clone(), Normalization::from_dataset(&small), cfg_small, 0).unwrap().collect();
+    let o = epoch_order(4, 1, 0);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].indices, [o[0], o[1], o[2], o[3], o[0], o[1], o[2], o[3], o[0], o[1]]);
+    assert_eq!(num_batches(103, 10, LastBatch::Pad), 11);
+    assert_eq!(num_batches(103, 10, LastBatch::Drop), 10);
+    assert_eq!(num_batches(103, 10, LastBatch::Keep), 11);
 }
 
 #[test]

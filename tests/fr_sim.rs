@@ -20,7 +20,14 @@ const CLASSES: usize = 5;
 const BATCH: usize = 4;
 
 fn resnet8() -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, INPUT, INPUT], classes: CLASSES }).unwrap()
+    build(&ResNetConfig {
+        shortcut_pad: Default::default(),
+        arch: Arch::ResNet,
+        depth: 8,
+        input: vec![3, INPUT, INPUT],
+        classes: CLASSES,
+    })
+    .unwrap()
 }
 
 fn batches(n: usize, seed: u64) -> Vec<(Vec<f32>, Vec<u32>)> {

@@ -6,15 +6,16 @@ mod common;
 
 use candle_core::{Tensor as CTensor, Var};
 use common::*;
+use featreplay::kernels::shortcut::ChannelPad;
 use featreplay::layers::BasicBlock;
 use rand::SeedableRng;
 
 use common::reference::{bn_train, shortcut_a, EPS};
 
-fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, seed: u64) {
+fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, pad: ChannelPad, seed: u64) {
     let g = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut block = BasicBlock::new(g, "layer", cin, cout, stride, &mut rng).unwrap();
+    let mut block = BasicBlock::new(g, "layer", cin, cout, stride, pad, &mut rng).unwrap();
     // Non-trivial BN affine parameters, so their gradients and effect are checked.
     let g1 = random(cout, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>();
     let b1 = random(cout, seed + 2);
@@ -48,7 +49,7 @@ fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, seed
     let c2 = a1.conv2d(w2v.as_tensor(), 1, 1, 1, 1).unwrap();
     let (bn2, m2, v2) = bn_train(&c2, g2v.as_tensor(), b2v.as_tensor());
     let short =
-        if stride == 1 && cin == cout { xv.as_tensor().clone() } else { shortcut_a(xv.as_tensor(), cout, stride) };
+        if stride == 1 && cin == cout { xv.as_tensor().clone() } else { shortcut_a(xv.as_tensor(), cout, stride, pad) };
     let y = (bn2 + short).unwrap().relu().unwrap();
     assert_eq!(y.dims(), ys.as_slice());
     let grads = (&y * &ct(&dy, &ys)).unwrap().sum_all().unwrap().backward().unwrap();
@@ -119,7 +120,7 @@ fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, seed
     let e1 = bn_eval(&xt.conv2d(&ct(&w1, &[cout, cin, 3, 3]), 1, stride, 1, 1).unwrap(), &g1, &b1, &rm1, &rv1);
     let e2 =
         bn_eval(&e1.relu().unwrap().conv2d(&ct(&w2, &[cout, cout, 3, 3]), 1, 1, 1, 1).unwrap(), &g2, &b2, &rm2, &rv2);
-    let short = if stride == 1 && cin == cout { xt.clone() } else { shortcut_a(&xt, cout, stride) };
+    let short = if stride == 1 && cin == cout { xt.clone() } else { shortcut_a(&xt, cout, stride, pad) };
     let want_eval = (e2 + short).unwrap().relu().unwrap();
     // The running variance is about 0.9 + 0.1 * var, so eval-mode BN divides by about 1 too.
     assert_close(&format!("eval output {tag}"), &y_eval.to_vec().unwrap(), &cvec(&want_eval), 1e-5, fwd);
@@ -127,16 +128,22 @@ fn check_block(n: usize, cin: usize, cout: usize, hw: usize, stride: usize, seed
 
 #[test]
 fn identity_block_matches_candle() {
-    check_block(3, 16, 16, 8, 1, 1);
+    check_block(3, 16, 16, 8, 1, ChannelPad::Both, 1);
 }
 
 #[test]
 fn downsampling_block_matches_candle() {
-    check_block(2, 16, 32, 8, 2, 2);
+    check_block(2, 16, 32, 8, 2, ChannelPad::Both, 2);
+}
+
+#[test]
+fn downsampling_block_with_zero_channels_after_matches_candle() {
+    // The reference FR code's layout: the 16 input channels first, the 16 zero channels after.
+    check_block(2, 16, 32, 8, 2, ChannelPad::After, 2);
 }
 
 #[test]
 fn awkward_block_matches_candle() {
     // Odd spatial size and a small odd batch, with option-A padding of 2 channels each side.
-    check_block(1, 6, 10, 7, 2, 3);
+    check_block(1, 6, 10, 7, 2, ChannelPad::Both, 3);
 }

@@ -282,3 +282,57 @@ fn dni_resumes_exactly_and_ddg_refuses_to_resume() {
     assert!(!ok && e.contains("a DDG run cannot be resumed") && e.trim_end().lines().count() == 1, "{e}");
     assert_eq!(std::fs::read(ddg.join("checkpoint.safetensors")).unwrap(), before, "the checkpoint is untouched");
 }
+
+#[test]
+fn reference_preset_sets_each_choice_and_each_is_its_own_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 250 images in batches of 32: seven full batches and one of 26.
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut a = tiny(&out, "1");
+        a.retain(|s| s != "256");
+        a.insert(a.iter().position(|s| s == "--train-subset").unwrap() + 1, "250".into());
+        a.extend(["--algo", "fr", "--splits", "2"].iter().chain(extra).map(|s| s.to_string()));
+        let (ok, o, e) = featreplay(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{name}: {o}{e}");
+        let m = metrics(&out);
+        (out, m[0].clone())
+    };
+    let (reference, r) = run("reference", &["--reference"]);
+    let (cfg, _) = featreplay::train::run::checkpoint_config(&reference).unwrap();
+    assert_eq!(cfg.fr_bn_update, featreplay::train::fr::BnUpdate::Both);
+    assert_eq!(cfg.optim.first_stage_lr_scale, 2.0);
+    assert_eq!(cfg.shortcut_pad, featreplay::kernels::shortcut::ChannelPad::After);
+    assert_eq!(cfg.last_batch, featreplay::data::LastBatch::Pad);
+    assert!(cfg.is_reference());
+    assert_eq!(r["batch_losses"].as_array().unwrap().len(), 8);
+    // The same four choices as separate flags give the same run, bit for bit.
+    let (_, flags) = run(
+        "flags",
+        &["--fr-bn-update", "both", "--first-module-lr-scale", "2", "--shortcut-pad", "after", "--last-batch", "pad"],
+    );
+    assert_eq!(learning(&r), learning(&flags));
+    assert_eq!(r["batch_losses"], flags["batch_losses"]);
+    // Each choice changes the run on its own.
+    let (_, base) = run("base", &[]);
+    let (_, after) = run("after", &["--shortcut-pad", "after"]);
+    let (_, pad) = run("pad", &["--last-batch", "pad"]);
+    let (_, drop) = run("drop", &["--last-batch", "drop"]);
+    let losses = |v: &Value| v["batch_losses"].as_array().unwrap().clone();
+    assert_eq!(losses(&base).len(), 8);
+    assert_eq!(losses(&drop).len(), 7);
+    assert_ne!(losses(&base), losses(&after), "the shortcut layout changed nothing");
+    // Padding changes only the last batch: the first seven are the same batches.
+    assert_eq!(losses(&base)[..7], losses(&pad)[..7]);
+    assert_ne!(losses(&base)[7], losses(&pad)[7]);
+    assert_eq!(losses(&base)[..7], losses(&drop)[..7]);
+    // eval reads the layout from the checkpoint; a resumed run keeps it.
+    let (ok, o, e) = featreplay(&["eval", reference.to_str().unwrap()]);
+    assert!(ok, "{o}{e}");
+    let (ok, _, e) = featreplay(&["train", "--resume", reference.to_str().unwrap(), "--shortcut-pad", "both"]);
+    assert!(!ok && e.contains("--shortcut-pad both conflicts with the checkpoint"), "{e}");
+    let (ok, _, e) = featreplay(&["train", "--shortcut-pad", "left", "--quiet"]);
+    assert!(!ok && e.contains("choose both or after"), "{e}");
+    let (ok, _, e) = featreplay(&["train", "--last-batch", "drop", "--batch-size", "300", "--train-subset", "250"]);
+    assert!(!ok && e.contains("leaves no batch of the 250 training images"), "{e}");
+}

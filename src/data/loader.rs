@@ -6,10 +6,13 @@
 //! [`Loader::starting_at`]) therefore sees exactly the batches the uninterrupted run would
 //! have, with no RNG state saved in the checkpoint.
 //!
-//! The final partial batch of an epoch is kept by default (`drop_last: false`, like
-//! PyTorch's `DataLoader`), so every sample is seen once per epoch; set `drop_last` to skip
-//! it (e.g. to keep batch-norm statistics over full batches only).
+//! The final partial batch of an epoch is kept by default ([`LastBatch::Keep`], like
+//! PyTorch's `DataLoader`), so every sample is seen once per epoch; [`LastBatch::Drop`] skips
+//! it (PyTorch's `drop_last`) and [`LastBatch::Pad`] fills it up to the batch size with the
+//! epoch's first samples, so every batch has the same size and those samples are seen twice.
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,6 +21,45 @@ use crate::data::rng;
 use crate::data::transform::{augment_params, transform_image, Augment, Normalization};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+
+/// What becomes of an epoch's final partial batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LastBatch {
+    /// Trained on as it is (smaller than the others).
+    #[default]
+    Keep,
+    /// Skipped.
+    Drop,
+    /// Filled up to the batch size with the first samples of the epoch's order (cycling
+    /// through them when the dataset is smaller than a batch).
+    Pad,
+}
+
+impl FromStr for LastBatch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<LastBatch> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "keep" => Ok(LastBatch::Keep),
+            "drop" => Ok(LastBatch::Drop),
+            "pad" => Ok(LastBatch::Pad),
+            _ => Err(Error::InvalidConfig {
+                op: "data",
+                detail: format!("unknown last-batch handling '{s}'; choose keep, drop or pad"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for LastBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LastBatch::Keep => "keep",
+            LastBatch::Drop => "drop",
+            LastBatch::Pad => "pad",
+        })
+    }
+}
 
 /// How a [`Loader`] makes batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +70,8 @@ pub struct LoaderConfig {
     pub shuffle: bool,
     /// Augmentation; [`Augment::none`] for evaluation.
     pub augment: Augment,
-    /// Skip the final partial batch (default false: it is kept).
-    pub drop_last: bool,
+    /// What becomes of the final partial batch (default: kept).
+    pub last_batch: LastBatch,
     /// Seed of the shuffle and the augmentation.
     pub seed: u64,
     /// Batches made ahead of the consumer (the bound of the channel; at least 1).
@@ -40,12 +82,26 @@ impl LoaderConfig {
     /// Training: shuffled, the paper's augmentation (crop with 4-pixel padding, flip), final
     /// partial batch kept, 4 batches prefetched.
     pub fn train(batch_size: usize, seed: u64) -> Self {
-        LoaderConfig { batch_size, shuffle: true, augment: Augment::paper(), drop_last: false, seed, prefetch: 4 }
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            augment: Augment::paper(),
+            last_batch: LastBatch::Keep,
+            seed,
+            prefetch: 4,
+        }
     }
 
     /// Evaluation: dataset order, no augmentation, every sample (partial batch kept).
     pub fn eval(batch_size: usize) -> Self {
-        LoaderConfig { batch_size, shuffle: false, augment: Augment::none(), drop_last: false, seed: 0, prefetch: 4 }
+        LoaderConfig {
+            batch_size,
+            shuffle: false,
+            augment: Augment::none(),
+            last_batch: LastBatch::Keep,
+            seed: 0,
+            prefetch: 4,
+        }
     }
 }
 
@@ -87,12 +143,12 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     rng::permutation(n, &[seed, SHUFFLE_STREAM, epoch])
 }
 
-/// Batches per epoch: `ceil(len / batch_size)`, or `floor` when `drop_last`. 0 if
-/// `batch_size` is 0.
-pub fn num_batches(len: usize, batch_size: usize, drop_last: bool) -> usize {
+/// Batches per epoch: `ceil(len / batch_size)`, or `floor` when the last batch is dropped.
+/// 0 if `batch_size` is 0.
+pub fn num_batches(len: usize, batch_size: usize, last_batch: LastBatch) -> usize {
     if batch_size == 0 {
         0
-    } else if drop_last {
+    } else if last_batch == LastBatch::Drop {
         len / batch_size
     } else {
         len.div_ceil(batch_size)
@@ -101,7 +157,7 @@ pub fn num_batches(len: usize, batch_size: usize, drop_last: bool) -> usize {
 
 fn check(data: &Dataset, norm: &Normalization, config: &LoaderConfig) -> Result<()> {
     if config.batch_size == 0 {
-        return Err(Error::Unsupported { op: "Loader", detail: "batch size 0".into() });
+        return Err(Error::InvalidConfig { op: "Loader", detail: "batch size 0".into() });
     }
     if norm.channels() != data.channels() {
         return Err(Error::ShapeMismatch {
@@ -136,7 +192,10 @@ fn build(
 ) -> Result<Batch> {
     let start = index * config.batch_size;
     let end = (start + config.batch_size).min(order.len());
-    let indices = order[start..end].to_vec();
+    let mut indices = order[start..end].to_vec();
+    if config.last_batch == LastBatch::Pad {
+        indices.extend(order.iter().cycle().take(config.batch_size - indices.len()));
+    }
     let n = data.image_len();
     let shape = [indices.len(), data.channels(), data.height(), data.width()];
     let mut images = vec![0f32; indices.len() * n];
@@ -159,9 +218,9 @@ pub fn make_batch(
     index: usize,
 ) -> Result<Batch> {
     check(data, norm, config)?;
-    let total = num_batches(data.len(), config.batch_size, config.drop_last);
+    let total = num_batches(data.len(), config.batch_size, config.last_batch);
     if index >= total {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "make_batch",
             detail: format!("batch {index} of an epoch of {total} batches"),
         });
@@ -199,9 +258,9 @@ impl Loader {
         start: usize,
     ) -> Result<Self> {
         check(&data, &norm, &config)?;
-        let total = num_batches(data.len(), config.batch_size, config.drop_last);
+        let total = num_batches(data.len(), config.batch_size, config.last_batch);
         if start > total {
-            return Err(Error::Unsupported {
+            return Err(Error::InvalidConfig {
                 op: "Loader",
                 detail: format!("starting at batch {start} of an epoch of {total} batches"),
             });

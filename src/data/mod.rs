@@ -29,7 +29,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-pub use loader::{epoch_order, make_batch, num_batches, Batch, Loader, LoaderConfig};
+pub use loader::{epoch_order, make_batch, num_batches, Batch, LastBatch, Loader, LoaderConfig};
 pub use transform::{augment_params, transform_image, Augment, CropFlip, Normalization};
 
 /// Which part of a dataset: the training set or the held-out test set.
@@ -305,7 +305,7 @@ pub fn refuse_beyond_host_memory(op: &'static str, what: &str, need: u64, detail
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    Err(Error::Unsupported {
+    Err(Error::InsufficientMemory {
         op,
         detail: format!(
             "{what} about {:.1} GiB of memory{detail} but {:.1} GiB are available{hint}",

@@ -36,7 +36,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_same_device, dims, shortcut};
+use super::shortcut::{self, ChannelPad};
+use super::{check_same_device, dims};
 use crate::error::{Error, Result};
 use crate::gpu::{Arg, Kernel, Tensor};
 
@@ -114,9 +115,9 @@ pub enum Residual<'a> {
     /// A tensor of the output's shape (the identity shortcut, or a projection's output).
     Identity(&'a Tensor),
     /// The option-A shortcut of the block input `x` `[N, Cin, H, W]`, read in place:
-    /// `x[:, :, ::stride, ::stride]` at channels `pad .. pad + Cin` of the output's C,
-    /// `pad = (C - Cin) / 2`, zero elsewhere (see [`shortcut`]).
-    OptionA { x: &'a Tensor, stride: usize },
+    /// `x[:, :, ::stride, ::stride]` at channels `lead .. lead + Cin` of the output's C,
+    /// `lead = pad.leading(Cin, C)`, zero elsewhere (see [`shortcut`]).
+    OptionA { x: &'a Tensor, stride: usize, pad: ChannelPad },
 }
 
 /// What a fused forward does after normalising: `y = bn(x) [+ residual]`, then `max(y, 0)`
@@ -148,7 +149,7 @@ pub enum ShortcutGrad<'a> {
     /// The adjoint of the option-A shortcut from a block input of shape `in_shape`
     /// `[N, Cin, H, W]` with `stride`: the gradient at the sampled pixels of the kept
     /// channels, 0 elsewhere, shaped `in_shape`.
-    OptionA { in_shape: &'a [usize], stride: usize },
+    OptionA { in_shape: &'a [usize], stride: usize, pad: ChannelPad },
 }
 
 /// The result of [`backward_fused`].
@@ -272,8 +273,15 @@ fn check_bindings(op: &'static str, x: &Tensor) -> Result<()> {
 
 /// Checks an option-A shortcut from a block input of `in_shape` onto `x` and sets its
 /// parameters (`res = 2`); errors unless the shortcut's output shape is `x`'s.
-fn set_option_a(op: &'static str, p: &mut Params, x: &Tensor, in_shape: &[usize], stride: usize) -> Result<()> {
-    let want = shortcut::output_shape(in_shape, x.shape()[1], stride).map_err(|e| match e {
+fn set_option_a(
+    op: &'static str,
+    p: &mut Params,
+    x: &Tensor,
+    in_shape: &[usize],
+    stride: usize,
+    pad: ChannelPad,
+) -> Result<()> {
+    let want = shortcut::output_shape(in_shape, x.shape()[1], stride, pad).map_err(|e| match e {
         Error::ShapeMismatch { detail, .. } => Error::ShapeMismatch { op, detail },
         Error::Unsupported { detail, .. } => Error::Unsupported { op, detail },
         other => other,
@@ -295,7 +303,7 @@ fn set_option_a(op: &'static str, p: &mut Params, x: &Tensor, in_shape: &[usize]
     p.res_h = in_shape[2] as u32;
     p.res_w = in_shape[3] as u32;
     p.res_stride = stride as u32;
-    p.res_pad = ((x.shape()[1] - in_shape[1]) / 2) as u32;
+    p.res_pad = pad.leading(in_shape[1], x.shape()[1]) as u32;
     Ok(())
 }
 
@@ -316,9 +324,9 @@ fn set_epilogue<'t>(op: &'static str, p: &mut Params, x: &'t Tensor, epi: &Epilo
             p.res = 1;
             Ok(r)
         }
-        Some(Residual::OptionA { x: r, stride }) => {
+        Some(Residual::OptionA { x: r, stride, pad }) => {
             check_same_device(op, x, r)?;
-            set_option_a(op, p, x, r.shape(), stride)?;
+            set_option_a(op, p, x, r.shape(), stride, pad)?;
             Ok(r)
         }
     }
@@ -595,8 +603,8 @@ fn backward_fused_impl(
             p.res = 1;
             Some(gpu.empty(x.shape())?)
         }
-        Some(ShortcutGrad::OptionA { in_shape, stride }) => {
-            set_option_a(OP, &mut p, x, in_shape, stride)?;
+        Some(ShortcutGrad::OptionA { in_shape, stride, pad }) => {
+            set_option_a(OP, &mut p, x, in_shape, stride, pad)?;
             Some(gpu.empty(in_shape)?)
         }
     };

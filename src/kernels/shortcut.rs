@@ -1,12 +1,20 @@
 //! Launchers for `shaders/shortcut.wgsl`: the option-A shortcut of CIFAR ResNets (He et al.
 //! 2016), the reference code's `LambdaLayer`:
 //! `F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, pad, pad))` with
-//! `pad = (out_channels - in_channels) / 2` zero channels on each side.
+//! `pad = (out_channels - in_channels) / 2` zero channels on each side ([`ChannelPad::Both`]),
+//! or the reference FR code's layout with every zero channel after the input channels
+//! ([`ChannelPad::After`]). The two give the same function up to a permutation of the
+//! channels the next layer reads, so they train differently from the same seed only through
+//! the initial weights each channel meets.
 //!
 //! One dispatch per call, no saved state; the output (or dx) is zero-filled first, then the
 //! sampled values are copied, so zero channels and unsampled pixels cost nothing.
 
+use std::fmt;
+use std::str::FromStr;
+
 use bytemuck::{Pod, Zeroable};
+use serde::{Deserialize, Serialize};
 
 use super::dims;
 use crate::error::{Error, Result};
@@ -27,12 +35,58 @@ struct Params {
     _pad: [u32; 3],
 }
 
+/// Where the option-A shortcut puts the zero channels it adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelPad {
+    /// Half before and half after the input channels (akamaster's CIFAR ResNets; the
+    /// difference must be even).
+    #[default]
+    Both,
+    /// All after the input channels (the reference FR code's layout).
+    After,
+}
+
+impl ChannelPad {
+    /// Zero channels before the input channels, from `cin` to `cout` channels.
+    pub fn leading(self, cin: usize, cout: usize) -> usize {
+        match self {
+            ChannelPad::Both => (cout - cin) / 2,
+            ChannelPad::After => 0,
+        }
+    }
+}
+
+impl FromStr for ChannelPad {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ChannelPad> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "both" => Ok(ChannelPad::Both),
+            "after" => Ok(ChannelPad::After),
+            _ => Err(Error::InvalidConfig {
+                op: "shortcut",
+                detail: format!("unknown shortcut padding '{s}'; choose both or after"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ChannelPad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChannelPad::Both => "both",
+            ChannelPad::After => "after",
+        })
+    }
+}
+
 /// Checks the arguments; returns the input and output shapes.
 fn shapes(
     op: &'static str,
     in_shape: &[usize],
     out_channels: usize,
     stride: usize,
+    pad: ChannelPad,
 ) -> Result<([usize; 4], [usize; 4])> {
     let [n, cin, h, w]: [usize; 4] = in_shape.try_into().map_err(|_| Error::ShapeMismatch {
         op,
@@ -41,13 +95,14 @@ fn shapes(
     if stride == 0 {
         return Err(Error::Unsupported { op, detail: "stride must be at least 1".into() });
     }
-    if out_channels < cin || !(out_channels - cin).is_multiple_of(2) {
+    if out_channels < cin || (pad == ChannelPad::Both && !(out_channels - cin).is_multiple_of(2)) {
+        let rule = match pad {
+            ChannelPad::Both => "out_channels >= in_channels with an even difference",
+            ChannelPad::After => "out_channels >= in_channels",
+        };
         return Err(Error::ShapeMismatch {
             op,
-            detail: format!(
-                "option-A padding needs out_channels >= in_channels with an even difference, got {cin} -> \
-                 {out_channels}"
-            ),
+            detail: format!("option-A padding ({pad}) needs {rule}, got {cin} -> {out_channels}"),
         });
     }
     Ok(([n, cin, h, w], [n, out_channels, h.div_ceil(stride), w.div_ceil(stride)]))
@@ -55,8 +110,8 @@ fn shapes(
 
 /// Output shape of the shortcut for input `in_shape` `[N, Cin, H, W]`:
 /// `[N, out_channels, ceil(H / stride), ceil(W / stride)]`; errors like [`forward`].
-pub fn output_shape(in_shape: &[usize], out_channels: usize, stride: usize) -> Result<[usize; 4]> {
-    Ok(shapes("shortcut::output_shape", in_shape, out_channels, stride)?.1)
+pub fn output_shape(in_shape: &[usize], out_channels: usize, stride: usize, pad: ChannelPad) -> Result<[usize; 4]> {
+    Ok(shapes("shortcut::output_shape", in_shape, out_channels, stride, pad)?.1)
 }
 
 fn launch(
@@ -65,6 +120,7 @@ fn launch(
     large: [usize; 4],
     small: [usize; 4],
     stride: usize,
+    pad: ChannelPad,
     backward: bool,
 ) -> Result<()> {
     let [n, cin, h, w] = large;
@@ -77,7 +133,7 @@ fn launch(
         ho: ho as u32,
         wo: wo as u32,
         stride: stride as u32,
-        pad: ((cout - cin) / 2) as u32,
+        pad: pad.leading(cin, cout) as u32,
         backward: backward as u32,
         _pad: [0; 3],
     };
@@ -86,22 +142,23 @@ fn launch(
 }
 
 /// Forward: `x` `[N, Cin, H, W]` -> `[N, out_channels, ceil(H / stride), ceil(W / stride)]`,
-/// taking pixels `0, stride, 2 * stride, ...` and zero-padding `(out_channels - Cin) / 2`
-/// channels on each side. Errors if the channel difference is negative or odd, or stride is 0.
-pub fn forward(x: &Tensor, out_channels: usize, stride: usize) -> Result<Tensor> {
+/// taking pixels `0, stride, 2 * stride, ...` and adding `out_channels - Cin` zero channels
+/// as `pad` places them. Errors if the channel difference is negative (or odd for
+/// [`ChannelPad::Both`]), or stride is 0.
+pub fn forward(x: &Tensor, out_channels: usize, stride: usize, pad: ChannelPad) -> Result<Tensor> {
     const OP: &str = "shortcut::forward";
-    let (large, small) = shapes(OP, x.shape(), out_channels, stride)?;
+    let (large, small) = shapes(OP, x.shape(), out_channels, stride, pad)?;
     let y = x.gpu().zeros(&small)?;
-    launch(x, &y, large, small, stride, false)?;
+    launch(x, &y, large, small, stride, pad, false)?;
     Ok(y)
 }
 
 /// Backward: `dy` of the forward's output shape -> `dx` of shape `in_shape`, zero where the
 /// forward did not sample.
-pub fn backward(dy: &Tensor, in_shape: &[usize], stride: usize) -> Result<Tensor> {
+pub fn backward(dy: &Tensor, in_shape: &[usize], stride: usize, pad: ChannelPad) -> Result<Tensor> {
     const OP: &str = "shortcut::backward";
     let small = dims::<4>(OP, "dy", dy)?;
-    let (large, want) = shapes(OP, in_shape, small[1], stride)?;
+    let (large, want) = shapes(OP, in_shape, small[1], stride, pad)?;
     if small != want {
         return Err(Error::ShapeMismatch {
             op: OP,
@@ -109,6 +166,6 @@ pub fn backward(dy: &Tensor, in_shape: &[usize], stride: usize) -> Result<Tensor
         });
     }
     let dx = dy.gpu().zeros(in_shape)?;
-    launch(dy, &dx, large, small, stride, true)?;
+    launch(dy, &dx, large, small, stride, pad, true)?;
     Ok(dx)
 }

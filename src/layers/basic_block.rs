@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::batch_norm::{BnSaved, Epilogue, Residual, ShortcutGrad};
 use crate::kernels::conv2d;
+use crate::kernels::shortcut::ChannelPad;
 
 /// `dx += conv`'s input gradient for output gradient `dy` (`dx` has the conv's input shape).
 /// The shortcut's gradient is already in `dx`, and the conv's backward-data adds onto it in
@@ -34,6 +35,8 @@ pub struct BasicBlock {
     pub in_channels: usize,
     pub out_channels: usize,
     pub stride: usize,
+    /// Where the option-A shortcut puts its zero channels.
+    pub shortcut_pad: ChannelPad,
 }
 
 /// What the block's backward needs from its forward: the input, the two conv outputs (BN
@@ -66,6 +69,7 @@ impl BasicBlock {
         in_channels: usize,
         out_channels: usize,
         stride: usize,
+        shortcut_pad: ChannelPad,
         rng: &mut impl Rng,
     ) -> Result<BasicBlock> {
         Ok(BasicBlock {
@@ -76,6 +80,7 @@ impl BasicBlock {
             in_channels,
             out_channels,
             stride,
+            shortcut_pad,
         })
     }
 
@@ -88,7 +93,7 @@ impl BasicBlock {
         if self.identity_shortcut() {
             Residual::Identity(x)
         } else {
-            Residual::OptionA { x, stride: self.stride }
+            Residual::OptionA { x, stride: self.stride, pad: self.shortcut_pad }
         }
     }
 
@@ -114,7 +119,7 @@ impl BasicBlock {
         let shortcut = if self.identity_shortcut() {
             ShortcutGrad::Identity
         } else {
-            ShortcutGrad::OptionA { in_shape: acts.x.shape(), stride: self.stride }
+            ShortcutGrad::OptionA { in_shape: acts.x.shape(), stride: self.stride, pad: self.shortcut_pad }
         };
         let (dc2, dx) = self.bn2.backward_fused(&acts.c2, dout, &acts.bn2, Some(&acts.out), Some(shortcut))?;
         let da1 = self.conv2.backward(&acts.a1, &dc2)?;
@@ -123,7 +128,7 @@ impl BasicBlock {
         drop(da1);
         self.conv1.backward_weight(&acts.x, &dc1)?;
         // `backward_fused` returns the shortcut gradient whenever one is asked for.
-        let dx = dx.ok_or(Error::Unsupported {
+        let dx = dx.ok_or(Error::Internal {
             op: "basic block backward",
             detail: "batch norm returned no shortcut gradient".into(),
         })?;

@@ -193,7 +193,7 @@ impl Bottleneck {
                 p.conv.backward(&acts.x, &dcs)?
             }
             _ => {
-                return Err(Error::Unsupported {
+                return Err(Error::Internal {
                     op: "bottleneck backward",
                     detail: "batch norm returned no shortcut gradient for the identity".to_string(),
                 })

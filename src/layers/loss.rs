@@ -23,7 +23,7 @@ pub fn forward_backward(logits: &Tensor, labels: &Tensor) -> Result<(LossOutput,
     let out = cross_entropy::forward_backward(logits, labels)?;
     let dlogits = out
         .dlogits
-        .ok_or(Error::Unsupported { op: "cross_entropy", detail: "forward_backward returned no gradient".into() })?;
+        .ok_or(Error::Internal { op: "cross_entropy", detail: "forward_backward returned no gradient".into() })?;
     Ok((LossOutput { loss: out.loss, correct: out.correct }, dlogits))
 }
 

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::batch_norm::BnSaved;
 use crate::kernels::sgd::SgdConfig;
+use crate::kernels::shortcut::ChannelPad;
 use crate::layers::bottleneck::{Bottleneck, BottleneckActivations, EXPANSION};
 use crate::layers::watch::{self, FiniteWatch};
 use crate::layers::{pooling, relu};
@@ -49,6 +50,8 @@ pub enum LayerSpec {
         in_channels: usize,
         out_channels: usize,
         stride: usize,
+        /// Where that shortcut puts its zero channels.
+        shortcut_pad: ChannelPad,
     },
     /// A bottleneck block (expansion 4) with the 1x1 conv + BN projection shortcut.
     Bottleneck {
@@ -91,7 +94,7 @@ impl LayerSpec {
             }
             LayerSpec::BatchNorm { name, .. } => format!("{name} bn"),
             LayerSpec::Relu => "relu".into(),
-            LayerSpec::Basic { name, in_channels, out_channels, stride } => {
+            LayerSpec::Basic { name, in_channels, out_channels, stride, .. } => {
                 format!("{name} basic {in_channels}->{out_channels}/{stride}")
             }
             LayerSpec::Bottleneck { name, in_channels, planes, stride } => {
@@ -300,9 +303,9 @@ impl Layer {
             }
             LayerSpec::BatchNorm { name, channels } => Layer::BatchNorm(BatchNorm2d::new(gpu, name, *channels)?),
             LayerSpec::Relu => Layer::Relu,
-            LayerSpec::Basic { name, in_channels, out_channels, stride } => {
-                Layer::Basic(Box::new(BasicBlock::new(gpu, name, *in_channels, *out_channels, *stride, &mut rng)?))
-            }
+            LayerSpec::Basic { name, in_channels, out_channels, stride, shortcut_pad } => Layer::Basic(Box::new(
+                BasicBlock::new(gpu, name, *in_channels, *out_channels, *stride, *shortcut_pad, &mut rng)?,
+            )),
             LayerSpec::Bottleneck { name, in_channels, planes, stride } => {
                 Layer::Bottleneck(Box::new(Bottleneck::new(gpu, name, *in_channels, *planes, *stride, &mut rng)?))
             }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use super::{LayerSpec, ModelSpec};
 use crate::error::{Error, Result};
+use crate::kernels::shortcut::ChannelPad;
 use crate::layers::bottleneck::EXPANSION;
 
 /// Which family of ResNet.
@@ -30,7 +31,7 @@ impl FromStr for Arch {
             "resnet-bottleneck" | "bottleneck" => Ok(Arch::ResNetBottleneck),
             "resnet101" => Ok(Arch::ResNet101),
             "resnet152" => Ok(Arch::ResNet152),
-            _ => Err(Error::Unsupported {
+            _ => Err(Error::InvalidConfig {
                 op: "model",
                 detail: format!("unknown architecture '{s}'; choose resnet, resnet-bottleneck, resnet101 or resnet152"),
             }),
@@ -58,6 +59,8 @@ pub struct ResNetConfig {
     /// Per-sample input shape [C, H, W].
     pub input: Vec<usize>,
     pub classes: usize,
+    /// Where basic blocks' option-A shortcuts put their zero channels.
+    pub shortcut_pad: ChannelPad,
 }
 
 fn conv(name: &str, cin: usize, cout: usize) -> LayerSpec {
@@ -74,9 +77,9 @@ pub fn build(cfg: &ResNetConfig) -> Result<ModelSpec> {
         return Err(Error::ShapeMismatch { op: "model", detail: format!("input {:?} is too small", cfg.input) });
     }
     if cfg.classes < 2 {
-        return Err(Error::Unsupported { op: "model", detail: format!("{} classes: need at least 2", cfg.classes) });
+        return Err(Error::InvalidConfig { op: "model", detail: format!("{} classes: need at least 2", cfg.classes) });
     }
-    let bad_depth = |rule: &str| Error::Unsupported {
+    let bad_depth = |rule: &str| Error::InvalidConfig {
         op: "model",
         detail: format!("depth {} is not valid for {}: it must be {rule}", cfg.depth, cfg.arch),
     };
@@ -106,7 +109,13 @@ pub fn build(cfg: &ResNetConfig) -> Result<ModelSpec> {
             let name = format!("layer{}.{b}", g + 1);
             let s = if b == 0 { stride } else { 1 };
             if cfg.arch == Arch::ResNet {
-                layers.push(LayerSpec::Basic { name, in_channels: channels, out_channels: width, stride: s });
+                layers.push(LayerSpec::Basic {
+                    name,
+                    in_channels: channels,
+                    out_channels: width,
+                    stride: s,
+                    shortcut_pad: cfg.shortcut_pad,
+                });
                 channels = width;
             } else {
                 layers.push(LayerSpec::Bottleneck { name, in_channels: channels, planes: width, stride: s });
@@ -151,21 +160,48 @@ mod tests {
     #[test]
     fn depths_count_weighted_layers() {
         for depth in [8, 20, 32, 44, 56, 110] {
-            let s = build(&ResNetConfig { arch: Arch::ResNet, depth, input: vec![3, 32, 32], classes: 10 }).unwrap();
+            let s = build(&ResNetConfig {
+                shortcut_pad: Default::default(),
+                arch: Arch::ResNet,
+                depth,
+                input: vec![3, 32, 32],
+                classes: 10,
+            })
+            .unwrap();
             assert_eq!(count_convs(&s), depth, "resnet{depth}");
         }
-        let s = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 164, input: vec![3, 32, 32], classes: 100 })
-            .unwrap();
+        let s = build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNetBottleneck,
+            depth: 164,
+            input: vec![3, 32, 32],
+            classes: 100,
+        })
+        .unwrap();
         assert_eq!(count_convs(&s), 164);
         for (arch, depth) in [(Arch::ResNet101, 101), (Arch::ResNet152, 152)] {
-            let s = build(&ResNetConfig { arch, depth: 0, input: vec![3, 32, 32], classes: 10 }).unwrap();
+            let s = build(&ResNetConfig {
+                shortcut_pad: Default::default(),
+                arch,
+                depth: 0,
+                input: vec![3, 32, 32],
+                classes: 10,
+            })
+            .unwrap();
             assert_eq!(count_convs(&s), depth);
         }
     }
 
     #[test]
     fn resnet20_has_the_papers_shape_and_size() {
-        let s = build(&ResNetConfig { arch: Arch::ResNet, depth: 20, input: vec![3, 32, 32], classes: 10 }).unwrap();
+        let s = build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNet,
+            depth: 20,
+            input: vec![3, 32, 32],
+            classes: 10,
+        })
+        .unwrap();
         // conv, bn, relu, 9 blocks, pool, fc
         assert_eq!(s.layers.len(), 14);
         // 0.27M parameters (He et al. 2016, table 6).
@@ -174,24 +210,63 @@ mod tests {
         let costs = s.costs().unwrap();
         assert_eq!(costs[11].out_shape, vec![64, 8, 8]);
         // Grayscale 28x28 inputs (Fashion-MNIST) work too: 28 -> 14 -> 7.
-        let g = build(&ResNetConfig { arch: Arch::ResNet, depth: 20, input: vec![1, 28, 28], classes: 10 }).unwrap();
+        let g = build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNet,
+            depth: 20,
+            input: vec![1, 28, 28],
+            classes: 10,
+        })
+        .unwrap();
         assert_eq!(g.costs().unwrap()[11].out_shape, vec![64, 7, 7]);
     }
 
     #[test]
     fn bad_depths_and_shapes_are_errors() {
         for depth in [0, 7, 21, 22] {
-            let e =
-                build(&ResNetConfig { arch: Arch::ResNet, depth, input: vec![3, 32, 32], classes: 10 }).unwrap_err();
+            let e = build(&ResNetConfig {
+                shortcut_pad: Default::default(),
+                arch: Arch::ResNet,
+                depth,
+                input: vec![3, 32, 32],
+                classes: 10,
+            })
+            .unwrap_err();
             assert!(e.to_string().contains("6n+2"), "{e}");
         }
-        let e = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 20, input: vec![3, 32, 32], classes: 10 });
+        let e = build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNetBottleneck,
+            depth: 20,
+            input: vec![3, 32, 32],
+            classes: 10,
+        });
         assert!(e.is_ok(), "20 = 9*2+2 is a valid bottleneck depth");
-        let e = build(&ResNetConfig { arch: Arch::ResNetBottleneck, depth: 57, input: vec![3, 32, 32], classes: 10 })
-            .unwrap_err();
+        let e = build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNetBottleneck,
+            depth: 57,
+            input: vec![3, 32, 32],
+            classes: 10,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("9n+2"), "{e}");
-        assert!(build(&ResNetConfig { arch: Arch::ResNet, depth: 20, input: vec![3, 32], classes: 10 }).is_err());
-        assert!(build(&ResNetConfig { arch: Arch::ResNet, depth: 20, input: vec![3, 32, 32], classes: 1 }).is_err());
+        assert!(build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNet,
+            depth: 20,
+            input: vec![3, 32],
+            classes: 10
+        })
+        .is_err());
+        assert!(build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNet,
+            depth: 20,
+            input: vec![3, 32, 32],
+            classes: 1
+        })
+        .is_err());
         assert!("resnet9000".parse::<Arch>().is_err());
     }
 }

@@ -23,9 +23,10 @@ impl FromStr for SplitPolicy {
         match s.to_ascii_lowercase().as_str() {
             "even" => Ok(SplitPolicy::Even),
             "balanced" => Ok(SplitPolicy::Balanced),
-            _ => {
-                Err(Error::Unsupported { op: "split", detail: format!("unknown split '{s}'; choose even or balanced") })
-            }
+            _ => Err(Error::InvalidConfig {
+                op: "split",
+                detail: format!("unknown split '{s}'; choose even or balanced"),
+            }),
         }
     }
 }
@@ -72,7 +73,7 @@ fn module_cost(costs: &[(f64, f64)], r: Range<usize>, last: bool) -> f64 {
 pub fn split(spec: &ModelSpec, k: usize, policy: SplitPolicy) -> Result<Vec<Range<usize>>> {
     let n = spec.layers.len();
     if k < 1 || k > n {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "split",
             detail: format!("{k} modules: {} has {n} layers, so K must be between 1 and {n}", spec.name),
         });
@@ -134,7 +135,7 @@ fn balanced(costs: &[(f64, f64)], k: usize) -> Result<Vec<Range<usize>>> {
     }
     ranges.reverse();
     if ranges.iter().any(|r| r.is_empty()) {
-        return Err(Error::Unsupported { op: "split", detail: "balanced split left a module empty".into() });
+        return Err(Error::Internal { op: "split", detail: "balanced split left a module empty".into() });
     }
     Ok(ranges)
 }
@@ -196,7 +197,14 @@ mod tests {
     use crate::model::resnet::{build, Arch, ResNetConfig};
 
     fn resnet(depth: usize) -> ModelSpec {
-        build(&ResNetConfig { arch: Arch::ResNet, depth, input: vec![3, 32, 32], classes: 10 }).unwrap()
+        build(&ResNetConfig {
+            shortcut_pad: Default::default(),
+            arch: Arch::ResNet,
+            depth,
+            input: vec![3, 32, 32],
+            classes: 10,
+        })
+        .unwrap()
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub struct Dni {
 
 pub fn method(opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
     if opts.dni.depth == 0 {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "train",
             detail: "--dni-depth must be at least 1 (the output conv)".into(),
         });

@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::run::{
-    evaluate, load_weights, open_devices, prepare, restore_model, stored_config, test_subset, DataInfo, RunConfig,
+    evaluate, force_conv_variant, load_weights, open_devices, prepare, restore_model, stored_config, test_subset,
+    DataInfo, RunConfig,
 };
 use super::Network;
 use crate::checkpoint;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Normalization, Split};
 use crate::error::{Error, Result};
+use crate::kernels::shortcut::ChannelPad;
 use crate::layers::loss::Metrics;
 use crate::model::resnet::{build, ResNetConfig};
 use crate::model::split;
@@ -51,6 +53,8 @@ pub struct InferenceOptions {
     pub std: Option<Vec<f32>>,
     /// Conv kernel variant to force (`direct`, `tiled`, `tune`).
     pub conv_variant: Option<String>,
+    /// The option-A shortcut layout of a plain state_dict (a checkpoint stores its own).
+    pub shortcut_pad: Option<ChannelPad>,
 }
 
 impl InferenceOptions {
@@ -68,6 +72,7 @@ impl InferenceOptions {
             mean: None,
             std: None,
             conv_variant: None,
+            shortcut_pad: None,
         }
     }
 }
@@ -100,7 +105,7 @@ impl LoadedModel {
 }
 
 fn bad(detail: String) -> Error {
-    Error::Unsupported { op: "eval", detail }
+    Error::InvalidConfig { op: "eval", detail }
 }
 
 fn load_options(cfg: &RunConfig) -> LoadOptions {
@@ -112,7 +117,7 @@ fn load_options(cfg: &RunConfig) -> LoadOptions {
 }
 
 fn kind_of(cfg: &RunConfig) -> Result<DatasetKind> {
-    cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })
+    cfg.dataset.parse().map_err(|m: String| Error::InvalidConfig { op: "data", detail: m })
 }
 
 /// Loads the model in `path` (a run directory, a checkpoint file or a plain safetensors
@@ -133,11 +138,12 @@ pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
         for (flag, given, stored) in [
             ("--arch", opts.arch.clone(), cfg.arch.clone()),
             ("--depth", opts.depth.map(|d| d.to_string()), cfg.depth.to_string()),
+            ("--shortcut-pad", opts.shortcut_pad.map(|p| p.to_string()), cfg.shortcut_pad.to_string()),
         ] {
             if let Some(g) = given.filter(|g| *g != stored) {
                 return Err(bad(format!(
-                    "{flag} {g}: the checkpoint holds a {} of depth {} ({flag} is for plain state_dict files)",
-                    cfg.arch, cfg.depth
+                    "{flag} {g}: the checkpoint holds a {} of depth {} with shortcut padding {} ({flag} is for plain state_dict files)",
+                    cfg.arch, cfg.depth, cfg.shortcut_pad
                 )));
             }
         }
@@ -147,6 +153,9 @@ pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
     }
     if let Some(d) = opts.depth {
         cfg.depth = d;
+    }
+    if let Some(p) = opts.shortcut_pad {
+        cfg.shortcut_pad = p;
     }
     if let Some(s) = opts.image_size {
         cfg.image_size = s;
@@ -198,14 +207,16 @@ pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
     if norm.channels() != input[0] {
         return Err(bad(format!("--mean/--std give {} channels but the model takes {}", norm.channels(), input[0])));
     }
-    let spec = build(&ResNetConfig { arch: cfg.arch.parse()?, depth: cfg.depth, input: input.clone(), classes })?;
+    let spec = build(&ResNetConfig {
+        shortcut_pad: cfg.shortcut_pad,
+        arch: cfg.arch.parse()?,
+        depth: cfg.depth,
+        input: input.clone(),
+        classes,
+    })?;
     let ranges = split(&spec, cfg.splits, cfg.split.parse()?)?;
     let gpus = open_devices(&cfg.devices, ranges.len())?;
-    if let Some(v) = &opts.conv_variant {
-        for g in &gpus {
-            g.force_variant(crate::kernels::conv2d::OP, Some(v));
-        }
-    }
+    force_conv_variant(&gpus, opts.conv_variant.as_deref());
     let mut net = Network::new(spec, &ranges, &gpus, cfg.seed)?;
     restore_model(&mut net, &mut ck, &file)?;
     let epoch = (!plain).then_some(ck.meta.epoch);

@@ -49,7 +49,7 @@ impl std::str::FromStr for BnUpdate {
         match s {
             "play" => Ok(BnUpdate::Play),
             "both" => Ok(BnUpdate::Both),
-            _ => Err(Error::Unsupported { op: "train", detail: format!("--fr-bn-update {s}: choose play or both") }),
+            _ => Err(Error::InvalidConfig { op: "train", detail: format!("--fr-bn-update {s}: choose play or both") }),
         }
     }
 }

@@ -37,7 +37,7 @@ pub struct Gpipe {
 
 pub fn method(opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
     if opts.microbatches == 0 {
-        return Err(Error::Unsupported { op: "train", detail: "--microbatches must be at least 1".into() });
+        return Err(Error::InvalidConfig { op: "train", detail: "--microbatches must be at least 1".into() });
     }
     Ok(Arc::new(Gpipe { microbatches: opts.microbatches }))
 }

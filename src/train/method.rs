@@ -243,7 +243,7 @@ pub const METHODS: [(&str, Constructor); 6] = [
 pub fn by_name(name: &str, opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
     match METHODS.iter().find(|(n, _)| *n == name) {
         Some((_, make)) => make(opts),
-        None => Err(Error::Unsupported { op: "train", detail: format!("--algo {name}: choose {}", choices()) }),
+        None => Err(Error::InvalidConfig { op: "train", detail: format!("--algo {name}: choose {}", choices()) }),
     }
 }
 

@@ -90,7 +90,7 @@ impl OptimConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |detail: String| Err(Error::Unsupported { op: "optimizer", detail });
+        let bad = |detail: String| Err(Error::InvalidConfig { op: "optimizer", detail });
         if self.schedule.len() != self.gammas.len() {
             return bad(format!(
                 "--schedule has {} entries but --gammas has {}: give one gamma per schedule step",
@@ -178,7 +178,7 @@ impl Network {
     /// Instantiates `spec` split as `ranges`, stage k on `gpus[k]`, weights from `seed`.
     pub fn new(spec: ModelSpec, ranges: &[std::ops::Range<usize>], gpus: &[Gpu], seed: u64) -> Result<Network> {
         if gpus.len() != ranges.len() {
-            return Err(Error::Unsupported {
+            return Err(Error::InvalidConfig {
                 op: "network",
                 detail: format!("{} stages but {} devices", ranges.len(), gpus.len()),
             });
@@ -222,7 +222,7 @@ impl Network {
         }
         let (out, mut grad) = loss::forward_backward(&h, &y)?;
         for k in (0..self.stages.len()).rev() {
-            let a = acts.pop().ok_or(Error::Unsupported { op: "bp", detail: "missing activations".into() })?;
+            let a = acts.pop().ok_or(Error::Internal { op: "bp", detail: "missing activations".into() })?;
             grad = self.transport.transfer(&grad, &self.stages[k].gpu)?;
             if let Some(g) = self.stages[k].backward(a, &grad, k > 0)? {
                 self.stages[k].watch_input_grad(&g)?;

@@ -6,7 +6,6 @@ use std::path::Path;
 use super::run::{stored_config, DataInfo, History, Prepared, RunConfig};
 use super::OptimConfig;
 use crate::checkpoint::{self, Checkpoint};
-use crate::data::num_batches;
 use crate::error::{Error, Result};
 use crate::report;
 
@@ -38,7 +37,9 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
         "dni-width" => c.dni.width.to_string(),
         "microbatches" => c.microbatches.to_string(),
         "fr-bn-update" => format!("{:?}", c.fr_bn_update).to_lowercase(),
-        "reference" => (c.fr_bn_update == super::fr::BnUpdate::Both && c.optim.first_stage_lr_scale == 2.0).to_string(),
+        "reference" => c.is_reference().to_string(),
+        "shortcut-pad" => c.shortcut_pad.to_string(),
+        "last-batch" => c.last_batch.to_string(),
         "dgl-depth" => c.dgl.depth.to_string(),
         "dgl-width" => c.dgl.width.to_string(),
         "init-from" => c.init_from.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
@@ -47,7 +48,7 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
 }
 
 /// Every flag [`fixed_value`] knows.
-const FIXED_FLAGS: [&str; 22] = [
+const FIXED_FLAGS: [&str; 24] = [
     "init-from",
     "dataset",
     "arch",
@@ -70,6 +71,8 @@ const FIXED_FLAGS: [&str; 22] = [
     "fr-bn-update",
     "dgl-depth",
     "dgl-width",
+    "shortcut-pad",
+    "last-batch",
 ];
 
 /// The configuration of a resumed run: the checkpoint's `stored` one, with what the user
@@ -79,7 +82,7 @@ const FIXED_FLAGS: [&str; 22] = [
 /// into its own directory). Returns the configuration and one line per change, which the
 /// run records in its checkpoints.
 pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) -> Result<(RunConfig, Vec<String>)> {
-    let bad = |detail: String| Error::Unsupported { op: "resume", detail };
+    let bad = |detail: String| Error::InvalidConfig { op: "resume", detail };
     let mut cfg = stored.clone();
     let mut changes = Vec::new();
     for flag in given {
@@ -95,7 +98,8 @@ pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) 
             "schedule" => cfg.optim.schedule = requested.optim.schedule.clone(),
             "gammas" => cfg.optim.gammas = requested.optim.gammas.clone(),
             "measure-sigma" => cfg.measure_sigma = requested.measure_sigma,
-            "quiet" | "trace" | "conv-variant" => {}
+            "conv-variant" => cfg.conv_variant = requested.conv_variant.clone(),
+            "quiet" | "trace" => {}
             f => {
                 let (Some(want), Some(have)) = (fixed_value(requested, f), fixed_value(stored, f)) else { continue };
                 if want != have {
@@ -119,6 +123,7 @@ pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) 
         ("schedule", show(&stored.optim.schedule), show(&cfg.optim.schedule)),
         ("gammas", show(&stored.optim.gammas), show(&cfg.optim.gammas)),
         ("measure-sigma", show(&stored.measure_sigma), show(&cfg.measure_sigma)),
+        ("conv-variant", show(&stored.conv_variant), show(&cfg.conv_variant)),
     ] {
         if was != now {
             changes.push(format!("--{flag}: {was} -> {now}"));
@@ -148,7 +153,7 @@ pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
     let stored = stored_config(&ck.meta, out)?;
     let method = stored.method()?;
     if !method.resumable() {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "resume",
             detail: format!(
                 "{}: a {} run cannot be resumed (its state between iterations is not checkpointed); the checkpoint is left as it is: start a new run or evaluate it (featreplay eval {})",
@@ -162,7 +167,7 @@ pub(super) fn open_resume(cfg: &RunConfig, out: &Path) -> Result<Resumed> {
     resume_config(&stored, cfg, &fixed)?;
     let epoch = ck.meta.epoch;
     if cfg.epochs <= epoch {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "resume",
             detail: format!(
                 "{} has trained {epoch} of {} epochs already; pass --epochs N with N > {epoch} to train longer",
@@ -214,7 +219,7 @@ impl Resumed {
     /// `--data-dir` must hold the same images) and a `--schedule` that changes nothing
     /// already trained.
     pub(super) fn check_continues(&self, cfg: &RunConfig, stored: &RunConfig, p: &Prepared) -> Result<()> {
-        let bad = |detail: String| Error::Unsupported { op: "resume", detail };
+        let bad = |detail: String| Error::InvalidConfig { op: "resume", detail };
         if let Some(d) = &self.data {
             let now = DataInfo::of(p);
             if (d.train_images, d.test_images, &d.input, d.classes)
@@ -226,7 +231,7 @@ impl Resumed {
                 )));
             }
         }
-        let per_epoch = num_batches(p.train.len(), cfg.batch_size, false);
+        let per_epoch = cfg.batches_per_epoch(p.train.len());
         let done = self.iteration;
         let past = |o: &OptimConfig| -> Vec<(u64, u32)> {
             let mut v: Vec<(u64, u32)> = o

@@ -16,13 +16,14 @@ use serde::{Deserialize, Serialize};
 
 use super::dgl::AuxConfig;
 use super::method::{self, MemoryQuery, MethodOptions, SavedFields, TrainingMethod};
-use super::resume::{open_resume, resume_config, RESUMABLE_FLAGS};
+use super::resume::{open_resume, resume_config, Resumed, RESUMABLE_FLAGS};
 use super::schedule::{self, EpochOptions, HostBatch, PipelineState};
 use super::{sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
-use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderConfig, Normalization};
+use crate::data::{Dataset, DatasetKind, LastBatch, LoadOptions, Loader, LoaderConfig, Normalization};
 use crate::error::{Error, Result};
 use crate::gpu::{adapter, AdapterSelector, Gpu};
+use crate::kernels::shortcut::ChannelPad;
 use crate::layers::loss::{Metrics, MetricsAccumulator};
 use crate::layers::predictor::PredictorConfig;
 use crate::model::resnet::{build, Arch, ResNetConfig};
@@ -74,6 +75,16 @@ pub struct RunConfig {
     /// state_dict) instead of the seeded initialisation.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Where basic blocks' option-A shortcuts put their zero channels.
+    #[serde(default)]
+    pub shortcut_pad: ChannelPad,
+    /// What becomes of each epoch's final partial training batch.
+    #[serde(default)]
+    pub last_batch: LastBatch,
+    /// The conv kernel variant forced on every device (`direct`, `tiled` or `tune`; None:
+    /// chosen by adapter type).
+    #[serde(default)]
+    pub conv_variant: Option<String>,
 }
 
 impl RunConfig {
@@ -101,7 +112,28 @@ impl RunConfig {
             microbatches: default_microbatches(),
             dgl: AuxConfig::default(),
             init_from: None,
+            shortcut_pad: ChannelPad::Both,
+            last_batch: LastBatch::Keep,
+            conv_variant: None,
         }
+    }
+
+    /// True when every choice `--reference` sets is the reference FR code's.
+    pub fn is_reference(&self) -> bool {
+        self.fr_bn_update == super::fr::BnUpdate::Both
+            && self.optim.first_stage_lr_scale == 2.0
+            && self.shortcut_pad == ChannelPad::After
+            && self.last_batch == LastBatch::Pad
+    }
+
+    /// The training loader's configuration.
+    pub fn train_loader(&self) -> LoaderConfig {
+        LoaderConfig { last_batch: self.last_batch, ..LoaderConfig::train(self.batch_size, self.seed) }
+    }
+
+    /// Training batches per epoch on `images` training images.
+    pub fn batches_per_epoch(&self, images: usize) -> usize {
+        crate::data::num_batches(images, self.batch_size, self.last_batch)
     }
 
     /// The options of the methods that have any.
@@ -116,7 +148,7 @@ impl RunConfig {
 
     /// Checks every field that can be checked without data or devices.
     pub fn check(&self) -> Result<()> {
-        let bad = |detail: String| Error::Unsupported { op: "train", detail };
+        let bad = |detail: String| Error::InvalidConfig { op: "train", detail };
         if self.epochs == 0 {
             return Err(bad("--epochs must be at least 1".into()));
         }
@@ -131,6 +163,9 @@ impl RunConfig {
             )));
         }
         self.method()?;
+        if let Some(v) = self.conv_variant.as_deref().filter(|v| v.trim() != "tune") {
+            v.parse::<crate::kernels::conv2d::ConvVariant>()?;
+        }
         if self.measure_sigma == Some(0) {
             return Err(bad("--measure-sigma must be at least 1 (iterations between measurements)".into()));
         }
@@ -163,7 +198,7 @@ pub struct Prepared {
 /// Loads the data and describes the model (no device needed).
 pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     cfg.check()?;
-    let kind: DatasetKind = cfg.dataset.parse().map_err(|m: String| Error::Unsupported { op: "data", detail: m })?;
+    let kind: DatasetKind = cfg.dataset.parse().map_err(|m: String| Error::InvalidConfig { op: "data", detail: m })?;
     let opts = LoadOptions {
         root: cfg.data_dir.clone(),
         image_size: (cfg.image_size as u32, cfg.image_size as u32),
@@ -173,7 +208,7 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     let test = test_subset(test, cfg.test_subset)?;
     if let Some(n) = cfg.train_subset {
         if n == 0 || n > train.len() {
-            return Err(Error::Unsupported {
+            return Err(Error::InvalidConfig {
                 op: "data",
                 detail: format!("--train-subset {n}: the training set has {} images", train.len()),
             });
@@ -181,9 +216,20 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
         let order = crate::data::epoch_order(train.len(), cfg.seed, u64::MAX);
         train = train.subset(&order[..n], format!("{}-subset{n}", train.name()))?;
     }
+    if cfg.batches_per_epoch(train.len()) == 0 {
+        return Err(Error::InvalidConfig {
+            op: "data",
+            detail: format!(
+                "--last-batch drop with --batch-size {} leaves no batch of the {} training images",
+                cfg.batch_size,
+                train.len()
+            ),
+        });
+    }
     let norm = Normalization::for_kind(kind, &train);
     let arch: Arch = cfg.arch.parse()?;
     let spec = build(&ResNetConfig {
+        shortcut_pad: cfg.shortcut_pad,
         arch,
         depth: cfg.depth,
         input: train.image_shape().to_vec(),
@@ -198,7 +244,7 @@ pub fn prepare(cfg: &RunConfig) -> Result<Prepared> {
 pub(super) fn test_subset(test: Dataset, n: Option<usize>) -> Result<Dataset> {
     let Some(n) = n else { return Ok(test) };
     if n == 0 || n > test.len() {
-        return Err(Error::Unsupported {
+        return Err(Error::InvalidConfig {
             op: "data",
             detail: format!("--test-subset {n}: the test set has {} images", test.len()),
         });
@@ -248,6 +294,15 @@ pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
         }
     }
     Ok(out)
+}
+
+/// Forces conv kernel variant `variant` on every device (None: each device's chooser decides).
+pub fn force_conv_variant(gpus: &[Gpu], variant: Option<&str>) {
+    if let Some(v) = variant {
+        for g in gpus {
+            g.force_variant(crate::kernels::conv2d::OP, Some(v.trim()));
+        }
+    }
 }
 
 /// Progress callbacks (the CLI draws a progress bar from them).
@@ -743,12 +798,12 @@ fn diverged(epoch: usize) -> impl Fn(Error) -> Error {
 
 /// Trains as `cfg` says, writing metrics, plots and a checkpoint per epoch into `out`.
 ///
-/// The run is a sequence of named steps: [`open_resume`] (for [`Start::Resume`]; `cfg` must
-/// continue the checkpoint's run, see [`resume_config`]), [`prepare`] and every check of
-/// the configuration, sizes and output paths, locking `out` for the run's life
-/// ([`rundir::RunLock`]), opening devices, restoring the checkpoint, then one
-/// [`train_epoch`] and one checkpoint per epoch. Nothing is written before every check has
-/// passed.
+/// The run is a sequence of named steps: [`check_run`] (the data and model, every check of
+/// the configuration, sizes and output paths, and for [`Start::Resume`] that `cfg`
+/// continues the checkpoint's run, see [`resume_config`]), [`claim_run_dir`] (locking `out`
+/// for the run's life, [`rundir::RunLock`]), [`open_run_devices`], [`build_or_restore`],
+/// then per epoch [`train_epoch`], [`evaluate_epoch`] and the checkpoint, then the metrics
+/// files. Nothing is written before every check has passed.
 ///
 /// A DDG run cannot be resumed: its stored graphs (d_k activation sets per module) are not
 /// checkpointed. Divergence (a NaN or infinity in a loss, weight, gradient, momentum, BN
@@ -766,16 +821,56 @@ pub fn train(
     trace: Option<&Path>,
     obs: &mut dyn Observer,
 ) -> Result<RunSummary> {
-    // What to run.
-    let mut resumed = match start {
+    let checked = check_run(cfg, out, start, trace)?;
+    let _lock = claim_run_dir(out, start)?;
+    let gpus = open_run_devices(cfg, &checked.prepared)?;
+    let Checked { prepared: p, resumed, tracer, init } = checked;
+    let Built { mut net, mut pipeline, mut run, start_epoch } = build_or_restore(cfg, out, &p, init, resumed, &gpus)?;
+
+    obs.run_start(cfg, &p);
+    // The metrics files say what the checkpoint says, whatever a kill left there before.
+    let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
+    let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
+    for epoch in start_epoch..cfg.epochs {
+        let trained =
+            train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs).map_err(diverged(epoch + 1))?;
+        if let Some(tr) = &tracer {
+            tr.write()?;
+        }
+        let (record, sigma) = evaluate_epoch(&net, &p, cfg, epoch, trained, &mut run)?;
+        // The checkpoint first: it holds this epoch's row, so a kill before the metrics
+        // files are rewritten loses nothing (resume rewrites them from the checkpoint).
+        checkpoint::save(out, &checkpoint_of(&net, &pipeline, &run, epoch + 1)?)?;
+        for s in sigma {
+            sigma_log.push(s)?;
+        }
+        log.push(record.clone())?;
+        obs.epoch_end(&record);
+    }
+    Ok(RunSummary { records: run.history.epochs, best_test_top1: run.best, out: out.to_path_buf() })
+}
+
+/// What [`check_run`] found: everything a run needs that can be had without writing.
+struct Checked {
+    prepared: Prepared,
+    resumed: Option<Resumed>,
+    tracer: Option<Tracer>,
+    /// `--init-from`'s file and its contents.
+    init: Option<(PathBuf, Checkpoint)>,
+}
+
+/// Step 1: prepares the data and model and checks the whole configuration (memory, the
+/// checkpoint a resumed run continues, the run directory, the initial weights) before
+/// anything is written.
+fn check_run(cfg: &RunConfig, out: &Path, start: Start, trace: Option<&Path>) -> Result<Checked> {
+    let resumed = match start {
         Start::Resume => Some(open_resume(cfg, out)?),
         Start::New { .. } => None,
     };
-    let p = prepare(cfg)?;
-    let method = cfg.method()?;
-    check_memory(cfg, &p)?;
+    let prepared = prepare(cfg)?;
+    check_memory(cfg, &prepared)?;
     if let Some(r) = &resumed {
-        r.check_continues(cfg, &stored_config(&r.ck.meta, out)?, &p)?;
+        r.check_continues(cfg, &stored_config(&r.ck.meta, out)?, &prepared)?;
     }
     if let Start::New { overwrite } = start {
         rundir::check_new_run_dir(out, overwrite)?;
@@ -786,26 +881,57 @@ pub fn train(
         (Start::New { .. }, Some(f)) => Some((f.clone(), load_weights(f)?)),
         _ => None,
     };
+    Ok(Checked { prepared, resumed, tracer, init })
+}
 
-    // The run directory: one run at a time.
-    let _lock = rundir::RunLock::acquire(out)?;
+/// Step 2: takes the run directory (one run at a time), and clears a previous run's outputs
+/// when a new run overwrites it.
+fn claim_run_dir(out: &Path, start: Start) -> Result<rundir::RunLock> {
+    let lock = rundir::RunLock::acquire(out)?;
     if let Start::New { overwrite } = start {
         rundir::check_new_run_dir(out, overwrite)?;
         if overwrite {
             rundir::clear_run_outputs(out)?;
         }
     }
+    Ok(lock)
+}
 
-    // Devices and the network.
+/// Step 3: one device per stage, with the configured conv variant, checked against what the
+/// run needs of it.
+fn open_run_devices(cfg: &RunConfig, p: &Prepared) -> Result<Vec<Gpu>> {
     let gpus = open_devices(&cfg.devices, p.ranges.len())?;
-    check_device_limits(&gpus, cfg, &p)?;
-    let mut net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed)?;
-    let mut pipeline = PipelineState::new(method, &net, cfg.seed)?;
+    force_conv_variant(&gpus, cfg.conv_variant.as_deref());
+    check_device_limits(&gpus, cfg, p)?;
+    Ok(gpus)
+}
+
+/// What [`build_or_restore`] made.
+struct Built {
+    net: Network,
+    pipeline: PipelineState,
+    run: RunState,
+    /// The first epoch (0-based) left to train.
+    start_epoch: usize,
+}
+
+/// Step 4: the network and the method's pipeline state, from the seed, `--init-from`'s
+/// weights, or the checkpoint of the run being resumed.
+fn build_or_restore(
+    cfg: &RunConfig,
+    out: &Path,
+    p: &Prepared,
+    init: Option<(PathBuf, Checkpoint)>,
+    resumed: Option<Resumed>,
+    gpus: &[Gpu],
+) -> Result<Built> {
+    let mut net = Network::new(p.spec.clone(), &p.ranges, gpus, cfg.seed)?;
+    let mut pipeline = PipelineState::new(cfg.method()?, &net, cfg.seed)?;
     let mut run = RunState {
         cfg: cfg.clone(),
         best: 0.0,
         history: History::default(),
-        data: DataInfo::of(&p),
+        data: DataInfo::of(p),
         resumes: Vec::new(),
         init_from: None,
     };
@@ -819,71 +945,61 @@ pub fn train(
         run.init_from = Some(format!("{} ({what})", file.display()));
     }
     let mut start_epoch = 0;
-    if let Some(r) = resumed.as_mut() {
+    if let Some(mut r) = resumed {
         run.init_from = r.init_from.take();
         let file = out.join(checkpoint::SAFETENSORS_FILE);
         restore_pipeline(&net, &mut pipeline, &mut r.ck, &file)?;
         restore(&mut net, &mut r.ck, &file)?;
         start_epoch = r.epoch;
         run.best = r.best;
-        run.history = std::mem::take(&mut r.history);
-        run.resumes = std::mem::take(&mut r.resumes);
+        run.history = r.history;
+        run.resumes = r.resumes;
         let stored = stored_config(&r.ck.meta, out)?;
         let changes = resume_config(&stored, cfg, &RESUMABLE_FLAGS)?.1;
         run.resumes.push(serde_json::json!({ "epoch": r.epoch, "changed": changes }));
     }
-    drop(resumed);
+    Ok(Built { net, pipeline, run, start_epoch })
+}
 
-    obs.run_start(cfg, &p);
-    // The metrics files say what the checkpoint says, whatever a kill left there before.
-    let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
-    let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
-    for epoch in start_epoch..cfg.epochs {
-        let trained =
-            train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs).map_err(diverged(epoch + 1))?;
-        if let Some(tr) = &tracer {
-            tr.write()?;
-        }
-        if !trained.metrics.loss.is_finite() {
-            return Err(Error::Diverged {
-                epoch: epoch + 1,
-                reason: format!("training loss {}", trained.metrics.loss),
-            });
-        }
-        let test = evaluate(&net, p.test.clone(), &p.norm, cfg.batch_size)?;
-        // Weights that overflowed can give a finite training loss on the last batch but NaN
-        // on the test set: diverged too (and nothing NaN reaches the metrics or checkpoint).
-        if !test.loss.is_finite() {
-            return Err(Error::Diverged { epoch: epoch + 1, reason: format!("test loss {}", test.loss) });
-        }
-        run.best = run.best.max(test.top1);
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            lr: trained.lr as f64,
-            train_loss: trained.metrics.loss,
-            train_top1: trained.metrics.top1,
-            test_loss: test.loss,
-            test_top1: test.top1,
-            test_top5: test.top5,
-            best_test_top1: run.best,
-            epoch_seconds: trained.seconds,
-            images_per_second: trained.metrics.samples as f64 / trained.seconds,
-            peak_memory_bytes: trained.peak,
-            sigma: SigmaRecord::mean(&trained.sigma, gpus.len()),
-            batch_losses: trained.metrics.batch_losses.iter().map(|&l| l as f64).collect(),
-        };
-        run.history.epochs.push(record.clone());
-        run.history.sigma.extend(trained.sigma.iter().cloned());
-        // The checkpoint first: it holds this epoch's row, so a kill before the metrics
-        // files are rewritten loses nothing (resume rewrites them from the checkpoint).
-        checkpoint::save(out, &checkpoint_of(&net, &pipeline, &run, epoch + 1)?)?;
-        for s in trained.sigma {
-            sigma_log.push(s)?;
-        }
-        log.push(record.clone())?;
-        obs.epoch_end(&record);
+/// Step 5: the epoch's evaluation on the test set and its metrics row, added to the run's
+/// history; returns the row and the epoch's sigma measurements. A non-finite training or test
+/// loss is a divergence, and nothing of the epoch is kept.
+fn evaluate_epoch(
+    net: &Network,
+    p: &Prepared,
+    cfg: &RunConfig,
+    epoch: usize,
+    trained: TrainedEpoch,
+    run: &mut RunState,
+) -> Result<(EpochRecord, Vec<SigmaRecord>)> {
+    if !trained.metrics.loss.is_finite() {
+        return Err(Error::Diverged { epoch: epoch + 1, reason: format!("training loss {}", trained.metrics.loss) });
     }
-    Ok(RunSummary { records: run.history.epochs, best_test_top1: run.best, out: out.to_path_buf() })
+    let test = evaluate(net, p.test.clone(), &p.norm, cfg.batch_size)?;
+    // Weights that overflowed can give a finite training loss on the last batch but NaN
+    // on the test set: diverged too (and nothing NaN reaches the metrics or checkpoint).
+    if !test.loss.is_finite() {
+        return Err(Error::Diverged { epoch: epoch + 1, reason: format!("test loss {}", test.loss) });
+    }
+    run.best = run.best.max(test.top1);
+    let record = EpochRecord {
+        epoch: epoch + 1,
+        lr: trained.lr as f64,
+        train_loss: trained.metrics.loss,
+        train_top1: trained.metrics.top1,
+        test_loss: test.loss,
+        test_top1: test.top1,
+        test_top5: test.top5,
+        best_test_top1: run.best,
+        epoch_seconds: trained.seconds,
+        images_per_second: trained.metrics.samples as f64 / trained.seconds,
+        peak_memory_bytes: trained.peak,
+        sigma: SigmaRecord::mean(&trained.sigma, net.stages.len()),
+        batch_losses: trained.metrics.batch_losses.iter().map(|&l| l as f64).collect(),
+    };
+    run.history.epochs.push(record.clone());
+    run.history.sigma.extend(trained.sigma.iter().cloned());
+    Ok((record, trained.sigma))
 }
 
 /// What one epoch of training produced.
@@ -910,8 +1026,7 @@ fn train_epoch(
     tracer: Option<&Tracer>,
     obs: &mut dyn Observer,
 ) -> Result<TrainedEpoch> {
-    let loader =
-        Loader::new(p.train.clone(), p.norm.clone(), LoaderConfig::train(cfg.batch_size, cfg.seed), epoch as u64)?;
+    let loader = Loader::new(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch as u64)?;
     let n = loader.num_batches();
     obs.epoch_start(epoch + 1, n);
     let gpus: Vec<Gpu> = net.stages.iter().map(|s| s.gpu.clone()).collect();

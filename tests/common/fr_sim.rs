@@ -177,7 +177,7 @@ pub fn forward_range(
             }
             LayerSpec::BatchNorm { name, .. } => bn(name, &h, &mut stats),
             LayerSpec::Relu => h.relu().unwrap(),
-            LayerSpec::Basic { name, in_channels, out_channels, stride } => {
+            LayerSpec::Basic { name, in_channels, out_channels, stride, shortcut_pad } => {
                 let c1 = h.conv2d(&v(&format!("{name}.conv1.weight")), 1, *stride, 1, 1).unwrap();
                 let a1 = bn(&format!("{name}.bn1"), &c1, &mut stats).relu().unwrap();
                 let c2 = a1.conv2d(&v(&format!("{name}.conv2.weight")), 1, 1, 1, 1).unwrap();
@@ -185,7 +185,7 @@ pub fn forward_range(
                 let short = if *stride == 1 && in_channels == out_channels {
                     h.clone()
                 } else {
-                    shortcut_a(&h, *out_channels, *stride)
+                    shortcut_a(&h, *out_channels, *stride, *shortcut_pad)
                 };
                 (b2 + short).unwrap().relu().unwrap()
             }

@@ -15,7 +15,14 @@ use featreplay::Gpu;
 use super::random;
 
 pub fn resnet8() -> ModelSpec {
-    build(&ResNetConfig { arch: Arch::ResNet, depth: 8, input: vec![3, 8, 8], classes: 5 }).unwrap()
+    build(&ResNetConfig {
+        shortcut_pad: Default::default(),
+        arch: Arch::ResNet,
+        depth: 8,
+        input: vec![3, 8, 8],
+        classes: 5,
+    })
+    .unwrap()
 }
 
 /// The paper's SGD at learning rate 0.05, without steps.

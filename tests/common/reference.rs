@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Tensor as CTensor, Var};
+use featreplay::kernels::shortcut::ChannelPad;
 use featreplay::model::ModelSpec;
 
 use super::{ct, cvec};
@@ -31,8 +32,9 @@ pub fn bn_train(x: &CTensor, gamma: &CTensor, beta: &CTensor) -> (CTensor, Vec<f
     (y, cvec(&mean), cvec(&unbiased))
 }
 
-/// Option A: x[:, :, ::s, ::s] padded with (out - in) / 2 zero channels on each side.
-pub fn shortcut_a(x: &CTensor, out_channels: usize, stride: usize) -> CTensor {
+/// Option A: x[:, :, ::s, ::s] padded with out - in zero channels, placed as `pad` says
+/// ((out - in) / 2 on each side, or all after).
+pub fn shortcut_a(x: &CTensor, out_channels: usize, stride: usize, pad: ChannelPad) -> CTensor {
     let (_, c, h, w) = x.dims4().unwrap();
     let rows: Vec<u32> = (0..h as u32).step_by(stride).collect();
     let cols: Vec<u32> = (0..w as u32).step_by(stride).collect();
@@ -42,8 +44,8 @@ pub fn shortcut_a(x: &CTensor, out_channels: usize, stride: usize) -> CTensor {
         .unwrap()
         .index_select(&CTensor::new(cols.as_slice(), dev).unwrap(), 3)
         .unwrap();
-    let pad = (out_channels - c) / 2;
-    sub.pad_with_zeros(1, pad, pad).unwrap()
+    let lead = pad.leading(c, out_channels);
+    sub.pad_with_zeros(1, lead, out_channels - c - lead).unwrap()
 }
 
 /// Mean softmax cross-entropy of `logits` [N, C] against `labels`.

@@ -8,9 +8,9 @@
 //! shared-memory tiled implicit GEMM wins (`Tiled`, `shaders/conv2d_tiled.wgsl`). See
 //! `docs/lavapipe.md` for the measurements behind this.
 //!
-//! Choice order: a variant forced on the device ([`Gpu::force_variant`] with op
-//! [`OP`]) or by the `FEATREPLAY_CONV_VARIANT` environment variable (`direct`, `tiled`, or
-//! `tune` to time both once per shape and cache the winner), else by adapter type.
+//! Choice order: a variant forced on the device ([`Gpu::force_variant`] with op [`OP`]:
+//! `direct`, `tiled`, or `tune` to time both once per shape and cache the winner; the CLI's
+//! `--conv-variant` and a run's configuration force it this way), else by adapter type.
 
 mod direct;
 mod tiled;
@@ -24,8 +24,6 @@ use crate::gpu::{Gpu, Tensor};
 
 /// Op family name used for forcing and caching variants.
 pub const OP: &str = "conv2d";
-/// Environment variable that forces a conv variant (`direct`, `tiled`, `tune`).
-pub const VARIANT_ENV: &str = "FEATREPLAY_CONV_VARIANT";
 
 /// A conv kernel implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,7 +147,7 @@ pub enum ConvPass {
 
 /// The variant the chooser picks for `pass` of `shape` on `gpu`.
 pub fn choose(gpu: &Gpu, shape: &ConvShape, pass: ConvPass) -> Result<ConvVariant> {
-    let forced = gpu.forced_variant(OP).or_else(|| std::env::var(VARIANT_ENV).ok().filter(|s| !s.trim().is_empty()));
+    let forced = gpu.forced_variant(OP);
     match forced.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
         Some(s) if s == "tune" => tune(gpu, shape, pass),
         Some(s) => s.parse(),
