@@ -1,7 +1,12 @@
 //! Moving tensors between pipeline stages. The scheduler moves tensors and never does math.
 //!
-//! All transport between devices goes through [`Transport`], so a later issue can replace
-//! the in-process implementation by one that crosses processes or machines.
+//! Two layers: [`Transport`] moves one tensor between two devices of this process, and
+//! [`link::StageLinks`] carries a stage's messages (features and labels up, gradients down)
+//! to and from its neighbours, wherever they run.
+
+pub mod link;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 use crate::error::Result;
 use crate::gpu::{Gpu, PendingRead, Tensor};

@@ -18,8 +18,7 @@
 //! iteration before starting the next one, so modules really run concurrently.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use super::method::{ModuleMethod, TrainingMethod};
@@ -28,7 +27,8 @@ use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
 use crate::model::Stage;
-use crate::pipeline::{InFlight, Transport};
+use crate::pipeline::link::{ChannelLinks, Features, StageLinks};
+use crate::pipeline::Transport;
 use crate::trace::Tracer;
 
 /// What one stage carries from one iteration (and epoch) to the next: its method's own
@@ -107,14 +107,6 @@ pub struct HostBatch {
     pub labels: Vec<u32>,
 }
 
-/// Features going up, with the labels the last module needs.
-pub(super) struct Up {
-    h: Tensor,
-    labels: Vec<u32>,
-    /// How many messages make up this iteration's input (GPipe's micro-batches; 1 else).
-    parts: usize,
-}
-
 pub(super) fn stopped(k: usize, what: &'static str) -> Error {
     Error::StageStopped { stage: k, what }
 }
@@ -136,14 +128,9 @@ pub struct Worker<'a> {
     pub(super) classes: usize,
     optim: &'a OptimConfig,
     lr: f32,
-    transport: &'a dyn Transport,
-    next_gpu: Option<crate::gpu::Gpu>,
-    prev_gpu: Option<crate::gpu::Gpu>,
+    /// Features up and gradients down, to and from the neighbouring stages.
+    links: Box<dyn StageLinks + 'a>,
     data_in: Option<Receiver<HostBatch>>,
-    up_in: Option<Receiver<Up>>,
-    up_out: Option<SyncSender<Up>>,
-    down_in: Option<Receiver<Tensor>>,
-    down_out: Option<SyncSender<Tensor>>,
     /// Per-sample input shape (module 0 builds its input tensor from host batches).
     input_shape: Vec<usize>,
     /// Test hook: fail at this global iteration.
@@ -207,22 +194,10 @@ impl Worker<'_> {
     pub(super) fn send_down(&mut self, dx: Option<Tensor>, t: u64) -> Result<()> {
         let Some(dx) = dx else { return Ok(()) };
         self.stage.watch_input_grad(&dx)?;
-        let moving: Option<InFlight> = match &self.prev_gpu {
-            Some(prev) if self.down_out.is_some() => Some(self.transport.start(&dx, prev)?),
-            _ => None,
-        };
-        drop(dx);
-        if let Some(moving) = moving {
-            self.phase("send", t, |w| {
-                let dx = moving.finish()?;
-                w.down_out
-                    .as_ref()
-                    .ok_or_else(|| stopped(w.k, "no stage below"))?
-                    .send(dx)
-                    .map_err(|_| stopped(w.k, "the stage below is gone"))
-            })?;
+        if !self.links.has_below() {
+            return Ok(());
         }
-        Ok(())
+        self.phase("send", t, |w| w.links.send_down(dx))
     }
 
     /// Sends this module's output (with the labels) to the module above.
@@ -232,22 +207,12 @@ impl Worker<'_> {
 
     /// [`Self::send_up`] for one of the `parts` messages of this iteration's output.
     pub(super) fn send_up_part(&mut self, h: Tensor, labels: Vec<u32>, parts: usize, t: u64) -> Result<()> {
-        let next = self.next_gpu.clone().ok_or_else(|| stopped(self.k, "no stage above"))?;
         self.stage.watch_output(&h)?;
         // The features leave now, before the replay is recorded: on lavapipe, waiting for a
         // copy submitted before the replay also waited for the replay (measured: FR fell from
         // 1.39x to 0.91x of BP at K = 2), so deferring the wait serialised the stages. See
         // the README.
-        let up = self.transport.start(&h, &next)?;
-        drop(h);
-        self.phase("send", t, |w| {
-            let h = up.finish()?;
-            w.up_out
-                .as_ref()
-                .ok_or_else(|| stopped(w.k, "no stage above"))?
-                .send(Up { h, labels, parts })
-                .map_err(|_| stopped(w.k, "the stage above is gone"))
-        })
+        self.phase("send", t, |w| w.links.send_up(Features { h, labels, parts }))
     }
 
     /// The gradient from the module above: the one kept from the previous call (an epoch
@@ -255,13 +220,7 @@ impl Worker<'_> {
     pub(super) fn take_gradient(&mut self, t: u64) -> Result<Tensor> {
         match self.pending_grad.take() {
             Some(g) => Ok(g),
-            None => self.phase("wait gradient", t, |w| {
-                w.down_in
-                    .as_ref()
-                    .ok_or_else(|| stopped(w.k, "no gradient source"))?
-                    .recv()
-                    .map_err(|_| stopped(w.k, "the stage above is gone"))
-            }),
+            None => self.phase("wait gradient", t, |w| w.links.receive_down()),
         }
     }
 
@@ -302,9 +261,8 @@ impl Worker<'_> {
     /// The next message from below (modules k > 0): features, labels and how many
     /// messages make up this iteration's input.
     pub(super) fn receive_part(&mut self) -> Result<(Tensor, Vec<u32>, usize)> {
-        let up = self.up_in.as_ref().ok_or_else(|| stopped(self.k, "no input"))?;
-        let m = up.recv().map_err(|_| stopped(self.k, "the stage below is gone"))?;
-        Ok((m.h, m.labels, m.parts))
+        let f = self.links.receive_up()?;
+        Ok((f.h, f.labels, f.parts))
     }
 
     /// The last module, in every method but DGL and GPipe: forward, loss, backward, update
@@ -364,8 +322,7 @@ impl Worker<'_> {
             && module.gradient_in_flight(self.delay(), last)
             && self.pending_grad.is_none()
         {
-            let rx = self.down_in.as_ref().ok_or_else(|| stopped(self.k, "no gradient source"))?;
-            *self.pending_grad = Some(rx.recv().map_err(|_| stopped(self.k, "the stage above is gone"))?);
+            *self.pending_grad = Some(self.links.receive_down()?);
         }
         if self.end_of_epoch {
             module.finish_epoch(&mut self)?;
@@ -399,9 +356,6 @@ impl<'a> EpochOptions<'a> {
         EpochOptions { optim, lr, end_of_epoch: true, fail: None, tracer: None }
     }
 }
-
-/// Both ends of a bounded channel, taken by the two workers it links.
-type Link<T> = (Option<SyncSender<T>>, Option<Receiver<T>>);
 
 /// Where and when to inject a failure (tests of error propagation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,50 +391,41 @@ pub fn run_epoch(
     let transport: &dyn Transport = net.transport.as_ref();
     let mut recent = std::mem::take(&mut state.recent_batches);
 
-    // Channels: data -> stage 0; stage k -> k+1 (features); stage k+1 -> k (gradients).
-    // Capacity 1: a stage may run one message ahead of its neighbour, no more, which bounds
-    // the memory in flight.
+    // Data -> stage 0 (two batches ahead); stage k -> k+1 (features) and k+1 -> k
+    // (gradients) through the links.
     let (data_tx, data_rx) = sync_channel::<HostBatch>(2);
-    let mut up: Vec<Link<Up>> = Vec::new();
-    let mut down: Vec<Link<Tensor>> = Vec::new();
-    for _ in 0..k_total.saturating_sub(1) {
-        let (a, b) = sync_channel::<Up>(1);
-        up.push((Some(a), Some(b)));
-        let (c, d) = sync_channel::<Tensor>(1);
-        down.push((Some(c), Some(d)));
-    }
+    let links = ChannelLinks::line(&gpus, transport);
     let mut data_rx = Some(data_rx);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let mut metrics_slot = metrics.take();
-        for (k, (stage, st)) in net.stages.iter_mut().zip(state.stages.iter_mut()).enumerate() {
+        for (k, ((stage, st), links)) in net.stages.iter_mut().zip(state.stages.iter_mut()).zip(links).enumerate() {
             let StageState { module, pending_grad, steps } = st;
-            let worker = Worker {
-                k,
-                stages: k_total,
-                stage,
-                pending_grad,
-                steps,
-                first_iteration,
-                iterations,
-                end_of_epoch,
-                classes,
-                optim,
-                lr,
-                transport,
-                next_gpu: gpus.get(k + 1).cloned(),
-                prev_gpu: if k > 0 { Some(gpus[k - 1].clone()) } else { None },
-                data_in: if k == 0 { data_rx.take() } else { None },
-                up_in: if k > 0 { up[k - 1].1.take() } else { None },
-                up_out: if k + 1 < k_total { up[k].0.take() } else { None },
-                down_in: if k + 1 < k_total { down[k].1.take() } else { None },
-                down_out: if k > 0 { down[k - 1].0.take() } else { None },
-                input_shape: input_shape.clone(),
-                fail_at: fail.filter(|f| f.stage == k).map(|f| f.iteration),
-                tracer,
-            };
+            let data_in = if k == 0 { data_rx.take() } else { None };
+            let input_shape = input_shape.clone();
+            let fail_at = fail.filter(|f| f.stage == k).map(|f| f.iteration);
             let mut m = if k + 1 == k_total { metrics_slot.take() } else { None };
+            // The worker is built on its own thread: a link may live on one thread only (an
+            // MPI communicator does).
             handles.push(scope.spawn(move || {
+                let worker = Worker {
+                    k,
+                    stages: k_total,
+                    stage,
+                    pending_grad,
+                    steps,
+                    first_iteration,
+                    iterations,
+                    end_of_epoch,
+                    classes,
+                    optim,
+                    lr,
+                    links: Box::new(links),
+                    data_in,
+                    input_shape,
+                    fail_at,
+                    tracer,
+                };
                 let r = worker.run(module.as_mut(), &mut m);
                 (r, m)
             }));

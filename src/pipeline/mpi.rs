@@ -1,0 +1,178 @@
+//! [`StageLinks`] between processes over MPI (feature `mpi`): stage k of a pipeline runs on
+//! one rank and talks to the ranks of stages k - 1 and k + 1.
+//!
+//! - **Sends are non-blocking**, from one buffer per link: a send waits for the link's
+//!   previous send to complete before it starts (the in-process channel's capacity of 1),
+//!   then returns at once. A blocking send-then-receive exchange deadlocks once messages pass
+//!   MPI's eager limit (measured: 4 MiB messages hang, 1 KiB ones do not), which FR's
+//!   features-up / gradient-down traffic would hit.
+//! - **Receives block**, sized by a matched probe; messages on one link arrive in the order
+//!   they were sent (MPI's no-overtaking rule for one source, tag and communicator).
+//! - **One thread**: every MPI call of a rank is made on the thread that owns its links
+//!   (communicators are neither `Send` nor `Sync`), so MPI_THREAD_SERIALIZED suffices.
+//!
+//! A message is little-endian `u32` words: a header (the tensor's rank and dimensions, for
+//! features also `parts` and the label count, then the labels) followed by the f32 values.
+
+use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
+use mpi::request::{Request, StaticScope};
+use mpi::topology::{Communicator, Rank, SimpleCommunicator};
+
+use super::link::{Features, StageLinks};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+
+/// Tag of features going up.
+const TAG_UP: i32 = 1;
+/// Tag of gradients going down.
+const TAG_DOWN: i32 = 2;
+
+/// A send in flight and the buffer it reads, which must outlive it.
+struct PendingSend {
+    request: Request<'static, [u8], StaticScope>,
+}
+
+impl PendingSend {
+    fn start(comm: &SimpleCommunicator, to: Rank, tag: i32, bytes: Vec<u8>) -> PendingSend {
+        // The buffer is leaked for the send's life and freed by `wait`: a request on a
+        // buffer that is reused or freed before the send completes would send garbage.
+        let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        PendingSend { request: comm.process_at_rank(to).immediate_send_with_tag(StaticScope, buffer, tag) }
+    }
+
+    /// Waits for the send to complete and frees its buffer.
+    fn wait(self) {
+        let buffer = self.request.wait_for_data();
+        // SAFETY: `buffer` was leaked from a `Box<[u8]>` in `start`, and the completed send
+        // holds no reference to it any more, so it is rebuilt and dropped exactly once.
+        drop(unsafe { Box::from_raw(buffer as *const [u8] as *mut [u8]) });
+    }
+}
+
+/// Stage `stage`'s links on rank `rank` of `comm`, to the ranks of the stages below and
+/// above (None at the pipeline's ends).
+pub struct MpiLinks {
+    comm: SimpleCommunicator,
+    stage: usize,
+    gpu: Gpu,
+    below: Option<Rank>,
+    above: Option<Rank>,
+    /// The previous send on each link, completed before the link sends again.
+    up_send: Option<PendingSend>,
+    down_send: Option<PendingSend>,
+}
+
+impl MpiLinks {
+    /// The links of stage `stage` whose tensors live on `gpu`, talking to ranks `below` and
+    /// `above` of the world communicator. Call on the thread that will use them.
+    pub fn new(stage: usize, gpu: Gpu, below: Option<Rank>, above: Option<Rank>) -> MpiLinks {
+        MpiLinks { comm: SimpleCommunicator::world(), stage, gpu, below, above, up_send: None, down_send: None }
+    }
+
+    fn receive(&self, from: Rank, tag: i32) -> Vec<u32> {
+        let (bytes, _) = self.comm.process_at_rank(from).matched_probe_with_tag(tag).matched_receive_vec::<u8>();
+        bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    fn bad(&self, detail: String) -> Error {
+        Error::Schedule { detail: format!("stage {}: a malformed message: {detail}", self.stage) }
+    }
+
+    /// Reads a tensor (rank, dims, values) at `words[at..]`, uploads it to this stage's device.
+    fn tensor_at(&self, words: &[u32], at: usize) -> Result<Tensor> {
+        let rank = *words.get(at).ok_or_else(|| self.bad("no tensor rank".into()))? as usize;
+        let dims: Vec<usize> = words
+            .get(at + 1..at + 1 + rank)
+            .ok_or_else(|| self.bad("short shape".into()))?
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        let values: Vec<f32> = words[at + 1 + rank..].iter().map(|&w| f32::from_bits(w)).collect();
+        if values.len() != dims.iter().product::<usize>() {
+            return Err(self.bad(format!("{} values for shape {dims:?}", values.len())));
+        }
+        self.gpu.tensor(&dims, &values)
+    }
+}
+
+/// Appends a tensor's rank, dimensions and values (read back from its device) to `words`.
+fn push_tensor(words: &mut Vec<u32>, t: &Tensor) -> Result<()> {
+    words.push(t.shape().len() as u32);
+    words.extend(t.shape().iter().map(|&d| d as u32));
+    words.extend(t.to_vec()?.into_iter().map(f32::to_bits));
+    Ok(())
+}
+
+fn to_bytes(words: Vec<u32>) -> Vec<u8> {
+    words.into_iter().flat_map(u32::to_le_bytes).collect()
+}
+
+fn stopped(stage: usize, what: &'static str) -> Error {
+    Error::StageStopped { stage, what }
+}
+
+impl StageLinks for MpiLinks {
+    fn has_above(&self) -> bool {
+        self.above.is_some()
+    }
+
+    fn has_below(&self) -> bool {
+        self.below.is_some()
+    }
+
+    fn send_up(&mut self, f: Features) -> Result<()> {
+        let to = self.above.ok_or_else(|| stopped(self.stage, "no stage above"))?;
+        let mut words = vec![f.parts as u32, f.labels.len() as u32];
+        words.extend(&f.labels);
+        push_tensor(&mut words, &f.h)?;
+        if let Some(previous) = self.up_send.take() {
+            previous.wait();
+        }
+        self.up_send = Some(PendingSend::start(&self.comm, to, TAG_UP, to_bytes(words)));
+        Ok(())
+    }
+
+    fn receive_up(&mut self) -> Result<Features> {
+        let from = self.below.ok_or_else(|| stopped(self.stage, "no input"))?;
+        let words = self.receive(from, TAG_UP);
+        let (parts, n) = match words.as_slice() {
+            [p, n, ..] => (*p as usize, *n as usize),
+            _ => return Err(self.bad("no features header".into())),
+        };
+        let labels = words.get(2..2 + n).ok_or_else(|| self.bad("short labels".into()))?.to_vec();
+        let h = self.tensor_at(&words, 2 + n)?;
+        Ok(Features { h, labels, parts })
+    }
+
+    fn send_down(&mut self, g: Tensor) -> Result<()> {
+        let to = self.below.ok_or_else(|| stopped(self.stage, "no stage below"))?;
+        let mut words = Vec::new();
+        push_tensor(&mut words, &g)?;
+        if let Some(previous) = self.down_send.take() {
+            previous.wait();
+        }
+        self.down_send = Some(PendingSend::start(&self.comm, to, TAG_DOWN, to_bytes(words)));
+        Ok(())
+    }
+
+    fn receive_down(&mut self) -> Result<Tensor> {
+        let from = self.above.ok_or_else(|| stopped(self.stage, "no gradient source"))?;
+        let words = self.receive(from, TAG_DOWN);
+        self.tensor_at(&words, 0)
+    }
+}
+
+impl Drop for MpiLinks {
+    /// Sends still in flight complete before their buffers go (the receiver takes them).
+    fn drop(&mut self) {
+        for s in [self.up_send.take(), self.down_send.take()].into_iter().flatten() {
+            s.wait();
+        }
+    }
+}
+
+/// This process's rank and the world's size, from MPI (initialised by the caller).
+pub fn world_rank_and_size() -> (usize, usize) {
+    let world = SimpleCommunicator::world();
+    (world.rank() as usize, world.size() as usize)
+}
