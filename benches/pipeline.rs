@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
 use featreplay::train::run::open_devices;
 use featreplay::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
@@ -26,14 +26,7 @@ fn flag(name: &str) -> bool {
 }
 
 fn resnet(depth: usize) -> ModelSpec {
-    build(&ResNetConfig {
-        shortcut_pad: Default::default(),
-        arch: Arch::ResNet,
-        depth,
-        input: vec![3, 32, 32],
-        classes: 10,
-    })
-    .expect("model")
+    build(&ResNetConfig::basic(depth, &[3, 32, 32], 10)).expect("model")
 }
 
 fn batches(n: usize, batch: usize, seed: u64) -> Vec<HostBatch> {

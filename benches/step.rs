@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use candle_core::Var;
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::{split, SplitPolicy};
 use featreplay::profile::{profile, ProfileConfig};
 use featreplay::train::run::RunConfig;
@@ -37,14 +37,7 @@ fn flag(name: &str) -> bool {
 /// One BP step of the bench's model on `batch` random images against candle's forward,
 /// loss and backward from the same weights: loss and every gradient within f32 round-off.
 fn check_step(depth: usize, input: &[usize], batch: usize) {
-    let spec = build(&ResNetConfig {
-        shortcut_pad: Default::default(),
-        arch: Arch::ResNet,
-        depth,
-        input: input.to_vec(),
-        classes: 10,
-    })
-    .expect("model");
+    let spec = build(&ResNetConfig::basic(depth, input, 10)).expect("model");
     let gpu = Gpu::open_default().expect("device");
     let mut net = Network::new(spec.clone(), &split(&spec, 1, SplitPolicy::Even).unwrap(), &[gpu], 7).expect("network");
     let state: Vec<(String, Vec<usize>, Vec<f32>)> =

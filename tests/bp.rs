@@ -9,20 +9,13 @@ use std::collections::HashMap;
 use candle_core::Var;
 use common::reference::{cross_entropy, resnet_forward, vars};
 use common::*;
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
 use featreplay::train::{Network, OptimConfig};
 use featreplay::Gpu;
 
 fn resnet8(input: usize, classes: usize) -> ModelSpec {
-    build(&ResNetConfig {
-        shortcut_pad: Default::default(),
-        arch: Arch::ResNet,
-        depth: 8,
-        input: vec![3, input, input],
-        classes,
-    })
-    .unwrap()
+    build(&ResNetConfig::basic(8, &[3, input, input], classes)).unwrap()
 }
 
 fn host_state(net: &Network) -> Vec<(String, Vec<usize>, Vec<f32>)> {

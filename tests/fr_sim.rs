@@ -12,7 +12,7 @@ use candle_core::{Tensor as CTensor, Var};
 use common::fr_sim::*;
 use common::reference::{cross_entropy, resnet_forward, vars};
 use common::{ct, cvec};
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::{split, ModelSpec, SplitPolicy};
 
 const INPUT: usize = 8;
@@ -20,14 +20,7 @@ const CLASSES: usize = 5;
 const BATCH: usize = 4;
 
 fn resnet8() -> ModelSpec {
-    build(&ResNetConfig {
-        shortcut_pad: Default::default(),
-        arch: Arch::ResNet,
-        depth: 8,
-        input: vec![3, INPUT, INPUT],
-        classes: CLASSES,
-    })
-    .unwrap()
+    build(&ResNetConfig::basic(8, &[3, INPUT, INPUT], CLASSES)).unwrap()
 }
 
 fn batches(n: usize, seed: u64) -> Vec<(Vec<f32>, Vec<u32>)> {

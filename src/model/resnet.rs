@@ -63,6 +63,14 @@ pub struct ResNetConfig {
     pub shortcut_pad: ChannelPad,
 }
 
+impl ResNetConfig {
+    /// A basic-block ResNet of `depth` (6n+2) for per-sample inputs `input` and `classes`
+    /// classes, with the option-A shortcut's zero channels on both sides.
+    pub fn basic(depth: usize, input: &[usize], classes: usize) -> ResNetConfig {
+        ResNetConfig { arch: Arch::ResNet, depth, input: input.to_vec(), classes, shortcut_pad: ChannelPad::Both }
+    }
+}
+
 fn conv(name: &str, cin: usize, cout: usize) -> LayerSpec {
     LayerSpec::Conv { name: name.into(), in_channels: cin, out_channels: cout, kernel: 3, stride: 1, pad: 1 }
 }
@@ -160,14 +168,7 @@ mod tests {
     #[test]
     fn depths_count_weighted_layers() {
         for depth in [8, 20, 32, 44, 56, 110] {
-            let s = build(&ResNetConfig {
-                shortcut_pad: Default::default(),
-                arch: Arch::ResNet,
-                depth,
-                input: vec![3, 32, 32],
-                classes: 10,
-            })
-            .unwrap();
+            let s = build(&ResNetConfig::basic(depth, &[3, 32, 32], 10)).unwrap();
             assert_eq!(count_convs(&s), depth, "resnet{depth}");
         }
         let s = build(&ResNetConfig {
@@ -194,14 +195,7 @@ mod tests {
 
     #[test]
     fn resnet20_has_the_papers_shape_and_size() {
-        let s = build(&ResNetConfig {
-            shortcut_pad: Default::default(),
-            arch: Arch::ResNet,
-            depth: 20,
-            input: vec![3, 32, 32],
-            classes: 10,
-        })
-        .unwrap();
+        let s = build(&ResNetConfig::basic(20, &[3, 32, 32], 10)).unwrap();
         // conv, bn, relu, 9 blocks, pool, fc
         assert_eq!(s.layers.len(), 14);
         // 0.27M parameters (He et al. 2016, table 6).
@@ -210,28 +204,14 @@ mod tests {
         let costs = s.costs().unwrap();
         assert_eq!(costs[11].out_shape, vec![64, 8, 8]);
         // Grayscale 28x28 inputs (Fashion-MNIST) work too: 28 -> 14 -> 7.
-        let g = build(&ResNetConfig {
-            shortcut_pad: Default::default(),
-            arch: Arch::ResNet,
-            depth: 20,
-            input: vec![1, 28, 28],
-            classes: 10,
-        })
-        .unwrap();
+        let g = build(&ResNetConfig::basic(20, &[1, 28, 28], 10)).unwrap();
         assert_eq!(g.costs().unwrap()[11].out_shape, vec![64, 7, 7]);
     }
 
     #[test]
     fn bad_depths_and_shapes_are_errors() {
         for depth in [0, 7, 21, 22] {
-            let e = build(&ResNetConfig {
-                shortcut_pad: Default::default(),
-                arch: Arch::ResNet,
-                depth,
-                input: vec![3, 32, 32],
-                classes: 10,
-            })
-            .unwrap_err();
+            let e = build(&ResNetConfig::basic(depth, &[3, 32, 32], 10)).unwrap_err();
             assert!(e.to_string().contains("6n+2"), "{e}");
         }
         let e = build(&ResNetConfig {
@@ -251,22 +231,8 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("9n+2"), "{e}");
-        assert!(build(&ResNetConfig {
-            shortcut_pad: Default::default(),
-            arch: Arch::ResNet,
-            depth: 20,
-            input: vec![3, 32],
-            classes: 10
-        })
-        .is_err());
-        assert!(build(&ResNetConfig {
-            shortcut_pad: Default::default(),
-            arch: Arch::ResNet,
-            depth: 20,
-            input: vec![3, 32, 32],
-            classes: 1
-        })
-        .is_err());
+        assert!(build(&ResNetConfig::basic(20, &[3, 32], 10)).is_err());
+        assert!(build(&ResNetConfig::basic(20, &[3, 32, 32], 1)).is_err());
         assert!("resnet9000".parse::<Arch>().is_err());
     }
 }

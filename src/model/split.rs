@@ -194,17 +194,10 @@ pub fn plan(spec: &ModelSpec, ranges: &[Range<usize>], batch: usize) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::resnet::{build, Arch, ResNetConfig};
+    use crate::model::resnet::{build, ResNetConfig};
 
     fn resnet(depth: usize) -> ModelSpec {
-        build(&ResNetConfig {
-            shortcut_pad: Default::default(),
-            arch: Arch::ResNet,
-            depth,
-            input: vec![3, 32, 32],
-            classes: 10,
-        })
-        .unwrap()
+        build(&ResNetConfig::basic(depth, &[3, 32, 32], 10)).unwrap()
     }
 
     #[test]

@@ -103,8 +103,13 @@ fn push_tensor(words: &mut Vec<u32>, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn to_bytes(words: Vec<u32>) -> Vec<u8> {
-    words.into_iter().flat_map(u32::to_le_bytes).collect()
+/// Starts sending `words` on a link once the link's previous send (`slot`) has completed.
+fn send_after(slot: &mut Option<PendingSend>, comm: &SimpleCommunicator, to: Rank, tag: i32, words: Vec<u32>) {
+    if let Some(previous) = slot.take() {
+        previous.wait();
+    }
+    let bytes = words.into_iter().flat_map(u32::to_le_bytes).collect();
+    *slot = Some(PendingSend::start(comm, to, tag, bytes));
 }
 
 fn stopped(stage: usize, what: &'static str) -> Error {
@@ -125,10 +130,7 @@ impl StageLinks for MpiLinks {
         let mut words = vec![f.parts as u32, f.labels.len() as u32];
         words.extend(&f.labels);
         push_tensor(&mut words, &f.h)?;
-        if let Some(previous) = self.up_send.take() {
-            previous.wait();
-        }
-        self.up_send = Some(PendingSend::start(&self.comm, to, TAG_UP, to_bytes(words)));
+        send_after(&mut self.up_send, &self.comm, to, TAG_UP, words);
         Ok(())
     }
 
@@ -148,10 +150,7 @@ impl StageLinks for MpiLinks {
         let to = self.below.ok_or_else(|| stopped(self.stage, "no stage below"))?;
         let mut words = Vec::new();
         push_tensor(&mut words, &g)?;
-        if let Some(previous) = self.down_send.take() {
-            previous.wait();
-        }
-        self.down_send = Some(PendingSend::start(&self.comm, to, TAG_DOWN, to_bytes(words)));
+        send_after(&mut self.down_send, &self.comm, to, TAG_DOWN, words);
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! classes, a constant-rate optimiser, seeded batches and fresh devices.
 #![allow(dead_code)]
 
-use featreplay::model::resnet::{build, Arch, ResNetConfig};
+use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::ModelSpec;
 use std::sync::Arc;
 
@@ -15,14 +15,7 @@ use featreplay::Gpu;
 use super::random;
 
 pub fn resnet8() -> ModelSpec {
-    build(&ResNetConfig {
-        shortcut_pad: Default::default(),
-        arch: Arch::ResNet,
-        depth: 8,
-        input: vec![3, 8, 8],
-        classes: 5,
-    })
-    .unwrap()
+    build(&ResNetConfig::basic(8, &[3, 8, 8], 5)).unwrap()
 }
 
 /// The paper's SGD at learning rate 0.05, without steps.
