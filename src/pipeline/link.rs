@@ -45,7 +45,8 @@ pub trait StageLinks {
     fn receive_down(&mut self) -> Result<Tensor>;
 }
 
-fn stopped(stage: usize, what: &'static str) -> Error {
+/// The error of a stage whose neighbour (or feed) is gone.
+pub(crate) fn stopped(stage: usize, what: &'static str) -> Error {
     Error::StageStopped { stage, what }
 }
 

@@ -18,7 +18,7 @@ use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, Rank, SimpleCommunicator};
 
-use super::link::{Features, StageLinks};
+use super::link::{stopped, Features, StageLinks};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 
@@ -110,10 +110,6 @@ fn send_after(slot: &mut Option<PendingSend>, comm: &SimpleCommunicator, to: Ran
     }
     let bytes = words.into_iter().flat_map(u32::to_le_bytes).collect();
     *slot = Some(PendingSend::start(comm, to, tag, bytes));
-}
-
-fn stopped(stage: usize, what: &'static str) -> Error {
-    Error::StageStopped { stage, what }
 }
 
 impl StageLinks for MpiLinks {

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
 use crate::model::Stage;
-use crate::pipeline::link::{ChannelLinks, Features, StageLinks};
+use crate::pipeline::link::{stopped, ChannelLinks, Features, StageLinks};
 use crate::pipeline::Transport;
 use crate::trace::Tracer;
 
@@ -105,10 +105,6 @@ impl PipelineState {
 pub struct HostBatch {
     pub images: Vec<f32>,
     pub labels: Vec<u32>,
-}
-
-pub(super) fn stopped(k: usize, what: &'static str) -> Error {
-    Error::StageStopped { stage: k, what }
 }
 
 /// Everything one stage's worker needs for an epoch: its stage, the links to its neighbours
