@@ -442,25 +442,14 @@ fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Resul
     let final_path = dir.join(SAFETENSORS_FILE);
     // The file is written in this build's format whatever the caller's metadata says (it may
     // come from a loaded version 1 file), with the checksum of exactly the tensors written.
-    let meta = CheckpointMeta { format_version: FORMAT_VERSION, checksum: Some(ckpt.checksum()), ..ckpt.meta.clone() };
-    let header = build_header(&meta, ckpt).map_err(|message| data_error(&final_path, message))?;
+    let (meta, header) = header_of(&final_path, ckpt)?;
     let json = serde_json::to_vec_pretty(&meta)
         .map_err(|e| data_error(&dir.join(JSON_FILE), format!("cannot serialise the metadata: {e}")))?;
 
     fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
     clean_stale_temps(dir);
 
-    let written = write_atomic(dir, SAFETENSORS_FILE, crash, |w| {
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for tensor in &ckpt.tensors {
-            write_f32s(w, &tensor.data)?;
-        }
-        for tensor in &ckpt.int_tensors {
-            w.write_all(&i64_le_bytes(&tensor.data))?;
-        }
-        Ok(())
-    })?;
+    let written = write_atomic(dir, SAFETENSORS_FILE, crash, |w| write_file(w, &header, ckpt))?;
     if !written || crash == Some(CrashPoint::BetweenFiles) {
         return Ok(final_path);
     }
@@ -478,6 +467,41 @@ fn save_inner(dir: &Path, ckpt: &Checkpoint, crash: Option<CrashPoint>) -> Resul
         meta.checksum.as_deref().unwrap_or_default()
     );
     Ok(final_path)
+}
+
+/// The metadata written for `ckpt` (this build's format, whatever the caller's metadata
+/// says, with the checksum of exactly the tensors written) and the header holding it.
+fn header_of(path: &Path, ckpt: &Checkpoint) -> Result<(CheckpointMeta, Vec<u8>)> {
+    let meta = CheckpointMeta { format_version: FORMAT_VERSION, checksum: Some(ckpt.checksum()), ..ckpt.meta.clone() };
+    let header = build_header(&meta, ckpt).map_err(|message| data_error(path, message))?;
+    Ok((meta, header))
+}
+
+/// Writes a whole safetensors file: the header's length, the header, then the tensors.
+fn write_file(w: &mut impl Write, header: &[u8], ckpt: &Checkpoint) -> io::Result<()> {
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(header)?;
+    for tensor in &ckpt.tensors {
+        write_f32s(w, &tensor.data)?;
+    }
+    for tensor in &ckpt.int_tensors {
+        w.write_all(&i64_le_bytes(&tensor.data))?;
+    }
+    Ok(())
+}
+
+/// The bytes [`save`] would write to `checkpoint.safetensors`, in memory (a stage's state
+/// sent to the process that writes the run's checkpoint). `what` names them in errors.
+pub fn to_bytes(what: &Path, ckpt: &Checkpoint) -> Result<Vec<u8>> {
+    let (_, header) = header_of(what, ckpt)?;
+    let mut bytes = Vec::new();
+    write_file(&mut bytes, &header, ckpt).map_err(|source| io_error(what, source))?;
+    Ok(bytes)
+}
+
+/// The checkpoint [`to_bytes`] made, its checksum verified.
+pub fn from_bytes(what: &Path, bytes: &[u8]) -> Result<Checkpoint> {
+    parse(what, bytes)
 }
 
 /// Reads a checkpoint: `dir_or_file` is a directory holding `checkpoint.safetensors` or the

@@ -19,6 +19,7 @@ use featreplay::train::eval::{self, InferenceOptions, TestSubset};
 use featreplay::train::fr::BnUpdate;
 use featreplay::train::resume;
 use featreplay::train::run::{self, Observer, RunConfig, Start};
+use featreplay::train::schedule::InjectedFailure;
 use featreplay::train::OptimConfig;
 use featreplay::Gpu;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -213,6 +214,9 @@ struct TrainArgs {
     /// No progress bar (one line per epoch only).
     #[arg(long)]
     quiet: bool,
+    /// Test hook: fail in stage STAGE (0-based) at iteration ITERATION.
+    #[arg(long, hide = true, value_name = "STAGE:ITERATION", value_parser = parse_failure)]
+    inject_failure: Option<InjectedFailure>,
     /// Start from the model in FILE (a featreplay checkpoint or run directory, or a plain
     /// PyTorch state_dict saved as safetensors) instead of the seeded initialisation; its
     /// tensors must match the model (the error lists what differs). Momentum starts at zero.
@@ -274,6 +278,7 @@ impl TrainArgs {
             shortcut_pad: if self.reference { ChannelPad::After } else { self.shortcut_pad },
             last_batch: if self.reference { LastBatch::Pad } else { self.last_batch },
             conv_variant: cli.conv_variant.as_ref().map(|v| v.trim().to_string()),
+            inject_failure: self.inject_failure,
         }
     }
 }
@@ -312,6 +317,11 @@ enum Command {
         /// plots are deleted first. Without it, a non-empty --out is refused.
         #[arg(long)]
         overwrite: bool,
+        /// local (every stage in this process) or mpi (one stage per process, under
+        /// `mpirun -np <splits>`; needs a build with `--features mpi`). Rank 0 writes --out;
+        /// every rank reads the data (and, to resume, --out).
+        #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
+        transport: String,
     },
     /// Run BP, FR, DDG, DNI, GPipe and DGL with the same model, data, seed and K and write
     /// metrics, plots (curves, memory, speed, sigma) and a markdown summary (the paper's
@@ -460,6 +470,13 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// `--inject-failure STAGE:ITERATION`.
+fn parse_failure(v: &str) -> std::result::Result<InjectedFailure, String> {
+    let bad = || format!("{v}: give STAGE:ITERATION, e.g. 1:3");
+    let (stage, iteration) = v.split_once(':').ok_or_else(bad)?;
+    Ok(InjectedFailure { stage: stage.parse().map_err(|_| bad())?, iteration: iteration.parse().map_err(|_| bad())? })
+}
+
 /// Progress bar per epoch plus one summary line per epoch.
 struct Console {
     bar: Option<ProgressBar>,
@@ -568,7 +585,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             }
             println!("default: [0] (override with --device or FEATREPLAY_ADAPTER)");
         }
-        Command::Train { model, train, algo, out, resume, trace, overwrite } => {
+        Command::Train { model, train, algo, out, resume, trace, overwrite, transport } => {
             let requested = train.run_config(model, &cli, algo);
             let (dir, cfg, start) = match resume {
                 Some(d) => {
@@ -587,6 +604,9 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 None => (out.clone(), requested, Start::New { overwrite: *overwrite }),
             };
             let mut console = Console { bar: None, quiet: train.quiet };
+            if transport == "mpi" {
+                return train_over_mpi(&cfg, &dir, start, trace.as_deref(), &mut console);
+            }
             let summary = run::train(&cfg, &dir, start, trace.as_deref(), &mut console)
                 .with_context(|| format!("training into {}", dir.display()))?;
             println!(
@@ -773,6 +793,74 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `train --transport mpi`: this process is one rank of an `mpirun`; it trains its stage,
+/// and rank 0 writes the run. An error on any rank is printed with its rank and ends every
+/// rank (the others may be waiting for its messages and would wait forever).
+#[cfg(feature = "mpi")]
+fn train_over_mpi(
+    cfg: &RunConfig,
+    dir: &std::path::Path,
+    start: Start,
+    trace: Option<&std::path::Path>,
+    console: &mut Console,
+) -> Result<()> {
+    use featreplay::pipeline::cluster::Cluster;
+    use featreplay::pipeline::mpi::MpiCluster;
+    let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+        .ok_or_else(|| anyhow::anyhow!("--transport mpi: MPI did not initialise"))?;
+    let cluster = MpiCluster::new();
+    let rank = cluster.rank();
+    let obs: &mut dyn Observer = if rank == 0 { console } else { &mut run::Quiet };
+    match run::train_on(cfg, dir, start, trace, obs, Some(&cluster)) {
+        Ok(summary) => {
+            if rank == 0 {
+                println!(
+                    "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {} ({} processes)",
+                    100.0 * summary.best_test_top1,
+                    summary.out.display(),
+                    cluster.size()
+                );
+            }
+            drop(universe);
+            Ok(())
+        }
+        Err(e) => {
+            let e = anyhow::Error::from(e).context(format!("training into {}", dir.display()));
+            eprintln!("featreplay: error: rank {rank} (stage {rank}): {}", one_line(&e));
+            cluster.abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_over_mpi(
+    _cfg: &RunConfig,
+    _dir: &std::path::Path,
+    _start: Start,
+    _trace: Option<&std::path::Path>,
+    _console: &mut Console,
+) -> Result<()> {
+    anyhow::bail!(
+        "--transport mpi: this featreplay was built without MPI; build it with `cargo build --release --features mpi`"
+    )
+}
+
+/// The context chain on one line; a cause already quoted by the message above it (library
+/// errors include their I/O source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !msg.contains(&s) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&s);
+        }
+    }
+    msg.replace('\n', " ")
+}
+
 fn main() {
     // lavapipe probes Wayland and complains when XDG_RUNTIME_DIR is unset; compute does not
     // need it. Set before any wgpu instance exists (single-threaded here).
@@ -786,19 +874,7 @@ fn main() {
         run(cli, &given.iter().map(String::as_str).collect::<Vec<_>>())
     });
     if let Err(e) = result {
-        // The context chain on one line; a cause already quoted by the message above it
-        // (library errors include their I/O source) is not repeated.
-        let mut msg = String::new();
-        for cause in e.chain() {
-            let s = cause.to_string();
-            if !msg.contains(&s) {
-                if !msg.is_empty() {
-                    msg.push_str(": ");
-                }
-                msg.push_str(&s);
-            }
-        }
-        eprintln!("featreplay: error: {}", msg.replace('\n', " "));
+        eprintln!("featreplay: error: {}", one_line(&e));
         std::process::exit(1);
     }
 }

@@ -1,11 +1,22 @@
-//! MPI links between processes (feature `mpi`; `cargo test --release --features mpi --test
-//! mpi`, OpenMPI's `mpirun` on the PATH). The test starts itself under `mpirun -np 2`; each
-//! rank then runs one stage's links and checks every message it receives.
+//! Training over MPI (feature `mpi`; `cargo test --release --features mpi --test mpi`,
+//! OpenMPI's `mpirun` on the PATH).
+//!
+//! - The links: the test starts itself under `mpirun -np 2`; each rank runs one stage's
+//!   links and checks every message it receives.
+//! - Whole runs: `mpirun -np K featreplay train --transport mpi` against the same run in one
+//!   process (`--splits K`), checkpoint tensor by tensor and metrics bit for bit; resuming
+//!   across the two; a failing rank ending the run non-zero within a time limit.
 
 #![cfg(feature = "mpi")]
 
+#[path = "common/process.rs"]
+mod process;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use featreplay::checkpoint;
 
 use featreplay::pipeline::link::{Features, StageLinks};
 use featreplay::pipeline::mpi::{world_rank_and_size, MpiLinks};
@@ -103,4 +114,213 @@ fn links_carry_features_up_and_gradients_down_in_order_without_deadlock() {
         }
     }
     println!("rank {rank}: rank checks passed");
+}
+
+/// A small run: ResNet-8 on 96 embedded images in batches of 32 (3 iterations an epoch),
+/// evaluated on 32; the learning rate steps in the middle of the second epoch whatever
+/// --epochs says, so a one-epoch run resumed for a second is the two-epoch run.
+const SMALL: [&str; 13] = [
+    "--depth",
+    "8",
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "32",
+    "--batch-size",
+    "32",
+    "--schedule",
+    "1.5",
+    "--gammas",
+    "0.1",
+    "--quiet",
+];
+
+fn small_run(algo: &str, k: usize, epochs: usize) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--algo", algo].iter().map(|s| s.to_string()).collect();
+    a.extend(SMALL.iter().map(|s| s.to_string()));
+    a.extend(["--splits".into(), k.to_string(), "--epochs".into(), epochs.to_string()]);
+    a
+}
+
+/// A fresh directory for run `name`.
+fn run_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("featreplay-mpi-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `mpirun -np n featreplay <args>`: (success, stdout and stderr); a run past `limit` is
+/// killed and fails the test (a hang).
+fn mpirun_featreplay(n: usize, args: &[String], limit: Duration) -> (bool, String) {
+    let child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", &n.to_string()])
+        .arg(env!("CARGO_BIN_EXE_featreplay"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun (install openmpi-bin)");
+    let mut child = process::KillOnDrop(child);
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            let mut text = String::new();
+            use std::io::Read;
+            child.0.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+            child.0.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+            return (status.success(), text);
+        }
+        assert!(start.elapsed() < limit, "mpirun -np {n} {args:?} did not finish within {limit:?} (a hang)");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn mpi_train(n: usize, args: &[String], out: &Path) {
+    let mut a = args.to_vec();
+    a.extend(["--transport".into(), "mpi".into(), "--out".into(), out.display().to_string()]);
+    let (ok, text) = mpirun_featreplay(n, &a, LIMIT);
+    assert!(ok, "mpirun -np {n} {a:?} failed:\n{text}");
+}
+
+fn local_train(args: &[String], out: &Path) {
+    let mut a = args.to_vec();
+    a.extend(["--out".into(), out.display().to_string()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    process::succeeds(&a);
+}
+
+/// An epoch record without what depends on the machine and the processes (times, memory).
+fn without_timing(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        for key in ["epoch_seconds", "images_per_second", "peak_memory_bytes"] {
+            o.remove(key);
+        }
+    }
+    v
+}
+
+fn records(v: &serde_json::Value) -> Vec<serde_json::Value> {
+    v.as_array().cloned().unwrap_or_default().into_iter().map(without_timing).collect()
+}
+
+/// Asserts that runs `a` and `b` wrote the same checkpoint (every tensor, bit for bit, the
+/// pipeline state, configuration and history) and the same metrics rows, times and memory
+/// left out.
+fn assert_same_run(a: &Path, b: &Path) {
+    let ca = checkpoint::load(a).unwrap();
+    let cb = checkpoint::load(b).unwrap();
+    let names = |c: &checkpoint::Checkpoint| c.names().map(String::from).collect::<Vec<_>>();
+    assert_eq!(names(&ca), names(&cb), "{} vs {}: tensor names", a.display(), b.display());
+    for (x, y) in ca.tensors.iter().zip(&cb.tensors) {
+        assert_eq!(x.shape, y.shape, "{}", x.name);
+        let bits = |t: &checkpoint::NamedTensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(bits(x) == bits(y), "{}: tensor {} differs", a.display(), x.name);
+    }
+    assert_eq!(ca.int_tensors, cb.int_tensors, "{}: counters", a.display());
+    assert_eq!((ca.meta.epoch, ca.meta.iteration), (cb.meta.epoch, cb.meta.iteration));
+    assert_eq!(ca.meta.config, cb.meta.config, "configuration");
+    for key in ["pipeline", "data"] {
+        assert_eq!(ca.meta.extra[key], cb.meta.extra[key], "{key}");
+    }
+    let history = |c: &checkpoint::Checkpoint| records(&c.meta.extra["history"]["epochs"]);
+    assert_eq!(history(&ca), history(&cb), "checkpoint history");
+    let rows = |d: &Path| {
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| without_timing(serde_json::from_str(l).unwrap())).collect::<Vec<_>>()
+    };
+    assert_eq!(rows(a), rows(b), "metrics.jsonl");
+    assert_eq!(rows(a).len(), ca.meta.epoch);
+}
+
+/// `algo` over K = 2 and 3 processes equals the same run in one process.
+fn same_as_one_process(algo: &str) {
+    for k in [2, 3] {
+        let args = small_run(algo, k, 2);
+        let (m, s) = (run_dir(&format!("{algo}{k}-mpi")), run_dir(&format!("{algo}{k}-local")));
+        mpi_train(k, &args, &m);
+        local_train(&args, &s);
+        assert_same_run(&m, &s);
+        println!("{algo} K = {k}: the MPI run equals the one-process run");
+        let _ = (std::fs::remove_dir_all(&m), std::fs::remove_dir_all(&s));
+    }
+}
+
+#[test]
+fn bp_over_processes_equals_one_process() {
+    same_as_one_process("bp");
+}
+
+#[test]
+fn fr_over_processes_equals_one_process() {
+    same_as_one_process("fr");
+}
+
+#[test]
+fn ddg_over_processes_equals_one_process() {
+    same_as_one_process("ddg");
+}
+
+#[test]
+fn dni_over_processes_equals_one_process() {
+    same_as_one_process("dni");
+}
+
+/// A checkpoint written over MPI resumes in one process, and one written in one process
+/// resumes over MPI, each exactly where the run would have been.
+#[test]
+fn checkpoints_resume_across_transports() {
+    let whole = run_dir("fr-whole");
+    local_train(&small_run("fr", 2, 2), &whole);
+
+    let from_mpi = run_dir("fr-from-mpi");
+    mpi_train(2, &small_run("fr", 2, 1), &from_mpi);
+    let d = from_mpi.display().to_string();
+    process::succeeds(&["train", "--resume", &d, "--epochs", "2", "--quiet"]);
+    assert_same_run(&from_mpi, &whole);
+
+    let to_mpi = run_dir("fr-to-mpi");
+    local_train(&small_run("fr", 2, 1), &to_mpi);
+    let d = to_mpi.display().to_string();
+    let resume: Vec<String> = ["train", "--resume", &d, "--epochs", "2", "--quiet", "--transport", "mpi"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (ok, text) = mpirun_featreplay(2, &resume, LIMIT);
+    assert!(ok, "{text}");
+    assert_same_run(&to_mpi, &whole);
+    for d in [whole, from_mpi, to_mpi] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// A failing rank ends every rank: mpirun exits non-zero, soon, with the rank and stage in
+/// the error, and the last good checkpoint (epoch 1) stays.
+#[test]
+fn a_failing_rank_ends_the_run_without_a_hang() {
+    let out = run_dir("fail");
+    let mut args = small_run("fr", 2, 2);
+    // Iteration 4 is in the second epoch (3 iterations an epoch).
+    args.extend(["--inject-failure".into(), "1:4".into(), "--transport".into(), "mpi".into()]);
+    args.extend(["--out".into(), out.display().to_string()]);
+    let (ok, text) = mpirun_featreplay(2, &args, Duration::from_secs(120));
+    assert!(!ok, "the run should fail: {text}");
+    assert!(text.contains("featreplay: error: rank 1 (stage 1): "), "{text}");
+    assert!(text.contains("injected failure in stage 1 at iteration 4"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(checkpoint::load(&out).unwrap().meta.epoch, 1, "the last good checkpoint stays");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Any process count but one per stage is refused before any work, with one line.
+#[test]
+fn a_process_count_that_is_not_the_stage_count_is_refused() {
+    let out = run_dir("count");
+    let mut args = small_run("fr", 2, 1);
+    args.extend(["--transport".into(), "mpi".into(), "--out".into(), out.display().to_string()]);
+    let (ok, text) = mpirun_featreplay(3, &args, Duration::from_secs(120));
+    assert!(!ok, "{text}");
+    assert!(text.contains("need 2 processes, not 3"), "{text}");
+    assert!(!out.join("checkpoint.safetensors").exists());
 }

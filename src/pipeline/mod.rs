@@ -4,6 +4,7 @@
 //! [`link::StageLinks`] carries a stage's messages (features and labels up, gradients down)
 //! to and from its neighbours, wherever they run.
 
+pub mod cluster;
 pub mod link;
 #[cfg(feature = "mpi")]
 pub mod mpi;

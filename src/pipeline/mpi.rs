@@ -18,6 +18,7 @@ use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, Rank, SimpleCommunicator};
 
+use super::cluster::Cluster;
 use super::link::{stopped, Features, StageLinks};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -26,6 +27,8 @@ use crate::gpu::{Gpu, Tensor};
 const TAG_UP: i32 = 1;
 /// Tag of gradients going down.
 const TAG_DOWN: i32 = 2;
+/// Tag of a stage's state sent to rank 0 at an epoch's end.
+const TAG_STATE: i32 = 3;
 
 /// A send in flight and the buffer it reads, which must outlive it.
 struct PendingSend {
@@ -170,4 +173,68 @@ impl Drop for MpiLinks {
 pub fn world_rank_and_size() -> (usize, usize) {
     let world = SimpleCommunicator::world();
     (world.rank() as usize, world.size() as usize)
+}
+
+/// The world communicator as a [`Cluster`]: stage k on rank k. It holds no communicator
+/// (they cannot cross threads): each call takes the world's.
+pub struct MpiCluster {
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+}
+
+impl MpiCluster {
+    /// The world of an initialised MPI. Collective: every rank calls it at the same point
+    /// (finding the node-local rank splits the world by shared memory).
+    pub fn new() -> MpiCluster {
+        let world = SimpleCommunicator::world();
+        let local = world.split_shared(world.rank());
+        MpiCluster { rank: world.rank() as usize, size: world.size() as usize, local_rank: local.rank() as usize }
+    }
+
+    /// Ends every rank of the run with `code` (a failing rank calls this, so that the others,
+    /// which may be waiting for its messages, do not wait forever; rsmpi issue 197).
+    pub fn abort(&self, code: i32) -> ! {
+        SimpleCommunicator::world().abort(code)
+    }
+}
+
+impl Default for MpiCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cluster for MpiCluster {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    fn stage_links(&self, stage: usize, stages: usize, gpu: &Gpu) -> Box<dyn StageLinks> {
+        let below = (stage > 0).then(|| (stage - 1) as Rank);
+        let above = (stage + 1 < stages).then(|| (stage + 1) as Rank);
+        Box::new(MpiLinks::new(stage, gpu.clone(), below, above))
+    }
+
+    fn send_state(&self, to: usize, bytes: Vec<u8>) -> Result<()> {
+        // Blocking: rank 0 receives the stages' states in stage order, and nothing else is in
+        // flight between the two ranks at an epoch's end.
+        SimpleCommunicator::world().process_at_rank(to as Rank).send_with_tag(&bytes[..], TAG_STATE);
+        Ok(())
+    }
+
+    fn receive_state(&self, from: usize) -> Result<Vec<u8>> {
+        let world = SimpleCommunicator::world();
+        let (bytes, _) =
+            world.process_at_rank(from as Rank).matched_probe_with_tag(TAG_STATE).matched_receive_vec::<u8>();
+        Ok(bytes)
+    }
 }

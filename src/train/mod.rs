@@ -18,6 +18,7 @@ pub mod resume;
 pub mod run;
 pub mod schedule;
 pub mod sigma;
+pub mod stage_state;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -313,6 +314,16 @@ impl Network {
     /// The BN update counters (`<bn>.num_batches_tracked`, int64 scalars in checkpoints).
     pub fn counter_state(&self) -> Vec<(String, &std::sync::atomic::AtomicU64)> {
         self.stages.iter().flat_map(|s| s.counters()).collect()
+    }
+
+    /// Stage `k`'s part of [`Self::state`]: its parameters, BN running statistics and SGD
+    /// momentum buffers.
+    pub fn stage_state(&self, k: usize) -> Vec<(String, Tensor)> {
+        let s = &self.stages[k];
+        let mut out: Vec<(String, Tensor)> = s.params().iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+        out.extend(s.buffers().into_iter().map(|(name, t)| (name, t.clone())));
+        out.extend(s.params().iter().map(|p| (crate::checkpoint::momentum_name(&p.name), p.momentum.clone())));
+        out
     }
 
     /// Every f32 tensor of the training state with PyTorch-style names: parameters, BN running

@@ -11,8 +11,18 @@ use crate::report;
 
 /// Flags of `train` that a resumed run may change (the others must equal the checkpoint's
 /// or be left out): they do not change what the run computes, or extend it.
-pub const RESUMABLE_FLAGS: [&str; 9] =
-    ["epochs", "data-dir", "device", "schedule", "gammas", "measure-sigma", "quiet", "trace", "conv-variant"];
+pub const RESUMABLE_FLAGS: [&str; 10] = [
+    "epochs",
+    "data-dir",
+    "device",
+    "schedule",
+    "gammas",
+    "measure-sigma",
+    "quiet",
+    "trace",
+    "conv-variant",
+    "transport",
+];
 
 /// The value of a flag that fixes what a run computes, for comparison and messages.
 fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
@@ -99,7 +109,8 @@ pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) 
             "gammas" => cfg.optim.gammas = requested.optim.gammas.clone(),
             "measure-sigma" => cfg.measure_sigma = requested.measure_sigma,
             "conv-variant" => cfg.conv_variant = requested.conv_variant.clone(),
-            "quiet" | "trace" => {}
+            // How and where the run goes on, not what it computes.
+            "quiet" | "trace" | "transport" | "inject-failure" => {}
             f => {
                 let (Some(want), Some(have)) = (fixed_value(requested, f), fixed_value(stored, f)) else { continue };
                 if want != have {

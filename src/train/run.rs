@@ -18,6 +18,7 @@ use super::dgl::AuxConfig;
 use super::method::{self, MemoryQuery, MethodOptions, SavedFields, TrainingMethod};
 use super::resume::{open_resume, resume_config, Resumed, RESUMABLE_FLAGS};
 use super::schedule::{self, EpochOptions, HostBatch, PipelineState};
+use super::stage_state::{self, EpochReport};
 use super::{sigma, Network, OptimConfig};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::data::{Dataset, DatasetKind, LastBatch, LoadOptions, Loader, LoaderConfig, Normalization};
@@ -28,6 +29,7 @@ use crate::layers::loss::{Metrics, MetricsAccumulator};
 use crate::layers::predictor::PredictorConfig;
 use crate::model::resnet::{build, Arch, ResNetConfig};
 use crate::model::{split, ModelSpec, SplitPolicy};
+use crate::pipeline::cluster::Cluster;
 use crate::report::{EpochRecord, MetricsLog, SigmaLog, SigmaRecord};
 use crate::rundir;
 use crate::trace::Tracer;
@@ -85,6 +87,10 @@ pub struct RunConfig {
     /// chosen by adapter type).
     #[serde(default)]
     pub conv_variant: Option<String>,
+    /// A test hook: fail at this stage and iteration (not stored: a resumed run does not
+    /// fail again).
+    #[serde(skip)]
+    pub inject_failure: Option<schedule::InjectedFailure>,
 }
 
 impl RunConfig {
@@ -115,6 +121,7 @@ impl RunConfig {
             shortcut_pad: ChannelPad::Both,
             last_batch: LastBatch::Keep,
             conv_variant: None,
+            inject_failure: None,
         }
     }
 
@@ -821,19 +828,54 @@ pub fn train(
     trace: Option<&Path>,
     obs: &mut dyn Observer,
 ) -> Result<RunSummary> {
-    let checked = check_run(cfg, out, start, trace)?;
-    let _lock = claim_run_dir(out, start)?;
-    let gpus = open_run_devices(cfg, &checked.prepared)?;
+    train_on(cfg, out, start, trace, obs, None)
+}
+
+/// [`train`] as one process of a run spread over a [`Cluster`] (one stage per process, see
+/// [`crate::pipeline::cluster`]); `None` is [`train`]. Every process checks the run, builds
+/// the whole network from the seed (or the checkpoint) and trains its own stage; at each
+/// epoch's end the others send their stage's state to rank 0, which alone writes the run
+/// directory: evaluation, checkpoint and metrics as one process would write them. The other
+/// ranks return an empty summary.
+pub fn train_on(
+    cfg: &RunConfig,
+    out: &Path,
+    start: Start,
+    trace: Option<&Path>,
+    obs: &mut dyn Observer,
+    cluster: Option<&dyn Cluster>,
+) -> Result<RunSummary> {
+    let lead = cluster.is_none_or(|c| c.rank() == 0);
+    let checked = check_run(cfg, out, start, trace, cluster)?;
+    let _lock = if lead { Some(claim_run_dir(out, start)?) } else { None };
+    let gpus = open_run_devices(cfg, &checked.prepared, cluster)?;
     let Checked { prepared: p, resumed, tracer, init } = checked;
     let Built { mut net, mut pipeline, mut run, start_epoch } = build_or_restore(cfg, out, &p, init, resumed, &gpus)?;
 
+    if !lead {
+        let c = cluster.ok_or(Error::Internal { op: "train", detail: "a follower without a cluster".into() })?;
+        for epoch in start_epoch..cfg.epochs {
+            let trained = train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, None, obs, cluster)
+                .map_err(diverged(epoch + 1))?;
+            let k = c.rank();
+            let report = EpochReport {
+                metrics: (k + 1 == net.stages.len()).then_some(trained.metrics),
+                peak_bytes: trained.peak[k],
+            };
+            c.send_state(0, stage_state::stage_bytes(&net, &pipeline, k, &report)?)?;
+        }
+        return Ok(RunSummary { records: vec![], best_test_top1: 0.0, out: out.to_path_buf() });
+    }
     obs.run_start(cfg, &p);
     // The metrics files say what the checkpoint says, whatever a kill left there before.
     let mut log = MetricsLog::create(out, run.history.epochs.clone())?;
     let mut sigma_log = SigmaLog::create(out, run.history.sigma.clone())?;
     for epoch in start_epoch..cfg.epochs {
-        let trained =
-            train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs).map_err(diverged(epoch + 1))?;
+        let mut trained = train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs, cluster)
+            .map_err(diverged(epoch + 1))?;
+        if let Some(c) = cluster {
+            gather_stages(c, &net, &mut pipeline, cfg.seed, &mut trained)?;
+        }
         if let Some(tr) = &tracer {
             tr.write()?;
         }
@@ -850,6 +892,25 @@ pub fn train(
     Ok(RunSummary { records: run.history.epochs, best_test_top1: run.best, out: out.to_path_buf() })
 }
 
+/// Rank 0's end of an epoch: every other stage's state, loaded into this process's copies of
+/// those stages, with the last stage's training metrics and each stage's peak memory.
+fn gather_stages(
+    c: &dyn Cluster,
+    net: &Network,
+    st: &mut PipelineState,
+    seed: u64,
+    trained: &mut TrainedEpoch,
+) -> Result<()> {
+    for k in 1..net.stages.len() {
+        let report = stage_state::restore_stage(net, st, k, &c.receive_state(k)?, seed)?;
+        trained.peak[k] = report.peak_bytes;
+        if let Some(m) = report.metrics {
+            trained.metrics = m;
+        }
+    }
+    Ok(())
+}
+
 /// What [`check_run`] found: everything a run needs that can be had without writing.
 struct Checked {
     prepared: Prepared,
@@ -862,17 +923,27 @@ struct Checked {
 /// Step 1: prepares the data and model and checks the whole configuration (memory, the
 /// checkpoint a resumed run continues, the run directory, the initial weights) before
 /// anything is written.
-fn check_run(cfg: &RunConfig, out: &Path, start: Start, trace: Option<&Path>) -> Result<Checked> {
+fn check_run(
+    cfg: &RunConfig,
+    out: &Path,
+    start: Start,
+    trace: Option<&Path>,
+    cluster: Option<&dyn Cluster>,
+) -> Result<Checked> {
     let resumed = match start {
         Start::Resume => Some(open_resume(cfg, out)?),
         Start::New { .. } => None,
     };
     let prepared = prepare(cfg)?;
     check_memory(cfg, &prepared)?;
+    if let Some(c) = cluster {
+        check_cluster(c, cfg, &prepared, trace)?;
+    }
     if let Some(r) = &resumed {
         r.check_continues(cfg, &stored_config(&r.ck.meta, out)?, &prepared)?;
     }
-    if let Start::New { overwrite } = start {
+    // Only rank 0 writes the run directory (the others would see its lock file).
+    if let (Start::New { overwrite }, true) = (start, cluster.is_none_or(|c| c.rank() == 0)) {
         rundir::check_new_run_dir(out, overwrite)?;
     }
     let tracer = trace.map(Tracer::create).transpose()?;
@@ -882,6 +953,25 @@ fn check_run(cfg: &RunConfig, out: &Path, start: Start, trace: Option<&Path>) ->
         _ => None,
     };
     Ok(Checked { prepared, resumed, tracer, init })
+}
+
+/// A run over processes needs one per stage, and measures what one process can see only.
+fn check_cluster(c: &dyn Cluster, cfg: &RunConfig, p: &Prepared, trace: Option<&Path>) -> Result<()> {
+    let stages = p.ranges.len();
+    let bad = |detail: String| Err(Error::InvalidConfig { op: "train", detail });
+    if c.size() != stages {
+        return bad(format!(
+            "--transport mpi runs one stage per process: {stages} stage(s) (--splits) need {stages} processes, not {} (mpirun -np {stages})",
+            c.size()
+        ));
+    }
+    if cfg.measure_sigma.is_some() {
+        return bad("--measure-sigma needs every stage in one process; leave it out with --transport mpi".into());
+    }
+    if trace.is_some() {
+        return bad("--trace records one process's timeline; leave it out with --transport mpi".into());
+    }
+    Ok(())
 }
 
 /// Step 2: takes the run directory (one run at a time), and clears a previous run's outputs
@@ -899,8 +989,18 @@ fn claim_run_dir(out: &Path, start: Start) -> Result<rundir::RunLock> {
 
 /// Step 3: one device per stage, with the configured conv variant, checked against what the
 /// run needs of it.
-fn open_run_devices(cfg: &RunConfig, p: &Prepared) -> Result<Vec<Gpu>> {
-    let gpus = open_devices(&cfg.devices, p.ranges.len())?;
+///
+/// Over a cluster, each process opens one device (the `--device` at its node-local rank, in
+/// turn) and holds its copy of every stage there: it trains only its own.
+fn open_run_devices(cfg: &RunConfig, p: &Prepared, cluster: Option<&dyn Cluster>) -> Result<Vec<Gpu>> {
+    let gpus = match cluster {
+        None => open_devices(&cfg.devices, p.ranges.len())?,
+        Some(c) => {
+            let selector: Vec<String> =
+                cfg.devices.get(c.local_rank() % cfg.devices.len().max(1)).cloned().into_iter().collect();
+            vec![open_devices(&selector, 1)?.remove(0); p.ranges.len()]
+        }
+    };
     force_conv_variant(&gpus, cfg.conv_variant.as_deref());
     check_device_limits(&gpus, cfg, p)?;
     Ok(gpus)
@@ -1017,6 +1117,10 @@ struct TrainedEpoch {
 /// One epoch (0-based) of training on the pipeline, with the learning rate of each
 /// iteration, sigma measurements and divergence checks (every iteration, and the BN
 /// statistics at the end).
+///
+/// Over a cluster only this process's stage trains, and only the first stage's process
+/// reads the data (the others' loader is empty).
+#[allow(clippy::too_many_arguments)]
 fn train_epoch(
     net: &mut Network,
     st: &mut PipelineState,
@@ -1025,8 +1129,13 @@ fn train_epoch(
     epoch: usize,
     tracer: Option<&Tracer>,
     obs: &mut dyn Observer,
+    cluster: Option<&dyn Cluster>,
 ) -> Result<TrainedEpoch> {
-    let loader = Loader::new(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch as u64)?;
+    let skip = match cluster {
+        Some(c) if c.rank() > 0 => cfg.batches_per_epoch(p.train.len()),
+        _ => 0,
+    };
+    let loader = Loader::starting_at(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch as u64, skip)?;
     let n = loader.num_batches();
     obs.epoch_start(epoch + 1, n);
     let gpus: Vec<Gpu> = net.stages.iter().map(|s| s.gpu.clone()).collect();
@@ -1065,7 +1174,13 @@ fn train_epoch(
             st,
             feed.by_ref().take(chunk),
             chunk,
-            &EpochOptions { tracer, end_of_epoch: done + chunk == n, ..EpochOptions::new(&cfg.optim, lr) },
+            &EpochOptions {
+                tracer,
+                cluster,
+                fail: cfg.inject_failure,
+                end_of_epoch: done + chunk == n,
+                ..EpochOptions::new(&cfg.optim, lr)
+            },
         )?;
         note_peak(&mut peak);
         metrics = combine(metrics, m);

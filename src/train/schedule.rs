@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
 use crate::model::Stage;
+use crate::pipeline::cluster::Cluster;
 use crate::pipeline::link::{stopped, ChannelLinks, Features, StageLinks};
 use crate::pipeline::Transport;
 use crate::trace::Tracer;
@@ -345,12 +346,22 @@ pub struct EpochOptions<'a> {
     pub end_of_epoch: bool,
     pub fail: Option<InjectedFailure>,
     pub tracer: Option<&'a Tracer>,
+    /// The stages run in other processes too: this one runs only stage `cluster.rank()`,
+    /// over the cluster's links (None: every stage runs here).
+    pub cluster: Option<&'a dyn Cluster>,
 }
 
 impl<'a> EpochOptions<'a> {
     pub fn new(optim: &'a OptimConfig, lr: f32) -> Self {
-        EpochOptions { optim, lr, end_of_epoch: true, fail: None, tracer: None }
+        EpochOptions { optim, lr, end_of_epoch: true, fail: None, tracer: None, cluster: None }
     }
+}
+
+/// Where a worker's links come from: channels to the stages of this process, or the
+/// cluster (made on the worker's thread).
+enum LinkSource<'a> {
+    Channel(ChannelLinks<'a>),
+    Cluster(&'a dyn Cluster),
 }
 
 /// Where and when to inject a failure (tests of error propagation).
@@ -365,6 +376,10 @@ pub struct InjectedFailure {
 /// pipeline state (histories, a gradient in flight, step counts) carries over between
 /// calls, so epochs continue one pipeline. A failing stage ends the epoch with its error; the others stop
 /// when their channels close, so nothing waits forever.
+///
+/// With a [`Cluster`] only this process's stage runs (the others' state here is left as
+/// it is): `batches` are read only on the first stage's process, and the metrics are empty
+/// except on the last stage's.
 pub fn run_epoch(
     net: &mut Network,
     state: &mut PipelineState,
@@ -372,17 +387,22 @@ pub fn run_epoch(
     iterations: usize,
     opts: &EpochOptions,
 ) -> Result<crate::layers::loss::Metrics> {
-    let EpochOptions { optim, lr, end_of_epoch, fail, tracer } = *opts;
+    let EpochOptions { optim, lr, end_of_epoch, fail, tracer, cluster } = *opts;
     let k_total = net.stages.len();
     if state.stages.len() != k_total {
         return Err(Error::Schedule {
             detail: format!("pipeline state for {} stages used with {k_total}", state.stages.len()),
         });
     }
+    if let Some(c) = cluster.filter(|c| c.size() != k_total) {
+        return Err(Error::Schedule { detail: format!("{k_total} stages over {} processes", c.size()) });
+    }
+    let here = |k: usize| cluster.is_none_or(|c| c.rank() == k);
+    let feeds_data = here(0);
     let classes = net.spec.classes;
     let input_shape = net.spec.input.clone();
     let gpus: Vec<crate::gpu::Gpu> = net.stages.iter().map(|s| s.gpu.clone()).collect();
-    let mut metrics = Some(MetricsAccumulator::new(&gpus[k_total - 1])?);
+    let mut metrics = if here(k_total - 1) { Some(MetricsAccumulator::new(&gpus[k_total - 1])?) } else { None };
     let first_iteration = state.iteration;
     let transport: &dyn Transport = net.transport.as_ref();
     let mut recent = std::mem::take(&mut state.recent_batches);
@@ -390,12 +410,16 @@ pub fn run_epoch(
     // Data -> stage 0 (two batches ahead); stage k -> k+1 (features) and k+1 -> k
     // (gradients) through the links.
     let (data_tx, data_rx) = sync_channel::<HostBatch>(2);
-    let links = ChannelLinks::line(&gpus, transport);
+    let links: Vec<LinkSource> = match cluster {
+        None => ChannelLinks::line(&gpus, transport).into_iter().map(LinkSource::Channel).collect(),
+        Some(c) => (0..k_total).map(|_| LinkSource::Cluster(c)).collect(),
+    };
     let mut data_rx = Some(data_rx);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let mut metrics_slot = metrics.take();
-        for (k, ((stage, st), links)) in net.stages.iter_mut().zip(state.stages.iter_mut()).zip(links).enumerate() {
+        let stages = net.stages.iter_mut().zip(state.stages.iter_mut()).zip(links).enumerate();
+        for (k, ((stage, st), links)) in stages.filter(|(k, _)| here(*k)) {
             let StageState { module, pending_grad, steps } = st;
             let data_in = if k == 0 { data_rx.take() } else { None };
             let input_shape = input_shape.clone();
@@ -404,6 +428,10 @@ pub fn run_epoch(
             // The worker is built on its own thread: a link may live on one thread only (an
             // MPI communicator does).
             handles.push(scope.spawn(move || {
+                let links: Box<dyn StageLinks + '_> = match links {
+                    LinkSource::Channel(l) => Box::new(l),
+                    LinkSource::Cluster(c) => c.stage_links(k, k_total, &stage.gpu),
+                };
                 let worker = Worker {
                     k,
                     stages: k_total,
@@ -416,7 +444,7 @@ pub fn run_epoch(
                     classes,
                     optim,
                     lr,
-                    links: Box::new(links),
+                    links,
                     data_in,
                     input_shape,
                     fail_at,
@@ -428,7 +456,7 @@ pub fn run_epoch(
         }
         // Feed the batches; stop early if stage 0 is gone (it failed).
         let mut fed = 0;
-        for b in batches.take(iterations) {
+        for b in batches.take(if feeds_data { iterations } else { 0 }) {
             recent.push_back(b.clone());
             if recent.len() > k_total {
                 recent.pop_front();
@@ -440,7 +468,8 @@ pub fn run_epoch(
         }
         drop(data_tx);
         let mut out = Vec::new();
-        for (k, h) in handles.into_iter().enumerate() {
+        let here_stages: Vec<usize> = (0..k_total).filter(|&k| here(k)).collect();
+        for (k, h) in here_stages.into_iter().zip(handles) {
             match h.join() {
                 Ok((r, m)) => {
                     if m.is_some() {
@@ -451,7 +480,7 @@ pub fn run_epoch(
                 Err(_) => out.push(Err(Error::StagePanicked { stage: k })),
             }
         }
-        if fed < iterations && out.iter().all(|r| r.is_ok()) {
+        if feeds_data && fed < iterations && out.iter().all(|r| r.is_ok()) {
             out.push(Err(Error::Schedule {
                 detail: format!("the data feed gave {fed} batches of the {iterations} announced"),
             }));
@@ -467,5 +496,9 @@ pub fn run_epoch(
     state.recent_batches = recent;
     state.iteration += iterations as u64;
     net.steps = state.iteration;
-    metrics.ok_or(Error::Schedule { detail: "no metrics from the last stage".into() })?.read()
+    match metrics {
+        Some(m) => m.read(),
+        None if !here(k_total - 1) => Ok(crate::layers::loss::Metrics::empty()),
+        None => Err(Error::Schedule { detail: "no metrics from the last stage".into() }),
+    }
 }
