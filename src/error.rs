@@ -114,6 +114,11 @@ pub enum Error {
     #[error("injected failure in stage {stage} at iteration {iteration}")]
     InjectedFailure { stage: usize, iteration: u64 },
 
+    /// Data-parallel replicas of a stage that should hold the same weights after an epoch
+    /// do not (their weight hashes differ).
+    #[error("stage {stage}: replica {replica}'s weights differ from replica 0's after epoch {epoch}")]
+    ReplicasDiffer { stage: usize, replica: usize, epoch: usize },
+
     /// A stage's worker thread panicked (a bug: the panic's message went to stderr).
     #[error("module {} panicked", stage + 1)]
     StagePanicked { stage: usize },

@@ -12,6 +12,7 @@ use featreplay::kernels::conv2d;
 use featreplay::kernels::shortcut::ChannelPad;
 use featreplay::layers::predictor::PredictorConfig;
 use featreplay::model::plan;
+use featreplay::pipeline::cluster::{Allreduce, Layout};
 use featreplay::predict;
 use featreplay::report::EpochRecord;
 use featreplay::train::dgl::AuxConfig;
@@ -214,6 +215,20 @@ struct TrainArgs {
     /// No progress bar (one line per epoch only).
     #[arg(long)]
     quiet: bool,
+    /// Data-parallel replicas of the pipeline, over processes (--transport mpi under
+    /// mpirun -np splits x replicas): replica r trains on shard r of every batch and each
+    /// stage's gradients are averaged over its replicas before every update. Batch norm is
+    /// per replica (PyTorch DDP without SyncBN); the checkpoint keeps replica 0's statistics.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// ordered (gathered and summed in replica order: bit-reproducible) or mpi
+    /// (MPI_Allreduce: faster, its own summation order).
+    #[arg(long, default_value = "ordered")]
+    allreduce: Allreduce,
+    /// pipeline-major (rank = replica x splits + stage: a whole pipeline on consecutive
+    /// ranks) or stage-major (rank = stage x replicas + replica).
+    #[arg(long, default_value = "pipeline-major")]
+    layout: Layout,
     /// Test hook: fail in stage STAGE (0-based) at iteration ITERATION.
     #[arg(long, hide = true, value_name = "STAGE:ITERATION", value_parser = parse_failure)]
     inject_failure: Option<InjectedFailure>,
@@ -278,6 +293,9 @@ impl TrainArgs {
             shortcut_pad: if self.reference { ChannelPad::After } else { self.shortcut_pad },
             last_batch: if self.reference { LastBatch::Pad } else { self.last_batch },
             conv_variant: cli.conv_variant.as_ref().map(|v| v.trim().to_string()),
+            replicas: self.replicas,
+            allreduce: self.allreduce,
+            layout: self.layout,
             inject_failure: self.inject_failure,
         }
     }
@@ -808,7 +826,7 @@ fn train_over_mpi(
     use featreplay::pipeline::mpi::MpiCluster;
     let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
         .ok_or_else(|| anyhow::anyhow!("--transport mpi: MPI did not initialise"))?;
-    let cluster = MpiCluster::new();
+    let cluster = MpiCluster::new(cfg.topology(), cfg.allreduce);
     let rank = cluster.rank();
     let obs: &mut dyn Observer = if rank == 0 { console } else { &mut run::Quiet };
     match run::train_on(cfg, dir, start, trace, obs, Some(&cluster)) {

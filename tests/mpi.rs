@@ -17,6 +17,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use featreplay::checkpoint;
+use featreplay::data::Loader;
+use featreplay::pipeline::cluster::ThreadReducers;
+use featreplay::train::run::{self, RunConfig};
+use featreplay::train::schedule::{self, EpochOptions, HostBatch, PipelineState};
+use featreplay::train::Network;
 
 use featreplay::pipeline::link::{Features, StageLinks};
 use featreplay::pipeline::mpi::{world_rank_and_size, MpiLinks};
@@ -220,7 +225,13 @@ fn assert_same_run(a: &Path, b: &Path) {
     }
     assert_eq!(ca.int_tensors, cb.int_tensors, "{}: counters", a.display());
     assert_eq!((ca.meta.epoch, ca.meta.iteration), (cb.meta.epoch, cb.meta.iteration));
-    assert_eq!(ca.meta.config, cb.meta.config, "configuration");
+    // The layout places the ranks; it does not change what is computed.
+    let config = |c: &checkpoint::Checkpoint| {
+        let mut v = c.meta.config.clone();
+        v.as_object_mut().unwrap().remove("layout");
+        v
+    };
+    assert_eq!(config(&ca), config(&cb), "configuration");
     for key in ["pipeline", "data"] {
         assert_eq!(ca.meta.extra[key], cb.meta.extra[key], "{key}");
     }
@@ -323,4 +334,117 @@ fn a_process_count_that_is_not_the_stage_count_is_refused() {
     assert!(!ok, "{text}");
     assert!(text.contains("need 2 processes, not 3"), "{text}");
     assert!(!out.join("checkpoint.safetensors").exists());
+}
+
+/// FR with K = 2 and R = 2 replicas for two epochs at a constant learning rate (the step is
+/// placed after the run's end).
+fn replicated_run() -> Vec<String> {
+    let mut a = small_run("fr", 2, 2);
+    let at = a.iter().position(|x| x == "--schedule").unwrap();
+    a[at + 1] = "2".into();
+    a.extend(["--replicas".into(), "2".into()]);
+    a
+}
+
+/// The run `args` describe, simulated in this process: R pipelines on threads, replica r fed
+/// shard r of every batch, each stage's gradients averaged through [`ThreadReducers`] (the
+/// ordered sum). Returns replica 0's network after the run.
+fn simulate_replicas(args: &[String]) -> Network {
+    let (replicas, epochs) = (2, 2);
+    let mut cfg = RunConfig::default_for(epochs);
+    let value = |flag: &str| args[args.iter().position(|x| x == flag).unwrap() + 1].clone();
+    cfg.dataset = "embedded".into();
+    cfg.algo = value("--algo");
+    cfg.depth = value("--depth").parse().unwrap();
+    cfg.train_subset = Some(value("--train-subset").parse().unwrap());
+    cfg.test_subset = Some(value("--test-subset").parse().unwrap());
+    cfg.batch_size = value("--batch-size").parse().unwrap();
+    cfg.splits = value("--splits").parse().unwrap();
+    cfg.optim.schedule = vec![value("--schedule").parse().unwrap()];
+    cfg.optim.gammas = vec![value("--gammas").parse().unwrap()];
+    let p = run::prepare(&cfg).unwrap();
+    let mut pipelines: Vec<(Network, PipelineState)> = (0..replicas)
+        .map(|_| {
+            let gpus = run::open_devices(&["auto".to_string()], cfg.splits).unwrap();
+            let net = Network::new(p.spec.clone(), &p.ranges, &gpus, cfg.seed).unwrap();
+            let st = PipelineState::new(cfg.method().unwrap(), &net, cfg.seed).unwrap();
+            (net, st)
+        })
+        .collect();
+    let reducers = ThreadReducers::new(cfg.splits, replicas);
+    let sample: usize = p.spec.input.iter().product();
+    for epoch in 0..epochs {
+        let batches: Vec<HostBatch> = Loader::new(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch as u64)
+            .unwrap()
+            .map(|b| HostBatch { images: b.images, labels: b.labels })
+            .collect();
+        let n = batches.len();
+        let lr = cfg.optim.lr_at(pipelines[0].1.iteration, n);
+        assert_eq!(cfg.optim.next_change(pipelines[0].1.iteration, n).map(|i| i >= (epochs * n) as u64), Some(true));
+        std::thread::scope(|scope| {
+            for (r, (net, st)) in pipelines.iter_mut().enumerate() {
+                let shards: Vec<HostBatch> = batches
+                    .iter()
+                    .map(|b| {
+                        let m = b.labels.len() / replicas;
+                        HostBatch {
+                            images: b.images[r * m * sample..(r + 1) * m * sample].to_vec(),
+                            labels: b.labels[r * m..(r + 1) * m].to_vec(),
+                        }
+                    })
+                    .collect();
+                let (optim, reducers) = (&cfg.optim, &reducers);
+                scope.spawn(move || {
+                    let opts = EpochOptions { thread_replicas: Some((reducers, r)), ..EpochOptions::new(optim, lr) };
+                    schedule::run_epoch(net, st, shards.into_iter(), n, &opts).unwrap();
+                });
+            }
+        });
+    }
+    pipelines.swap_remove(0).0
+}
+
+/// Two replicas over four processes train exactly as the in-process simulation of two
+/// replicas with the same ordered sum; the stage-major layout changes nothing.
+#[test]
+fn replicas_over_processes_equal_the_in_process_simulation() {
+    let args = replicated_run();
+    let (pm, sm) = (run_dir("replicas-pipeline-major"), run_dir("replicas-stage-major"));
+    mpi_train(4, &args, &pm);
+    let mut stage_major = args.clone();
+    stage_major.extend(["--layout".into(), "stage-major".into()]);
+    mpi_train(4, &stage_major, &sm);
+    assert_same_run(&pm, &sm);
+
+    let net = simulate_replicas(&args);
+    let ck = checkpoint::load(&pm).unwrap();
+    let state = net.state();
+    assert!(!state.is_empty());
+    for (name, t) in state {
+        let saved = ck.get(&name).unwrap_or_else(|| panic!("{name} not in the checkpoint"));
+        assert_eq!(saved.shape, t.shape(), "{name}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&saved.data) == bits(&t.to_vec().unwrap()), "{name} differs from the simulation");
+    }
+    for (name, c) in net.counter_state() {
+        let saved = ck.int_tensors.iter().find(|t| t.name == name).unwrap();
+        assert_eq!(saved.data, vec![c.load(std::sync::atomic::Ordering::Relaxed) as i64], "{name}");
+    }
+    for d in [pm, sm] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// MPI_Allreduce sums in its own order: the run works and its replicas stay identical (the
+/// epoch-end check), though its bits may differ from the ordered sum's.
+#[test]
+fn replicas_with_mpi_allreduce_train_and_stay_identical() {
+    let out = run_dir("replicas-allreduce-mpi");
+    let mut args = replicated_run();
+    args.extend(["--allreduce".into(), "mpi".into()]);
+    mpi_train(4, &args, &out);
+    let ck = checkpoint::load(&out).unwrap();
+    assert_eq!(ck.meta.epoch, 2);
+    assert_eq!(ck.meta.config["allreduce"], "mpi");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -14,11 +14,12 @@
 //! A message is little-endian `u32` words: a header (the tensor's rank and dimensions, for
 //! features also `parts` and the label count, then the labels) followed by the f32 values.
 
+use mpi::collective::{CommunicatorCollectives, SystemOperation};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::{Request, StaticScope};
-use mpi::topology::{Communicator, Rank, SimpleCommunicator};
+use mpi::topology::{Color, Communicator, Rank, SimpleCommunicator};
 
-use super::cluster::Cluster;
+use super::cluster::{ordered_mean, scale_mean, Allreduce, Cluster, GradientReducer, Topology};
 use super::link::{stopped, Features, StageLinks};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -29,6 +30,8 @@ const TAG_UP: i32 = 1;
 const TAG_DOWN: i32 = 2;
 /// Tag of a stage's state sent to rank 0 at an epoch's end.
 const TAG_STATE: i32 = 3;
+/// Tag of gradients being averaged over a stage's replicas.
+const TAG_REDUCE: i32 = 4;
 
 /// A send in flight and the buffer it reads, which must outlive it.
 struct PendingSend {
@@ -175,21 +178,31 @@ pub fn world_rank_and_size() -> (usize, usize) {
     (world.rank() as usize, world.size() as usize)
 }
 
-/// The world communicator as a [`Cluster`]: stage k on rank k. It holds no communicator
-/// (they cannot cross threads): each call takes the world's.
+/// The world communicator as a [`Cluster`] of `topology`'s shape. It holds no
+/// communicator (they cannot cross threads): each call takes the world's, and a reducer
+/// makes its own on its worker's thread.
 pub struct MpiCluster {
+    topology: Topology,
+    allreduce: Allreduce,
     rank: usize,
     size: usize,
     local_rank: usize,
 }
 
 impl MpiCluster {
-    /// The world of an initialised MPI. Collective: every rank calls it at the same point
-    /// (finding the node-local rank splits the world by shared memory).
-    pub fn new() -> MpiCluster {
+    /// The world of an initialised MPI as a run of `topology`'s shape. Collective: every
+    /// rank calls it at the same point (finding the node-local rank splits the world by
+    /// shared memory). The world's size is checked by the run, not here.
+    pub fn new(topology: Topology, allreduce: Allreduce) -> MpiCluster {
         let world = SimpleCommunicator::world();
         let local = world.split_shared(world.rank());
-        MpiCluster { rank: world.rank() as usize, size: world.size() as usize, local_rank: local.rank() as usize }
+        MpiCluster {
+            topology,
+            allreduce,
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            local_rank: local.rank() as usize,
+        }
     }
 
     /// Ends every rank of the run with `code` (a failing rank calls this, so that the others,
@@ -199,13 +212,11 @@ impl MpiCluster {
     }
 }
 
-impl Default for MpiCluster {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Cluster for MpiCluster {
+    fn topology(&self) -> Topology {
+        self.topology
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
@@ -218,15 +229,37 @@ impl Cluster for MpiCluster {
         self.local_rank
     }
 
-    fn stage_links(&self, stage: usize, stages: usize, gpu: &Gpu) -> Box<dyn StageLinks> {
-        let below = (stage > 0).then(|| (stage - 1) as Rank);
-        let above = (stage + 1 < stages).then(|| (stage + 1) as Rank);
+    fn stage_links(&self, gpu: &Gpu) -> Box<dyn StageLinks> {
+        let (stage, replica) = self.place();
+        let t = self.topology;
+        let below = (stage > 0).then(|| t.rank(stage - 1, replica) as Rank);
+        let above = (stage + 1 < t.stages).then(|| t.rank(stage + 1, replica) as Rank);
         Box::new(MpiLinks::new(stage, gpu.clone(), below, above))
     }
 
+    fn reducer(&self) -> Option<Box<dyn GradientReducer>> {
+        let t = self.topology;
+        if t.replicas == 1 {
+            return None;
+        }
+        let (stage, replica) = self.place();
+        let world = SimpleCommunicator::world();
+        Some(match self.allreduce {
+            Allreduce::Ordered => {
+                let ranks = (0..t.replicas).map(|r| t.rank(stage, r) as Rank).collect();
+                Box::new(OrderedReducer { world, ranks, replica })
+            }
+            Allreduce::Mpi => {
+                // Collective over the world: every rank makes its reducer at the same point.
+                let comm = world.split_by_color(Color::with_value(stage as i32)).expect("every rank has a color");
+                Box::new(MpiReducer { comm, replicas: t.replicas })
+            }
+        })
+    }
+
     fn send_state(&self, to: usize, bytes: Vec<u8>) -> Result<()> {
-        // Blocking: rank 0 receives the stages' states in stage order, and nothing else is in
-        // flight between the two ranks at an epoch's end.
+        // Blocking: every receiver takes what it waits for in a fixed order, and nothing
+        // else is in flight between two ranks at an epoch's end.
         SimpleCommunicator::world().process_at_rank(to as Rank).send_with_tag(&bytes[..], TAG_STATE);
         Ok(())
     }
@@ -236,5 +269,61 @@ impl Cluster for MpiCluster {
         let (bytes, _) =
             world.process_at_rank(from as Rank).matched_probe_with_tag(TAG_STATE).matched_receive_vec::<u8>();
         Ok(bytes)
+    }
+}
+
+/// [`Allreduce::Ordered`]: the stage's first replica receives the others' gradients in
+/// replica order, takes their [`ordered_mean`] and sends it back to each.
+struct OrderedReducer {
+    world: SimpleCommunicator,
+    /// The ranks of this stage's replicas, in replica order.
+    ranks: Vec<Rank>,
+    replica: usize,
+}
+
+impl GradientReducer for OrderedReducer {
+    fn average(&mut self, grads: &mut [f32]) -> Result<()> {
+        let receive = |from: Rank| -> Vec<f32> {
+            let (v, _) =
+                self.world.process_at_rank(from).matched_probe_with_tag(TAG_REDUCE).matched_receive_vec::<f32>();
+            v
+        };
+        if self.replica == 0 {
+            let others: Vec<Vec<f32>> = self.ranks[1..].iter().map(|&r| receive(r)).collect();
+            if let Some(bad) = others.iter().find(|g| g.len() != grads.len()) {
+                return Err(Error::Schedule {
+                    detail: format!("a replica sent {} gradient values, not {}", bad.len(), grads.len()),
+                });
+            }
+            ordered_mean(grads, others.into_iter(), self.ranks.len());
+            for &r in &self.ranks[1..] {
+                self.world.process_at_rank(r).send_with_tag(&grads[..], TAG_REDUCE);
+            }
+        } else {
+            self.world.process_at_rank(self.ranks[0]).send_with_tag(&grads[..], TAG_REDUCE);
+            let mean = receive(self.ranks[0]);
+            if mean.len() != grads.len() {
+                return Err(Error::Schedule {
+                    detail: format!("{} mean gradient values, not {}", mean.len(), grads.len()),
+                });
+            }
+            grads.copy_from_slice(&mean);
+        }
+        Ok(())
+    }
+}
+
+/// [`Allreduce::Mpi`]: MPI_Allreduce over a communicator of the stage's replicas.
+struct MpiReducer {
+    comm: SimpleCommunicator,
+    replicas: usize,
+}
+
+impl GradientReducer for MpiReducer {
+    fn average(&mut self, grads: &mut [f32]) -> Result<()> {
+        let mine = grads.to_vec();
+        self.comm.all_reduce_into(&mine[..], grads, SystemOperation::sum());
+        scale_mean(grads, self.replicas);
+        Ok(())
     }
 }

@@ -92,6 +92,11 @@ pub fn method(opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
 const HEAD_SEED: u64 = 0xD61_0000;
 
 impl TrainingMethod for Dgl {
+    /// Its modules' own networks (predictors, heads) learn from each replica's data alone.
+    fn replicable(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "dgl"
     }

@@ -42,6 +42,11 @@ pub fn method(opts: &MethodOptions) -> Result<Arc<dyn TrainingMethod>> {
 }
 
 impl TrainingMethod for Dni {
+    /// Its modules' own networks (predictors, heads) learn from each replica's data alone.
+    fn replicable(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "dni"
     }

@@ -57,6 +57,12 @@ pub trait TrainingMethod: Send + Sync + std::fmt::Debug {
         true
     }
 
+    /// Whether data-parallel replicas stay identical when only the stages' gradients are
+    /// averaged (DNI's predictors and DGL's heads are trained apart from the stages).
+    fn replicable(&self) -> bool {
+        true
+    }
+
     /// What to lower when the run does not fit in memory.
     fn memory_hint(&self) -> &'static str {
         "; lower --batch-size, --depth or the image size"

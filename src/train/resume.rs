@@ -11,7 +11,7 @@ use crate::report;
 
 /// Flags of `train` that a resumed run may change (the others must equal the checkpoint's
 /// or be left out): they do not change what the run computes, or extend it.
-pub const RESUMABLE_FLAGS: [&str; 10] = [
+pub const RESUMABLE_FLAGS: [&str; 11] = [
     "epochs",
     "data-dir",
     "device",
@@ -22,6 +22,7 @@ pub const RESUMABLE_FLAGS: [&str; 10] = [
     "trace",
     "conv-variant",
     "transport",
+    "layout",
 ];
 
 /// The value of a flag that fixes what a run computes, for comparison and messages.
@@ -52,14 +53,18 @@ fn fixed_value(c: &RunConfig, flag: &str) -> Option<String> {
         "last-batch" => c.last_batch.to_string(),
         "dgl-depth" => c.dgl.depth.to_string(),
         "dgl-width" => c.dgl.width.to_string(),
+        "replicas" => c.replicas.to_string(),
+        "allreduce" => c.allreduce.to_string(),
         "init-from" => c.init_from.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
         _ => return None,
     })
 }
 
 /// Every flag [`fixed_value`] knows.
-const FIXED_FLAGS: [&str; 24] = [
+const FIXED_FLAGS: [&str; 26] = [
     "init-from",
+    "replicas",
+    "allreduce",
     "dataset",
     "arch",
     "depth",
@@ -109,6 +114,7 @@ pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) 
             "gammas" => cfg.optim.gammas = requested.optim.gammas.clone(),
             "measure-sigma" => cfg.measure_sigma = requested.measure_sigma,
             "conv-variant" => cfg.conv_variant = requested.conv_variant.clone(),
+            "layout" => cfg.layout = requested.layout,
             // How and where the run goes on, not what it computes.
             "quiet" | "trace" | "transport" | "inject-failure" => {}
             f => {
@@ -135,6 +141,7 @@ pub fn resume_config(stored: &RunConfig, requested: &RunConfig, given: &[&str]) 
         ("gammas", show(&stored.optim.gammas), show(&cfg.optim.gammas)),
         ("measure-sigma", show(&stored.measure_sigma), show(&cfg.measure_sigma)),
         ("conv-variant", show(&stored.conv_variant), show(&cfg.conv_variant)),
+        ("layout", show(&stored.layout), show(&cfg.layout)),
     ] {
         if was != now {
             changes.push(format!("--{flag}: {was} -> {now}"));

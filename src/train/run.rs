@@ -29,7 +29,7 @@ use crate::layers::loss::{Metrics, MetricsAccumulator};
 use crate::layers::predictor::PredictorConfig;
 use crate::model::resnet::{build, Arch, ResNetConfig};
 use crate::model::{split, ModelSpec, SplitPolicy};
-use crate::pipeline::cluster::Cluster;
+use crate::pipeline::cluster::{Allreduce, Cluster, Layout, Topology};
 use crate::report::{EpochRecord, MetricsLog, SigmaLog, SigmaRecord};
 use crate::rundir;
 use crate::trace::Tracer;
@@ -87,6 +87,16 @@ pub struct RunConfig {
     /// chosen by adapter type).
     #[serde(default)]
     pub conv_variant: Option<String>,
+    /// Data-parallel replicas of the pipeline (over processes: `--transport mpi`); each
+    /// stage's gradients are averaged over them before every update.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// How the replicas' gradients are summed.
+    #[serde(default)]
+    pub allreduce: Allreduce,
+    /// Which rank runs which stage of which replica (no effect on what is computed).
+    #[serde(default)]
+    pub layout: Layout,
     /// A test hook: fail at this stage and iteration (not stored: a resumed run does not
     /// fail again).
     #[serde(skip)]
@@ -121,6 +131,9 @@ impl RunConfig {
             shortcut_pad: ChannelPad::Both,
             last_batch: LastBatch::Keep,
             conv_variant: None,
+            replicas: 1,
+            allreduce: Allreduce::Ordered,
+            layout: Layout::PipelineMajor,
             inject_failure: None,
         }
     }
@@ -131,6 +144,11 @@ impl RunConfig {
             && self.optim.first_stage_lr_scale == 2.0
             && self.shortcut_pad == ChannelPad::After
             && self.last_batch == LastBatch::Pad
+    }
+
+    /// The shape of this run over processes.
+    pub fn topology(&self) -> Topology {
+        Topology { stages: self.splits, replicas: self.replicas, layout: self.layout }
     }
 
     /// The training loader's configuration.
@@ -173,6 +191,24 @@ impl RunConfig {
         if let Some(v) = self.conv_variant.as_deref().filter(|v| v.trim() != "tune") {
             v.parse::<crate::kernels::conv2d::ConvVariant>()?;
         }
+        if self.replicas == 0 {
+            return Err(bad("--replicas must be at least 1".into()));
+        }
+        if self.replicas > 1 {
+            let m = self.method()?;
+            if !m.replicable() {
+                return Err(bad(format!(
+                    "--algo {} trains more than the stages (predictors or auxiliary heads), which --replicas does not average: use bp, fr, ddg or gpipe",
+                    self.algo
+                )));
+            }
+            if !self.batch_size.is_multiple_of(self.replicas) {
+                return Err(bad(format!(
+                    "--batch-size {} does not split evenly over --replicas {}",
+                    self.batch_size, self.replicas
+                )));
+            }
+        }
         if self.measure_sigma == Some(0) {
             return Err(bad("--measure-sigma must be at least 1 (iterations between measurements)".into()));
         }
@@ -185,6 +221,10 @@ impl RunConfig {
         }
         self.optim.validate()
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// GPipe's default: 4 micro-batches per batch.
@@ -852,17 +892,11 @@ pub fn train_on(
     let Checked { prepared: p, resumed, tracer, init } = checked;
     let Built { mut net, mut pipeline, mut run, start_epoch } = build_or_restore(cfg, out, &p, init, resumed, &gpus)?;
 
-    if !lead {
-        let c = cluster.ok_or(Error::Internal { op: "train", detail: "a follower without a cluster".into() })?;
+    if let (false, Some(c)) = (lead, cluster) {
         for epoch in start_epoch..cfg.epochs {
             let trained = train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, None, obs, cluster)
                 .map_err(diverged(epoch + 1))?;
-            let k = c.rank();
-            let report = EpochReport {
-                metrics: (k + 1 == net.stages.len()).then_some(trained.metrics),
-                peak_bytes: trained.peak[k],
-            };
-            c.send_state(0, stage_state::stage_bytes(&net, &pipeline, k, &report)?)?;
+            report_epoch(c, &net, &pipeline, trained, epoch + 1)?;
         }
         return Ok(RunSummary { records: vec![], best_test_top1: 0.0, out: out.to_path_buf() });
     }
@@ -874,7 +908,7 @@ pub fn train_on(
         let mut trained = train_epoch(&mut net, &mut pipeline, &p, cfg, epoch, tracer.as_ref(), obs, cluster)
             .map_err(diverged(epoch + 1))?;
         if let Some(c) = cluster {
-            gather_stages(c, &net, &mut pipeline, cfg.seed, &mut trained)?;
+            gather_stages(c, &net, &mut pipeline, cfg.seed, &mut trained, epoch + 1)?;
         }
         if let Some(tr) = &tracer {
             tr.write()?;
@@ -892,23 +926,94 @@ pub fn train_on(
     Ok(RunSummary { records: run.history.epochs, best_test_top1: run.best, out: out.to_path_buf() })
 }
 
-/// Rank 0's end of an epoch: every other stage's state, loaded into this process's copies of
-/// those stages, with the last stage's training metrics and each stage's peak memory.
+/// The end of an epoch on a rank other than 0: its stage's weights checked against the
+/// stage's other replicas, then to rank 0 its stage's state (replica 0) and the training
+/// metrics (last stages).
+fn report_epoch(c: &dyn Cluster, net: &Network, st: &PipelineState, trained: TrainedEpoch, epoch: usize) -> Result<()> {
+    let t = c.topology();
+    let (k, r) = c.place();
+    check_replicas(c, net, epoch)?;
+    let report = EpochReport { metrics: (k + 1 == t.stages).then_some(trained.metrics), peak_bytes: trained.peak[k] };
+    if r == 0 {
+        c.send_state(0, stage_state::stage_bytes(net, st, k, &report)?)?;
+    } else if report.metrics.is_some() {
+        c.send_state(0, stage_state::report_bytes(k, &report)?)?;
+    }
+    Ok(())
+}
+
+/// With replicas, every replica of this rank's stage must hold the same weights after an
+/// epoch: replicas r > 0 send a hash of theirs to replica 0, which compares.
+fn check_replicas(c: &dyn Cluster, net: &Network, epoch: usize) -> Result<()> {
+    let t = c.topology();
+    if t.replicas == 1 {
+        return Ok(());
+    }
+    let (k, r) = c.place();
+    let hash = stage_state::weights_hash(net, k)?;
+    if r > 0 {
+        return c.send_state(t.rank(k, 0), hash.into_bytes());
+    }
+    for replica in 1..t.replicas {
+        if c.receive_state(t.rank(k, replica))? != hash.as_bytes() {
+            return Err(Error::ReplicasDiffer { stage: k, replica, epoch });
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0's end of an epoch: its stage's replicas checked, every other stage's state
+/// (replica 0) loaded into this process's copies of those stages, each stage's peak memory,
+/// and the training metrics of every replica's last stage, combined.
 fn gather_stages(
     c: &dyn Cluster,
     net: &Network,
     st: &mut PipelineState,
     seed: u64,
     trained: &mut TrainedEpoch,
+    epoch: usize,
 ) -> Result<()> {
-    for k in 1..net.stages.len() {
-        let report = stage_state::restore_stage(net, st, k, &c.receive_state(k)?, seed)?;
+    check_replicas(c, net, epoch)?;
+    let t = c.topology();
+    let mut metrics = Vec::new();
+    if t.stages == 1 {
+        metrics.push(trained.metrics.clone());
+    }
+    for k in 1..t.stages {
+        let report = stage_state::restore_stage(net, st, k, &c.receive_state(t.rank(k, 0))?, seed)?;
         trained.peak[k] = report.peak_bytes;
-        if let Some(m) = report.metrics {
-            trained.metrics = m;
+        metrics.extend(report.metrics);
+    }
+    for r in 1..t.replicas {
+        let last = t.stages - 1;
+        metrics.extend(stage_state::read_report(last, &c.receive_state(t.rank(last, r))?)?.metrics);
+    }
+    if metrics.len() != t.replicas {
+        return Err(Error::Schedule {
+            detail: format!("training metrics from {} of {} replicas", metrics.len(), t.replicas),
+        });
+    }
+    trained.metrics = combine_replicas(metrics);
+    Ok(())
+}
+
+/// The training metrics of a whole batch from its replicas' shards (equal in size): means
+/// over the samples, and each batch's loss the mean of its shards' losses, in replica order.
+fn combine_replicas(mut replicas: Vec<Metrics>) -> Metrics {
+    if replicas.len() == 1 {
+        return replicas.remove(0);
+    }
+    let n: usize = replicas.iter().map(|m| m.samples).sum();
+    let mean = |f: fn(&Metrics) -> f64| replicas.iter().map(|m| f(m) * m.samples as f64).sum::<f64>() / n.max(1) as f64;
+    let mut batch_losses = replicas[0].batch_losses.clone();
+    for m in &replicas[1..] {
+        for (b, l) in batch_losses.iter_mut().zip(&m.batch_losses) {
+            *b += l;
         }
     }
-    Ok(())
+    let inv = 1.0 / replicas.len() as f32;
+    batch_losses.iter_mut().for_each(|b| *b *= inv);
+    Metrics { loss: mean(|m| m.loss), top1: mean(|m| m.top1), top5: mean(|m| m.top5), samples: n, batch_losses }
 }
 
 /// What [`check_run`] found: everything a run needs that can be had without writing.
@@ -939,6 +1044,7 @@ fn check_run(
     if let Some(c) = cluster {
         check_cluster(c, cfg, &prepared, trace)?;
     }
+    check_replicas_config(cfg, &prepared, cluster)?;
     if let Some(r) = &resumed {
         r.check_continues(cfg, &stored_config(&r.ck.meta, out)?, &prepared)?;
     }
@@ -955,14 +1061,19 @@ fn check_run(
     Ok(Checked { prepared, resumed, tracer, init })
 }
 
-/// A run over processes needs one per stage, and measures what one process can see only.
+/// A run over processes needs one process per stage and replica, and measures what one
+/// process can see only.
 fn check_cluster(c: &dyn Cluster, cfg: &RunConfig, p: &Prepared, trace: Option<&Path>) -> Result<()> {
-    let stages = p.ranges.len();
+    let t = cfg.topology();
     let bad = |detail: String| Err(Error::InvalidConfig { op: "train", detail });
-    if c.size() != stages {
+    if c.size() != t.size() || p.ranges.len() != t.stages {
         return bad(format!(
-            "--transport mpi runs one stage per process: {stages} stage(s) (--splits) need {stages} processes, not {} (mpirun -np {stages})",
-            c.size()
+            "--transport mpi runs one stage of one replica per process: --splits {} x --replicas {} need {} processes, not {} (mpirun -np {})",
+            t.stages,
+            t.replicas,
+            t.size(),
+            c.size(),
+            t.size()
         ));
     }
     if cfg.measure_sigma.is_some() {
@@ -970,6 +1081,30 @@ fn check_cluster(c: &dyn Cluster, cfg: &RunConfig, p: &Prepared, trace: Option<&
     }
     if trace.is_some() {
         return bad("--trace records one process's timeline; leave it out with --transport mpi".into());
+    }
+    Ok(())
+}
+
+/// Replicas run over processes only, and each takes an equal shard of every batch.
+fn check_replicas_config(cfg: &RunConfig, p: &Prepared, cluster: Option<&dyn Cluster>) -> Result<()> {
+    let r = cfg.replicas;
+    if r == 1 {
+        return Ok(());
+    }
+    let bad = |detail: String| Err(Error::InvalidConfig { op: "train", detail });
+    if cluster.is_none() {
+        return bad(format!(
+            "--replicas {r} runs over processes: add --transport mpi and start {} of them (mpirun -np {})",
+            cfg.topology().size(),
+            cfg.topology().size()
+        ));
+    }
+    let last = p.train.len() % cfg.batch_size;
+    if cfg.last_batch == LastBatch::Keep && !last.is_multiple_of(r) {
+        return bad(format!(
+            "the last batch of {} training images holds {last}, which does not split evenly over --replicas {r}: use --last-batch drop or pad",
+            p.train.len()
+        ));
     }
     Ok(())
 }
@@ -1132,9 +1267,12 @@ fn train_epoch(
     cluster: Option<&dyn Cluster>,
 ) -> Result<TrainedEpoch> {
     let skip = match cluster {
-        Some(c) if c.rank() > 0 => cfg.batches_per_epoch(p.train.len()),
+        Some(c) if c.place().0 > 0 => cfg.batches_per_epoch(p.train.len()),
         _ => 0,
     };
+    // Replica r trains on shard r of each batch.
+    let (replica, replicas) = cluster.map_or((0, 1), |c| (c.place().1, c.topology().replicas));
+    let sample = p.spec.input.iter().product::<usize>();
     let loader = Loader::starting_at(p.train.clone(), p.norm.clone(), cfg.train_loader(), epoch as u64, skip)?;
     let n = loader.num_batches();
     obs.epoch_start(epoch + 1, n);
@@ -1154,7 +1292,12 @@ fn train_epoch(
     let mut feed = loader.map(|b| {
         seen += b.len();
         obs.batch(epoch + 1, b.index, seen as f64 / t0.elapsed().as_secs_f64());
-        HostBatch { images: b.images, labels: b.labels }
+        if replicas == 1 {
+            return HostBatch { images: b.images, labels: b.labels };
+        }
+        let n = b.labels.len() / replicas;
+        let at = replica * n;
+        HostBatch { images: b.images[at * sample..(at + n) * sample].to_vec(), labels: b.labels[at..at + n].to_vec() }
     });
     let mut done = 0usize;
     let mut metrics = Metrics::empty();

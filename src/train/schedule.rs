@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Tensor;
 use crate::layers::loss::{self, MetricsAccumulator};
 use crate::model::Stage;
-use crate::pipeline::cluster::Cluster;
+use crate::pipeline::cluster::{Cluster, GradientReducer, ThreadReducers};
 use crate::pipeline::link::{stopped, ChannelLinks, Features, StageLinks};
 use crate::pipeline::Transport;
 use crate::trace::Tracer;
@@ -127,6 +127,8 @@ pub struct Worker<'a> {
     lr: f32,
     /// Features up and gradients down, to and from the neighbouring stages.
     links: Box<dyn StageLinks + 'a>,
+    /// Averages the gradients with the stage's other replicas before each update.
+    reducer: Option<Box<dyn GradientReducer>>,
     data_in: Option<Receiver<HostBatch>>,
     /// Per-sample input shape (module 0 builds its input tensor from host batches).
     input_shape: Vec<usize>,
@@ -179,8 +181,22 @@ impl Worker<'_> {
         self.optim.sgd(lr)
     }
 
-    /// SGD on the stage's parameters with their current gradients.
+    /// SGD on the stage's parameters with their current gradients (first averaged over the
+    /// stage's replicas, if it has any).
     pub(super) fn sgd(&mut self) -> Result<()> {
+        if let Some(r) = self.reducer.as_mut() {
+            let grads: Vec<Tensor> = self.stage.params().iter().map(|p| p.grad.clone()).collect();
+            let mut flat = Vec::with_capacity(grads.iter().map(Tensor::numel).sum());
+            for g in &grads {
+                flat.extend(g.to_vec()?);
+            }
+            r.average(&mut flat)?;
+            let mut at = 0;
+            for g in &grads {
+                g.gpu().write(g, &flat[at..at + g.numel()])?;
+                at += g.numel();
+            }
+        }
         let cfg = self.sgd_config();
         self.stage.sgd_step(&cfg, *self.steps == 0)?;
         *self.steps += 1;
@@ -346,14 +362,17 @@ pub struct EpochOptions<'a> {
     pub end_of_epoch: bool,
     pub fail: Option<InjectedFailure>,
     pub tracer: Option<&'a Tracer>,
-    /// The stages run in other processes too: this one runs only stage `cluster.rank()`,
-    /// over the cluster's links (None: every stage runs here).
+    /// The stages run in other processes too: this one runs only its own stage (of its
+    /// replica), over the cluster's links and reducer (None: every stage runs here).
     pub cluster: Option<&'a dyn Cluster>,
+    /// This pipeline is replica r of several in this process's threads, whose gradients
+    /// are averaged through the reducers (a simulation of a run over processes).
+    pub thread_replicas: Option<(&'a ThreadReducers, usize)>,
 }
 
 impl<'a> EpochOptions<'a> {
     pub fn new(optim: &'a OptimConfig, lr: f32) -> Self {
-        EpochOptions { optim, lr, end_of_epoch: true, fail: None, tracer: None, cluster: None }
+        EpochOptions { optim, lr, end_of_epoch: true, fail: None, tracer: None, cluster: None, thread_replicas: None }
     }
 }
 
@@ -387,17 +406,17 @@ pub fn run_epoch(
     iterations: usize,
     opts: &EpochOptions,
 ) -> Result<crate::layers::loss::Metrics> {
-    let EpochOptions { optim, lr, end_of_epoch, fail, tracer, cluster } = *opts;
+    let EpochOptions { optim, lr, end_of_epoch, fail, tracer, cluster, thread_replicas } = *opts;
     let k_total = net.stages.len();
     if state.stages.len() != k_total {
         return Err(Error::Schedule {
             detail: format!("pipeline state for {} stages used with {k_total}", state.stages.len()),
         });
     }
-    if let Some(c) = cluster.filter(|c| c.size() != k_total) {
-        return Err(Error::Schedule { detail: format!("{k_total} stages over {} processes", c.size()) });
+    if let Some(c) = cluster.filter(|c| c.topology().stages != k_total || c.topology().size() != c.size()) {
+        return Err(Error::Schedule { detail: format!("{k_total} stages on a cluster of {:?}", c.topology()) });
     }
-    let here = |k: usize| cluster.is_none_or(|c| c.rank() == k);
+    let here = |k: usize| cluster.is_none_or(|c| c.place().0 == k);
     let feeds_data = here(0);
     let classes = net.spec.classes;
     let input_shape = net.spec.input.clone();
@@ -430,7 +449,12 @@ pub fn run_epoch(
             handles.push(scope.spawn(move || {
                 let links: Box<dyn StageLinks + '_> = match links {
                     LinkSource::Channel(l) => Box::new(l),
-                    LinkSource::Cluster(c) => c.stage_links(k, k_total, &stage.gpu),
+                    LinkSource::Cluster(c) => c.stage_links(&stage.gpu),
+                };
+                let reducer: Option<Box<dyn GradientReducer>> = match (cluster, thread_replicas) {
+                    (Some(c), _) => c.reducer(),
+                    (None, Some((group, r))) => Some(group.reducer(k, r)),
+                    (None, None) => None,
                 };
                 let worker = Worker {
                     k,
@@ -445,6 +469,7 @@ pub fn run_epoch(
                     optim,
                     lr,
                     links,
+                    reducer,
                     data_in,
                     input_shape,
                     fail_at,

@@ -65,13 +65,81 @@ pub fn stage_bytes(net: &Network, st: &PipelineState, k: usize, report: &EpochRe
     for (name, v) in saved.counters {
         ck.push_i64(name, &[], vec![v as i64])?;
     }
+    push_report(&mut ck, report)?;
+    checkpoint::to_bytes(&source(k), &ck)
+}
+
+/// The bytes of `report` alone, from a replica r > 0 of stage `k` (rank 0 keeps only
+/// replica 0's stage state).
+pub fn report_bytes(k: usize, report: &EpochReport) -> Result<Vec<u8>> {
+    let mut meta = CheckpointMeta::new(0, 0, 0, serde_json::Value::Null);
+    meta.extra = serde_json::json!({ "stage": k });
+    let mut ck = Checkpoint::new(meta);
+    push_report(&mut ck, report)?;
+    checkpoint::to_bytes(&source(k), &ck)
+}
+
+/// The report [`report_bytes`] made.
+pub fn read_report(k: usize, bytes: &[u8]) -> Result<EpochReport> {
+    let path = source(k);
+    let mut ck = checkpoint::from_bytes(&path, bytes)?;
+    let report = take_report(&mut ck, &path)?;
+    refuse_leftovers(&ck, &path, k)?;
+    Ok(report)
+}
+
+fn push_report(ck: &mut Checkpoint, report: &EpochReport) -> Result<()> {
     if let Some(m) = &report.metrics {
         let bits = [m.loss.to_bits(), m.top1.to_bits(), m.top5.to_bits(), m.samples as u64];
         ck.push_i64(METRICS, &[4], bits.iter().map(|&b| b as i64).collect())?;
         ck.push(BATCH_LOSSES, &[m.batch_losses.len()], m.batch_losses.clone())?;
     }
-    ck.push_i64(PEAK, &[], vec![report.peak_bytes as i64])?;
-    checkpoint::to_bytes(&source(k), &ck)
+    ck.push_i64(PEAK, &[], vec![report.peak_bytes as i64])
+}
+
+fn take_report(ck: &mut Checkpoint, path: &Path) -> Result<EpochReport> {
+    let metrics = match ck.int_tensors.iter().any(|t| t.name == METRICS) {
+        false => None,
+        true => {
+            let bits = ck.take_i64(METRICS, &[4])?;
+            let n = ck.get(BATCH_LOSSES).map(|t| t.shape.clone()).ok_or_else(|| Error::Data {
+                path: path.display().to_string(),
+                message: format!("no {BATCH_LOSSES}"),
+            })?;
+            let f = |i: usize| f64::from_bits(bits[i] as u64);
+            Some(Metrics {
+                loss: f(0),
+                top1: f(1),
+                top5: f(2),
+                samples: bits[3] as usize,
+                batch_losses: ck.take(BATCH_LOSSES, &n)?,
+            })
+        }
+    };
+    let peak_bytes = ck.take_i64(PEAK, &[])?[0] as u64;
+    Ok(EpochReport { metrics, peak_bytes })
+}
+
+fn refuse_leftovers(ck: &Checkpoint, path: &Path, k: usize) -> Result<()> {
+    match ck.names().next() {
+        Some(extra) => Err(Error::Data {
+            path: path.display().to_string(),
+            message: format!("holds tensor '{extra}' that stage {k} does not have"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A hash of stage `k`'s weights and momentum (not its BN statistics, which each replica
+/// keeps from its own data): replicas of a stage must agree on it after every epoch.
+pub fn weights_hash(net: &Network, k: usize) -> Result<String> {
+    let mut ck = Checkpoint::new(CheckpointMeta::new(0, 0, 0, serde_json::Value::Null));
+    let s = &net.stages[k];
+    for p in s.params() {
+        ck.push(p.name.clone(), p.value.shape(), p.value.to_vec()?)?;
+        ck.push(checkpoint::momentum_name(&p.name), p.momentum.shape(), p.momentum.to_vec()?)?;
+    }
+    Ok(ck.checksum())
 }
 
 fn pending_name(k: usize) -> String {
@@ -91,22 +159,7 @@ pub fn restore_stage(net: &Network, st: &mut PipelineState, k: usize, bytes: &[u
             ck.meta.extra["stage"], ck.meta.iteration, st.iteration
         )));
     }
-    let metrics = match ck.int_tensors.iter().any(|t| t.name == METRICS) {
-        false => None,
-        true => {
-            let bits = ck.take_i64(METRICS, &[4])?;
-            let n = ck.get(BATCH_LOSSES).map(|t| t.shape.clone()).ok_or_else(|| bad(format!("no {BATCH_LOSSES}")))?;
-            let f = |i: usize| f64::from_bits(bits[i] as u64);
-            Some(Metrics {
-                loss: f(0),
-                top1: f(1),
-                top5: f(2),
-                samples: bits[3] as usize,
-                batch_losses: ck.take(BATCH_LOSSES, &n)?,
-            })
-        }
-    };
-    let peak_bytes = ck.take_i64(PEAK, &[])?[0] as u64;
+    let report = take_report(&mut ck, &path)?;
     for (name, t) in net.stage_state(k) {
         let data = ck.take(&name, t.shape())?;
         t.gpu().write(&t, &data)?;
@@ -132,8 +185,6 @@ pub fn restore_stage(net: &Network, st: &mut PipelineState, k: usize, bytes: &[u
     }
     stage.module = st.method.module(net, k, seed)?;
     stage.module.restore(&SavedFields { pipeline: &pipeline, k }, &mut ck, &net.stages[k].gpu, &path)?;
-    if let Some(extra) = ck.names().next() {
-        return Err(bad(format!("holds tensor '{extra}' that stage {k} does not have")));
-    }
-    Ok(EpochReport { metrics, peak_bytes })
+    refuse_leftovers(&ck, &path, k)?;
+    Ok(report)
 }
