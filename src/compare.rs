@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::pipeline::cluster::Cluster;
 use crate::report::{self, plot_panels, EpochRecord, Panel, SigmaRecord};
 use crate::train::run::{self, Observer, RunConfig, Start};
 
@@ -184,9 +185,43 @@ impl CompareConfig {
 /// writes the plots and the summary. `observer` is told about each run before it starts.
 pub fn compare(
     cfg: &CompareConfig,
-    mut on_run: impl FnMut(&str, usize, &Path),
+    on_run: impl FnMut(&str, usize, &Path),
     obs: &mut dyn Observer,
 ) -> Result<CompareSummary> {
+    compare_on(cfg, on_run, obs, None)
+}
+
+/// [`compare`] as one process of a run over a [`Cluster`]: every method at the cluster's
+/// one K, each run as [`run::train_on`] runs it (rank 0 writes every output; the others
+/// return an empty summary). A divergence ends the whole comparison (the other ranks cannot
+/// tell it from a failure), and sigma is not measured (it needs every stage in one process).
+pub fn compare_on(
+    cfg: &CompareConfig,
+    mut on_run: impl FnMut(&str, usize, &Path),
+    obs: &mut dyn Observer,
+    cluster: Option<&dyn Cluster>,
+) -> Result<CompareSummary> {
+    if let Some(c) = cluster {
+        let stages = cfg.base.topology().stages;
+        if cfg.ks != [stages] || cfg.single_device_baseline || cfg.base.measure_sigma.is_some() {
+            return Err(Error::InvalidConfig {
+                op: "compare",
+                detail: format!(
+                    "--transport mpi compares the methods at one K, the processes' {} / --replicas {}: give --k {stages} and leave out --single-device-baseline and --measure-sigma",
+                    c.size(),
+                    cfg.base.replicas
+                ),
+            });
+        }
+        if c.rank() > 0 {
+            cfg.check()?;
+            for (_, _, rc) in cfg.runs() {
+                let dir = cfg.out.join(format!("{}-k{}", rc.algo, rc.splits));
+                run::train_on(&rc, &dir, Start::New { overwrite: cfg.overwrite }, None, obs, cluster)?;
+            }
+            return Ok(CompareSummary { runs: vec![] });
+        }
+    }
     cfg.check_plan()?;
     let _lock = crate::rundir::RunLock::acquire(&cfg.out)?;
     if cfg.overwrite {
@@ -201,9 +236,9 @@ pub fn compare(
     for (method, k, rc) in cfg.runs() {
         let dir = cfg.out.join(format!("{method}-k{k}"));
         on_run(method, k, &dir);
-        let outcome = match run::train(&rc, &dir, Start::New { overwrite: cfg.overwrite }, None, obs) {
+        let outcome = match run::train_on(&rc, &dir, Start::New { overwrite: cfg.overwrite }, None, obs, cluster) {
             Ok(_) => Outcome::Completed,
-            Err(Error::Diverged { epoch, reason }) => Outcome::Diverged { epoch, reason },
+            Err(Error::Diverged { epoch, reason }) if cluster.is_none() => Outcome::Diverged { epoch, reason },
             Err(e) => return Err(e),
         };
         let metrics = dir.join("metrics.jsonl");

@@ -366,6 +366,10 @@ enum Command {
         /// Reuse a non-empty --out, deleting the previous comparison's files there.
         #[arg(long)]
         overwrite: bool,
+        /// local, or mpi: the methods at one K (--k), each stage in its own process, under
+        /// `mpirun -np K x replicas` (as `train --transport mpi`; no sigma).
+        #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
+        transport: String,
     },
     /// Evaluate a checkpoint on its dataset's test set (or another --dataset / --data-dir),
     /// with the input normalisation stored in the checkpoint. Training state (momentum, a
@@ -623,7 +627,20 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             };
             let mut console = Console { bar: None, quiet: train.quiet };
             if transport == "mpi" {
-                return train_over_mpi(&cfg, &dir, start, trace.as_deref(), &mut console);
+                return over_mpi(&cfg, &format!("training into {}", dir.display()), |cluster| {
+                    let rank0 = cluster.rank() == 0;
+                    let obs: &mut dyn Observer = if rank0 { &mut console } else { &mut run::Quiet };
+                    let summary = run::train_on(&cfg, &dir, start, trace.as_deref(), obs, Some(cluster))?;
+                    if rank0 {
+                        println!(
+                            "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {} ({} processes)",
+                            100.0 * summary.best_test_top1,
+                            summary.out.display(),
+                            cluster.size()
+                        );
+                    }
+                    Ok(())
+                });
             }
             let summary = run::train(&cfg, &dir, start, trace.as_deref(), &mut console)
                 .with_context(|| format!("training into {}", dir.display()))?;
@@ -633,10 +650,16 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 summary.out.display()
             );
         }
-        Command::Compare { model, train, methods, k, single_device_baseline, out, overwrite } => {
+        Command::Compare { model, train, methods, k, single_device_baseline, out, overwrite, transport } => {
             let mut base = train.run_config(model, &cli, "bp");
-            // The comparison includes sigma: measured every 50 iterations unless told otherwise.
-            base.measure_sigma = base.measure_sigma.or(Some(50));
+            if transport == "mpi" {
+                // Over processes one K runs (the processes' count over --replicas), without
+                // sigma (it needs every stage in one process).
+                base.splits = k.first().copied().unwrap_or(1);
+            } else {
+                // The comparison includes sigma: measured every 50 iterations unless told otherwise.
+                base.measure_sigma = base.measure_sigma.or(Some(50));
+            }
             let cfg = CompareConfig {
                 base,
                 methods: methods.clone(),
@@ -646,9 +669,22 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
                 overwrite: *overwrite,
             };
             let mut console = Console { bar: None, quiet: train.quiet };
-            let summary =
-                compare::compare(&cfg, |m, k, dir| println!("== {m} with K = {k} -> {}", dir.display()), &mut console)
-                    .with_context(|| format!("comparing into {}", out.display()))?;
+            let announce =
+                |m: &str, k: usize, dir: &std::path::Path| println!("== {m} with K = {k} -> {}", dir.display());
+            if transport == "mpi" {
+                return over_mpi(&cfg.base, &format!("comparing into {}", out.display()), |cluster| {
+                    let rank0 = cluster.rank() == 0;
+                    let obs: &mut dyn Observer = if rank0 { &mut console } else { &mut run::Quiet };
+                    let summary = compare::compare_on(&cfg, announce, obs, Some(cluster))?;
+                    if rank0 {
+                        print!("{}", compare::summary_markdown(&cfg, &summary));
+                        println!("summary.md, summary.json, curves/memory/speed plots in {}", out.display());
+                    }
+                    Ok(())
+                });
+            }
+            let summary = compare::compare(&cfg, announce, &mut console)
+                .with_context(|| format!("comparing into {}", out.display()))?;
             for r in &summary.runs {
                 if let compare::Outcome::Diverged { epoch, reason } = &r.outcome {
                     println!("{} with K = {}: diverged in epoch {epoch}: {reason}", r.method, r.k);
@@ -811,52 +847,41 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `train --transport mpi`: this process is one rank of an `mpirun`; it trains its stage,
-/// and rank 0 writes the run. An error on any rank is printed with its rank and ends every
-/// rank (the others may be waiting for its messages and would wait forever).
+/// Runs `body` as one rank of an `mpirun` (`--transport mpi`) of `cfg`'s shape. An error on
+/// any rank is printed with its rank and stage and ends every rank (the others may be
+/// waiting for its messages and would wait forever).
 #[cfg(feature = "mpi")]
-fn train_over_mpi(
+fn over_mpi(
     cfg: &RunConfig,
-    dir: &std::path::Path,
-    start: Start,
-    trace: Option<&std::path::Path>,
-    console: &mut Console,
+    what: &str,
+    body: impl FnOnce(&dyn featreplay::pipeline::cluster::Cluster) -> Result<()>,
 ) -> Result<()> {
     use featreplay::pipeline::cluster::Cluster;
     use featreplay::pipeline::mpi::MpiCluster;
     let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
         .ok_or_else(|| anyhow::anyhow!("--transport mpi: MPI did not initialise"))?;
     let cluster = MpiCluster::new(cfg.topology(), cfg.allreduce);
-    let rank = cluster.rank();
-    let obs: &mut dyn Observer = if rank == 0 { console } else { &mut run::Quiet };
-    match run::train_on(cfg, dir, start, trace, obs, Some(&cluster)) {
-        Ok(summary) => {
-            if rank == 0 {
-                println!(
-                    "best test top-1 {:.2}%; metrics, curves.png and checkpoint in {} ({} processes)",
-                    100.0 * summary.best_test_top1,
-                    summary.out.display(),
-                    cluster.size()
-                );
-            }
+    match body(&cluster) {
+        Ok(()) => {
             drop(universe);
             Ok(())
         }
         Err(e) => {
-            let e = anyhow::Error::from(e).context(format!("training into {}", dir.display()));
-            eprintln!("featreplay: error: rank {rank} (stage {rank}): {}", one_line(&e));
+            let (stage, replica) = cluster.place();
+            let e = e.context(what.to_string());
+            let at =
+                if cfg.replicas > 1 { format!("stage {stage}, replica {replica}") } else { format!("stage {stage}") };
+            eprintln!("featreplay: error: rank {} ({at}): {}", cluster.rank(), one_line(&e));
             cluster.abort(1)
         }
     }
 }
 
 #[cfg(not(feature = "mpi"))]
-fn train_over_mpi(
+fn over_mpi(
     _cfg: &RunConfig,
-    _dir: &std::path::Path,
-    _start: Start,
-    _trace: Option<&std::path::Path>,
-    _console: &mut Console,
+    _what: &str,
+    _body: impl FnOnce(&dyn featreplay::pipeline::cluster::Cluster) -> Result<()>,
 ) -> Result<()> {
     anyhow::bail!(
         "--transport mpi: this featreplay was built without MPI; build it with `cargo build --release --features mpi`"

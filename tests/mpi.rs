@@ -448,3 +448,28 @@ fn replicas_with_mpi_allreduce_train_and_stay_identical() {
     assert_eq!(ck.meta.config["allreduce"], "mpi");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `compare --transport mpi` runs the methods at one K over the processes, and each of its
+/// runs is the run `train` makes.
+#[test]
+fn compare_over_processes_runs_each_method_as_train_does() {
+    let out = run_dir("compare");
+    let mut args: Vec<String> =
+        ["compare", "--methods", "bp,fr", "--k", "2", "--epochs", "1"].map(String::from).to_vec();
+    args.extend(SMALL.iter().map(|s| s.to_string()));
+    args.extend(["--transport".into(), "mpi".into(), "--out".into(), out.display().to_string()]);
+    let (ok, text) = mpirun_featreplay(2, &args, LIMIT);
+    assert!(ok, "{text}");
+    assert!(out.join("summary.md").exists(), "{text}");
+    let local = run_dir("compare-fr-local");
+    local_train(&small_run("fr", 2, 1), &local);
+    assert_same_run(&out.join("fr-k2"), &local);
+    let mut wrong = args.clone();
+    let at = wrong.iter().position(|a| a == "--k").unwrap();
+    wrong[at + 1] = "2,3".into();
+    let (ok, text) = mpirun_featreplay(2, &wrong, LIMIT);
+    assert!(!ok && text.contains("compares the methods at one K"), "{text}");
+    for d in [out, local] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -151,6 +151,8 @@ pub trait Cluster: Sync {
     fn size(&self) -> usize;
     /// This process's rank among the processes of its machine (it picks the `--device`).
     fn local_rank(&self) -> usize;
+    /// How many of the run's processes share this machine (they share a CPU adapter's cores).
+    fn local_size(&self) -> usize;
     /// (stage, replica) this process runs.
     fn place(&self) -> (usize, usize) {
         self.topology().place(self.rank())

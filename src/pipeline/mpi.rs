@@ -14,6 +14,8 @@
 //! A message is little-endian `u32` words: a header (the tensor's rank and dimensions, for
 //! features also `parts` and the label count, then the labels) followed by the f32 values.
 
+use std::time::Instant;
+
 use mpi::collective::{CommunicatorCollectives, SystemOperation};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::{Request, StaticScope};
@@ -66,18 +68,58 @@ pub struct MpiLinks {
     /// The previous send on each link, completed before the link sends again.
     up_send: Option<PendingSend>,
     down_send: Option<PendingSend>,
+    stats: LinkStats,
+}
+
+/// Where a stage's link time goes, logged (level info) when the links close.
+#[derive(Debug, Default)]
+struct LinkStats {
+    sends: u64,
+    bytes: u64,
+    /// Reading the (computed) tensor back from the device, encoding it and starting the
+    /// send, with the wait for the link's previous send.
+    send_s: f64,
+    receives: u64,
+    /// Waiting for a message to arrive (the neighbour is still computing).
+    wait_s: f64,
+    /// Receiving an arrived message, decoding it and uploading it to the device.
+    receive_s: f64,
 }
 
 impl MpiLinks {
     /// The links of stage `stage` whose tensors live on `gpu`, talking to ranks `below` and
     /// `above` of the world communicator. Call on the thread that will use them.
     pub fn new(stage: usize, gpu: Gpu, below: Option<Rank>, above: Option<Rank>) -> MpiLinks {
-        MpiLinks { comm: SimpleCommunicator::world(), stage, gpu, below, above, up_send: None, down_send: None }
+        MpiLinks {
+            comm: SimpleCommunicator::world(),
+            stage,
+            gpu,
+            below,
+            above,
+            up_send: None,
+            down_send: None,
+            stats: LinkStats::default(),
+        }
     }
 
-    fn receive(&self, from: Rank, tag: i32) -> Vec<u32> {
-        let (bytes, _) = self.comm.process_at_rank(from).matched_probe_with_tag(tag).matched_receive_vec::<u8>();
+    fn receive(&mut self, from: Rank, tag: i32) -> Vec<u32> {
+        let t0 = Instant::now();
+        let probed = self.comm.process_at_rank(from).matched_probe_with_tag(tag);
+        let t1 = Instant::now();
+        let (bytes, _) = probed.matched_receive_vec::<u8>();
+        self.stats.receives += 1;
+        self.stats.wait_s += (t1 - t0).as_secs_f64();
+        self.stats.receive_s += t1.elapsed().as_secs_f64();
         bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// Sends `words` on the link whose previous send is `slot` (up or down).
+    fn send(&mut self, up: bool, to: Rank, words: Vec<u32>, started: Instant) {
+        let (slot, tag) = if up { (&mut self.up_send, TAG_UP) } else { (&mut self.down_send, TAG_DOWN) };
+        self.stats.sends += 1;
+        self.stats.bytes += 4 * words.len() as u64;
+        send_after(slot, &self.comm, to, tag, words);
+        self.stats.send_s += started.elapsed().as_secs_f64();
     }
 
     fn bad(&self, detail: String) -> Error {
@@ -128,38 +170,49 @@ impl StageLinks for MpiLinks {
     }
 
     fn send_up(&mut self, f: Features) -> Result<()> {
+        // The device finishes computing the tensor first: that wait is the stage's compute,
+        // not the link's.
+        f.h.gpu().sync()?;
+        let started = Instant::now();
         let to = self.above.ok_or_else(|| stopped(self.stage, "no stage above"))?;
         let mut words = vec![f.parts as u32, f.labels.len() as u32];
         words.extend(&f.labels);
         push_tensor(&mut words, &f.h)?;
-        send_after(&mut self.up_send, &self.comm, to, TAG_UP, words);
+        self.send(true, to, words, started);
         Ok(())
     }
 
     fn receive_up(&mut self) -> Result<Features> {
         let from = self.below.ok_or_else(|| stopped(self.stage, "no input"))?;
         let words = self.receive(from, TAG_UP);
+        let started = Instant::now();
         let (parts, n) = match words.as_slice() {
             [p, n, ..] => (*p as usize, *n as usize),
             _ => return Err(self.bad("no features header".into())),
         };
         let labels = words.get(2..2 + n).ok_or_else(|| self.bad("short labels".into()))?.to_vec();
         let h = self.tensor_at(&words, 2 + n)?;
+        self.stats.receive_s += started.elapsed().as_secs_f64();
         Ok(Features { h, labels, parts })
     }
 
     fn send_down(&mut self, g: Tensor) -> Result<()> {
+        g.gpu().sync()?;
+        let started = Instant::now();
         let to = self.below.ok_or_else(|| stopped(self.stage, "no stage below"))?;
         let mut words = Vec::new();
         push_tensor(&mut words, &g)?;
-        send_after(&mut self.down_send, &self.comm, to, TAG_DOWN, words);
+        self.send(false, to, words, started);
         Ok(())
     }
 
     fn receive_down(&mut self) -> Result<Tensor> {
         let from = self.above.ok_or_else(|| stopped(self.stage, "no gradient source"))?;
         let words = self.receive(from, TAG_DOWN);
-        self.tensor_at(&words, 0)
+        let started = Instant::now();
+        let g = self.tensor_at(&words, 0);
+        self.stats.receive_s += started.elapsed().as_secs_f64();
+        g
     }
 }
 
@@ -169,6 +222,17 @@ impl Drop for MpiLinks {
         for s in [self.up_send.take(), self.down_send.take()].into_iter().flatten() {
             s.wait();
         }
+        let s = &self.stats;
+        log::info!(
+            "stage {} links: {} sends ({:.1} MB) in {:.3} s; {} receives: {:.3} s waiting, {:.3} s receiving",
+            self.stage,
+            s.sends,
+            s.bytes as f64 / 1e6,
+            s.send_s,
+            s.receives,
+            s.wait_s,
+            s.receive_s
+        );
     }
 }
 
@@ -187,6 +251,7 @@ pub struct MpiCluster {
     rank: usize,
     size: usize,
     local_rank: usize,
+    local_size: usize,
 }
 
 impl MpiCluster {
@@ -202,6 +267,7 @@ impl MpiCluster {
             rank: world.rank() as usize,
             size: world.size() as usize,
             local_rank: local.rank() as usize,
+            local_size: local.size() as usize,
         }
     }
 
@@ -227,6 +293,10 @@ impl Cluster for MpiCluster {
 
     fn local_rank(&self) -> usize {
         self.local_rank
+    }
+
+    fn local_size(&self) -> usize {
+        self.local_size
     }
 
     fn stage_links(&self, gpu: &Gpu) -> Box<dyn StageLinks> {

@@ -310,6 +310,12 @@ pub(super) fn test_subset(test: Dataset, n: Option<usize>) -> Result<Dataset> {
 /// run at the same time, so each stage gets its own wgpu instance with an equal share of
 /// the cores (`LP_NUM_THREADS`), as `docs/lavapipe.md` measured.
 pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
+    open_devices_sharing(selectors, stages, 1)
+}
+
+/// [`open_devices`] in one of `processes` processes of one machine that open devices at once
+/// (a run over MPI): a CPU adapter's share of the cores is divided among them all.
+pub fn open_devices_sharing(selectors: &[String], stages: usize, processes: usize) -> Result<Vec<Gpu>> {
     let mut chosen: Vec<AdapterSelector> = Vec::with_capacity(stages);
     for k in 0..stages {
         let s = if selectors.len() == 1 { &selectors[0] } else { &selectors[k] };
@@ -327,10 +333,11 @@ pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
     let mut out = Vec::with_capacity(stages);
     for sel in &chosen {
         let probe = Gpu::open_on(&shared, sel)?;
-        if stages > 1 && probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
+        let sharers = stages * processes.max(1);
+        if sharers > 1 && probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
             drop(probe);
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let threads = (cores / stages).max(1);
+            let threads = (cores / sharers).max(1);
             // Read by llvmpipe when the instance enumerates its devices; stages are opened
             // one after the other before any worker thread exists.
             std::env::set_var("LP_NUM_THREADS", threads.to_string());
@@ -1133,7 +1140,7 @@ fn open_run_devices(cfg: &RunConfig, p: &Prepared, cluster: Option<&dyn Cluster>
         Some(c) => {
             let selector: Vec<String> =
                 cfg.devices.get(c.local_rank() % cfg.devices.len().max(1)).cloned().into_iter().collect();
-            vec![open_devices(&selector, 1)?.remove(0); p.ranges.len()]
+            vec![open_devices_sharing(&selector, 1, c.local_size())?.remove(0); p.ranges.len()]
         }
     };
     force_conv_variant(&gpus, cfg.conv_variant.as_deref());
