@@ -473,6 +473,21 @@ fn bad_flags_and_sizes_fail_before_any_work() {
     fails_with(&["demo", "--width", "100000"], "GiB");
     fails_with(&["demo", "--samples", "1000000000", "--batch-size", "64"], "GiB");
     fails_with(&["eval", r, "--test-subset", "ten"], "--test-subset ten");
+    // Replicas and processes: refused before MPI or any device is touched.
+    fails_with(&["train", "--out", r, "--replicas", "2", "--splits", "2"], "add --transport mpi");
+    fails_with(&["train", "--out", r, "--replicas", "0"], "--replicas must be at least 1");
+    fails_with(&["train", "--out", r, "--replicas", "2", "--algo", "dni"], "--replicas does not average");
+    fails_with(&["train", "--out", r, "--replicas", "3", "--batch-size", "32"], "does not split evenly");
+    for (flag, value, says) in [
+        ("--allreduce", "fast", "choose ordered or mpi"),
+        ("--layout", "diagonal", "choose pipeline-major or stage-major"),
+    ] {
+        // Refused by the argument parser (its usage message follows).
+        let (code, _, e) = process::featreplay(&["train", "--out", r, flag, value]);
+        assert!(code != Some(0) && e.contains(says), "{flag} {value}: {e}");
+    }
+    #[cfg(not(feature = "mpi"))]
+    fails_with(&["train", "--out", r, "--transport", "mpi"], "built without MPI");
     assert!(!run.exists(), "nothing was written");
     assert!(t0.elapsed() < Duration::from_secs(120), "the checks took {:?}", t0.elapsed());
 }

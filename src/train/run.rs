@@ -939,32 +939,12 @@ pub fn train_on(
 fn report_epoch(c: &dyn Cluster, net: &Network, st: &PipelineState, trained: TrainedEpoch, epoch: usize) -> Result<()> {
     let t = c.topology();
     let (k, r) = c.place();
-    check_replicas(c, net, epoch)?;
+    stage_state::check_replicas(c, net, epoch)?;
     let report = EpochReport { metrics: (k + 1 == t.stages).then_some(trained.metrics), peak_bytes: trained.peak[k] };
     if r == 0 {
         c.send_state(0, stage_state::stage_bytes(net, st, k, &report)?)?;
     } else if report.metrics.is_some() {
         c.send_state(0, stage_state::report_bytes(k, &report)?)?;
-    }
-    Ok(())
-}
-
-/// With replicas, every replica of this rank's stage must hold the same weights after an
-/// epoch: replicas r > 0 send a hash of theirs to replica 0, which compares.
-fn check_replicas(c: &dyn Cluster, net: &Network, epoch: usize) -> Result<()> {
-    let t = c.topology();
-    if t.replicas == 1 {
-        return Ok(());
-    }
-    let (k, r) = c.place();
-    let hash = stage_state::weights_hash(net, k)?;
-    if r > 0 {
-        return c.send_state(t.rank(k, 0), hash.into_bytes());
-    }
-    for replica in 1..t.replicas {
-        if c.receive_state(t.rank(k, replica))? != hash.as_bytes() {
-            return Err(Error::ReplicasDiffer { stage: k, replica, epoch });
-        }
     }
     Ok(())
 }
@@ -980,7 +960,7 @@ fn gather_stages(
     trained: &mut TrainedEpoch,
     epoch: usize,
 ) -> Result<()> {
-    check_replicas(c, net, epoch)?;
+    stage_state::check_replicas(c, net, epoch)?;
     let t = c.topology();
     let mut metrics = Vec::new();
     if t.stages == 1 {

@@ -19,6 +19,7 @@ use super::Network;
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::error::{Error, Result};
 use crate::layers::loss::Metrics;
+use crate::pipeline::cluster::Cluster;
 
 /// What travels besides the stage's state: the epoch's training metrics (the last stage's
 /// process has them) and the stage's peak device memory.
@@ -187,4 +188,24 @@ pub fn restore_stage(net: &Network, st: &mut PipelineState, k: usize, bytes: &[u
     stage.module.restore(&SavedFields { pipeline: &pipeline, k }, &mut ck, &net.stages[k].gpu, &path)?;
     refuse_leftovers(&ck, &path, k)?;
     Ok(report)
+}
+
+/// With replicas, every replica of this rank's stage must hold the same weights after an
+/// epoch: replicas r > 0 send a hash of theirs to replica 0, which compares.
+pub fn check_replicas(c: &dyn Cluster, net: &Network, epoch: usize) -> Result<()> {
+    let t = c.topology();
+    if t.replicas == 1 {
+        return Ok(());
+    }
+    let (k, r) = c.place();
+    let hash = weights_hash(net, k)?;
+    if r > 0 {
+        return c.send_state(t.rank(k, 0), hash.into_bytes());
+    }
+    for replica in 1..t.replicas {
+        if c.receive_state(t.rank(k, replica))? != hash.as_bytes() {
+            return Err(Error::ReplicasDiffer { stage: k, replica, epoch });
+        }
+    }
+    Ok(())
 }
