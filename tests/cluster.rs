@@ -120,13 +120,14 @@ impl Cluster for StandIn {
 fn replicas_whose_weights_differ_stop_the_run() {
     let spec = resnet8();
     let gpus = devices(1);
-    let net = Network::new(spec.clone(), &[0..spec.layers.len()], &gpus, 7).unwrap();
+    let whole = vec![0..spec.layers.len(); 1];
+    let net = Network::new(spec.clone(), &whole, &gpus, 7).unwrap();
     let same = StandIn { replica_hash: weights_hash(&net, 0).unwrap().into_bytes(), received: Mutex::new(0) };
     check_replicas(&same, &net, 3).unwrap();
     assert_eq!(*same.received.lock().unwrap(), 1);
 
     // Another seed: other weights, another hash.
-    let other = Network::new(spec.clone(), &[0..spec.layers.len()], &gpus, 8).unwrap();
+    let other = Network::new(spec.clone(), &whole, &gpus, 8).unwrap();
     let differs = StandIn { replica_hash: weights_hash(&other, 0).unwrap().into_bytes(), received: Mutex::new(0) };
     match check_replicas(&differs, &net, 3) {
         Err(e @ Error::ReplicasDiffer { stage: 0, replica: 1, epoch: 3 }) => {
