@@ -878,12 +878,13 @@ pub fn train(
     train_on(cfg, out, start, trace, obs, None)
 }
 
-/// [`train`] as one process of a run spread over a [`Cluster`] (one stage per process, see
-/// [`crate::pipeline::cluster`]); `None` is [`train`]. Every process checks the run, builds
-/// the whole network from the seed (or the checkpoint) and trains its own stage; at each
-/// epoch's end the others send their stage's state to rank 0, which alone writes the run
-/// directory: evaluation, checkpoint and metrics as one process would write them. The other
-/// ranks return an empty summary.
+/// [`train`] as one process of a run spread over a [`Cluster`] (one stage of one replica
+/// per process, see [`crate::pipeline::cluster`]); `None` is [`train`]. Every process checks
+/// the run, builds the whole network from the seed (or the checkpoint) and trains its own
+/// stage; at each epoch's end the others send rank 0 their stage's state (replica 0) and
+/// training metrics (last stages), and rank 0 alone writes the run directory: evaluation,
+/// checkpoint and metrics as one process would write them. The other ranks return an empty
+/// summary.
 pub fn train_on(
     cfg: &RunConfig,
     out: &Path,
