@@ -383,6 +383,10 @@ enum Command {
         source: SourceArgs,
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
+        /// local, or mpi: the model split evenly into one stage per process, under
+        /// `mpirun -np <stages>` (each process runs its own on its device).
+        #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
+        transport: String,
     },
     /// Per image, the model's top-k classes and probabilities (CSV or JSON lines), for image
     /// files or a dataset split, with the checkpoint's normalisation.
@@ -627,7 +631,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             };
             let mut console = Console { bar: None, quiet: train.quiet };
             if transport == "mpi" {
-                return over_mpi(&cfg, &format!("training into {}", dir.display()), |cluster| {
+                return over_mpi(Some(&cfg), &format!("training into {}", dir.display()), |cluster| {
                     let rank0 = cluster.rank() == 0;
                     let obs: &mut dyn Observer = if rank0 { &mut console } else { &mut run::Quiet };
                     let summary = run::train_on(&cfg, &dir, start, trace.as_deref(), obs, Some(cluster))?;
@@ -672,7 +676,7 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             let announce =
                 |m: &str, k: usize, dir: &std::path::Path| println!("== {m} with K = {k} -> {}", dir.display());
             if transport == "mpi" {
-                return over_mpi(&cfg.base, &format!("comparing into {}", out.display()), |cluster| {
+                return over_mpi(Some(&cfg.base), &format!("comparing into {}", out.display()), |cluster| {
                     let rank0 = cluster.rank() == 0;
                     let obs: &mut dyn Observer = if rank0 { &mut console } else { &mut run::Quiet };
                     let summary = compare::compare_on(&cfg, announce, obs, Some(cluster))?;
@@ -693,20 +697,19 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
             print!("{}", compare::summary_markdown(&cfg, &summary));
             println!("summary.md, summary.json, curves/memory/speed/sigma plots in {}", out.display());
         }
-        Command::Eval { checkpoint, source, batch_size } => {
+        Command::Eval { checkpoint, source, batch_size, transport } => {
             let opts = source.options(&cli, *batch_size)?;
+            if transport == "mpi" {
+                return over_mpi(None, &format!("evaluating {}", checkpoint.display()), |cluster| {
+                    if let Some(r) = eval::evaluate_checkpoint_on(checkpoint, &opts, cluster)? {
+                        print_eval(&r);
+                    }
+                    Ok(())
+                });
+            }
             let r = eval::evaluate_checkpoint(checkpoint, &opts)
                 .with_context(|| format!("evaluating {}", checkpoint.display()))?;
-            let after = r.epoch.map_or_else(|| "(plain state_dict)".to_string(), |e| format!("after epoch {e}"));
-            println!(
-                "{} {after} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
-                r.model,
-                r.data,
-                r.metrics.samples,
-                r.metrics.loss,
-                100.0 * r.metrics.top1,
-                100.0 * r.metrics.top5
-            );
+            print_eval(&r);
         }
         Command::Predict { checkpoint, images, split, source, top_k, format, output, batch_size } => {
             if !["csv", "jsonl"].contains(&format.as_str()) {
@@ -850,17 +853,26 @@ fn run(cli: Cli, given: &[&str]) -> Result<()> {
 /// Runs `body` as one rank of an `mpirun` (`--transport mpi`) of `cfg`'s shape. An error on
 /// any rank is printed with its rank and stage and ends every rank (the others may be
 /// waiting for its messages and would wait forever).
+/// `cfg` None: one stage per process, no replicas (eval).
 #[cfg(feature = "mpi")]
 fn over_mpi(
-    cfg: &RunConfig,
+    cfg: Option<&RunConfig>,
     what: &str,
     body: impl FnOnce(&dyn featreplay::pipeline::cluster::Cluster) -> Result<()>,
 ) -> Result<()> {
-    use featreplay::pipeline::cluster::Cluster;
-    use featreplay::pipeline::mpi::MpiCluster;
+    use featreplay::pipeline::cluster::{Allreduce, Cluster, Layout, Topology};
+    use featreplay::pipeline::mpi::{world_rank_and_size, MpiCluster};
     let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
         .ok_or_else(|| anyhow::anyhow!("--transport mpi: MPI did not initialise"))?;
-    let cluster = MpiCluster::new(cfg.topology(), cfg.allreduce);
+    let (topology, allreduce) = match cfg {
+        Some(c) => (c.topology(), c.allreduce),
+        None => {
+            let stages = world_rank_and_size().1;
+            (Topology { stages, replicas: 1, layout: Layout::PipelineMajor }, Allreduce::Ordered)
+        }
+    };
+    let replicas = topology.replicas;
+    let cluster = MpiCluster::new(topology, allreduce);
     match body(&cluster) {
         Ok(()) => {
             drop(universe);
@@ -869,8 +881,7 @@ fn over_mpi(
         Err(e) => {
             let (stage, replica) = cluster.place();
             let e = e.context(what.to_string());
-            let at =
-                if cfg.replicas > 1 { format!("stage {stage}, replica {replica}") } else { format!("stage {stage}") };
+            let at = if replicas > 1 { format!("stage {stage}, replica {replica}") } else { format!("stage {stage}") };
             eprintln!("featreplay: error: rank {} ({at}): {}", cluster.rank(), one_line(&e));
             cluster.abort(1)
         }
@@ -879,13 +890,27 @@ fn over_mpi(
 
 #[cfg(not(feature = "mpi"))]
 fn over_mpi(
-    _cfg: &RunConfig,
+    _cfg: Option<&RunConfig>,
     _what: &str,
     _body: impl FnOnce(&dyn featreplay::pipeline::cluster::Cluster) -> Result<()>,
 ) -> Result<()> {
     anyhow::bail!(
         "--transport mpi: this featreplay was built without MPI; build it with `cargo build --release --features mpi`"
     )
+}
+
+/// `eval`'s one line.
+fn print_eval(r: &eval::EvalReport) {
+    let after = r.epoch.map_or_else(|| "(plain state_dict)".to_string(), |e| format!("after epoch {e}"));
+    println!(
+        "{} {after} on {} ({} images): loss {:.4}  top-1 {:.2}%  top-5 {:.2}%",
+        r.model,
+        r.data,
+        r.metrics.samples,
+        r.metrics.loss,
+        100.0 * r.metrics.top1,
+        100.0 * r.metrics.top5
+    );
 }
 
 /// The context chain on one line; a cause already quoted by the message above it (library

@@ -473,3 +473,23 @@ fn compare_over_processes_runs_each_method_as_train_does() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// `eval --transport mpi` splits the model over the processes, one stage each, and
+/// measures what one process measures.
+#[test]
+fn eval_over_processes_equals_one_process() {
+    let dir = run_dir("eval");
+    local_train(&small_run("fr", 2, 1), &dir);
+    let d = dir.display().to_string();
+    let one = process::succeeds(&["eval", &d, "--test-subset", "all", "--batch-size", "128"]);
+    assert!(one.contains("(1000 images)"), "{one}");
+    for n in [2, 3] {
+        let args: Vec<String> = ["eval", &d, "--test-subset", "all", "--batch-size", "128", "--transport", "mpi"]
+            .map(String::from)
+            .to_vec();
+        let (ok, text) = mpirun_featreplay(n, &args, LIMIT);
+        assert!(ok, "{text}");
+        assert_eq!(text.trim(), one.trim(), "eval over {n} processes");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

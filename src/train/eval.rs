@@ -9,17 +9,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::run::{
-    evaluate, force_conv_variant, load_weights, open_devices, prepare, restore_model, stored_config, test_subset,
-    DataInfo, RunConfig,
+    evaluate, evaluate_on, force_conv_variant, load_weights, open_devices, open_devices_sharing, prepare,
+    restore_model, stored_config, test_subset, DataInfo, RunConfig,
 };
 use super::Network;
 use crate::checkpoint;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Normalization, Split};
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
 use crate::kernels::shortcut::ChannelPad;
 use crate::layers::loss::Metrics;
 use crate::model::resnet::{build, ResNetConfig};
 use crate::model::split;
+use crate::pipeline::cluster::Cluster;
 
 /// Which test images to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +126,12 @@ fn kind_of(cfg: &RunConfig) -> Result<DatasetKind> {
 /// state_dict) onto the devices of `opts`, checking its tensors' names and shapes against the
 /// model (the error lists what differs).
 pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
+    load_model_placed(path, opts, None)
+}
+
+/// [`load_model`], or with `placed = Some((stages, gpu))` the model split evenly into
+/// `stages` stages, every one on `gpu` (a process of a run over a cluster, which runs one).
+fn load_model_placed(path: &Path, opts: &InferenceOptions, placed: Option<(usize, &Gpu)>) -> Result<LoadedModel> {
     if opts.batch_size == 0 {
         return Err(bad("--batch-size must be at least 1".into()));
     }
@@ -174,9 +182,13 @@ pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
         TestSubset::All => None,
     };
     cfg.train_subset = None;
-    cfg.splits = if opts.devices.len() == cfg.splits { cfg.splits } else { 1 };
+    cfg.splits = match placed {
+        Some((stages, _)) => stages,
+        None if opts.devices.len() == cfg.splits => cfg.splits,
+        None => 1,
+    };
     cfg.split = "even".into();
-    cfg.devices = opts.devices.clone();
+    cfg.devices = if placed.is_some() { vec!["auto".into()] } else { opts.devices.clone() };
     cfg.check()?;
     let stored: Option<DataInfo> = ck.meta.extra.get("data").and_then(|d| serde_json::from_value(d.clone()).ok());
     let given_norm = match (&opts.mean, &opts.std) {
@@ -215,7 +227,10 @@ pub fn load_model(path: &Path, opts: &InferenceOptions) -> Result<LoadedModel> {
         classes,
     })?;
     let ranges = split(&spec, cfg.splits, cfg.split.parse()?)?;
-    let gpus = open_devices(&cfg.devices, ranges.len())?;
+    let gpus = match placed {
+        Some((_, gpu)) => vec![gpu.clone(); ranges.len()],
+        None => open_devices(&cfg.devices, ranges.len())?,
+    };
     force_conv_variant(&gpus, opts.conv_variant.as_deref());
     let mut net = Network::new(spec, &ranges, &gpus, cfg.seed)?;
     restore_model(&mut net, &mut ck, &file)?;
@@ -254,6 +269,30 @@ pub struct EvalReport {
     pub epoch: Option<usize>,
     pub data: String,
     pub metrics: Metrics,
+}
+
+/// [`evaluate_checkpoint`] as one process of a [`Cluster`]: the model split evenly into one
+/// stage per process, each process running its own on its device (the `--device` at its
+/// rank on its machine) over the whole test set. The report (the same metrics as one
+/// process's) is rank 0's; the other ranks return None.
+pub fn evaluate_checkpoint_on(path: &Path, opts: &InferenceOptions, c: &dyn Cluster) -> Result<Option<EvalReport>> {
+    let t = c.topology();
+    if t.replicas != 1 || t.size() != c.size() {
+        return Err(bad(format!("eval over {} processes runs one stage on each, without replicas", c.size())));
+    }
+    let selector: Vec<String> =
+        opts.devices.get(c.local_rank() % opts.devices.len().max(1)).cloned().into_iter().collect();
+    let selector = if selector.is_empty() { vec!["auto".to_string()] } else { selector };
+    let gpu = open_devices_sharing(&selector, 1, c.local_size())?.remove(0);
+    let m = load_model_placed(path, opts, Some((t.stages, &gpu)))?;
+    let test = m.dataset(Split::Test)?;
+    let metrics = evaluate_on(&m.net, test.clone(), &m.norm, opts.batch_size, c)?;
+    Ok(metrics.map(|metrics| EvalReport {
+        model: m.net.spec.name.clone(),
+        epoch: m.epoch,
+        data: test.name().to_string(),
+        metrics,
+    }))
 }
 
 /// Evaluates the model in `path` on its test set (or another, per `opts`), with the

@@ -411,6 +411,61 @@ pub const TRAINING_STATE_PREFIXES: [&str; 2] = ["optimizer.", TRAINING_PREFIX];
 /// method keeps per module (FR: `training.pipeline.stage<k>.input_history.<i>`).
 pub const PIPELINE: &str = "training.pipeline";
 
+/// [`evaluate`] over a [`Cluster`] of one replica: this process runs its own stage of `net`
+/// over the whole test set (the first stage's process reads the data; features and labels
+/// travel up the links, as in training) and the last stage's measures. The metrics (the
+/// same bits as [`evaluate`]'s) arrive on rank 0; the other ranks return None.
+pub fn evaluate_on(
+    net: &Network,
+    data: Arc<Dataset>,
+    norm: &Normalization,
+    batch_size: usize,
+    c: &dyn Cluster,
+) -> Result<Option<Metrics>> {
+    let (k, _) = c.place();
+    let last = net.stages.len() - 1;
+    let stage = &net.stages[k];
+    let batches = crate::data::num_batches(data.len(), batch_size, LastBatch::Keep);
+    let mut loader =
+        if k == 0 { Some(Loader::new(data, norm.clone(), LoaderConfig::eval(batch_size), 0)?) } else { None };
+    let mut acc = if k == last { Some(MetricsAccumulator::new(&stage.gpu)?) } else { None };
+    let mut links = c.stage_links(&stage.gpu);
+    for _ in 0..batches {
+        let (x, labels) = match loader.as_mut() {
+            Some(l) => {
+                let b = l.next().ok_or(Error::Internal { op: "eval", detail: "the test loader ended early".into() })?;
+                let mut shape = vec![b.len()];
+                shape.extend(&net.spec.input);
+                (stage.gpu.tensor(&shape, &b.images)?, b.labels)
+            }
+            None => {
+                let f = links.receive_up()?;
+                (f.h, f.labels)
+            }
+        };
+        let h = stage.forward_eval(&x)?;
+        match acc.as_mut() {
+            Some(a) => {
+                let y = crate::layers::loss::labels(&stage.gpu, &labels, net.spec.classes)?;
+                a.add(&crate::layers::loss::forward(&h, &y)?, labels.len())?;
+            }
+            None => links.send_up(crate::pipeline::link::Features { h, labels, parts: 1 })?,
+        }
+        stage.gpu.sync()?;
+    }
+    drop(links);
+    let metrics = acc.map(|a| a.read()).transpose()?;
+    match (c.rank(), metrics) {
+        (0, Some(m)) => Ok(Some(m)),
+        (0, None) => Ok(stage_state::read_report(last, &c.receive_state(c.topology().rank(last, 0))?)?.metrics),
+        (_, Some(m)) => {
+            c.send_state(0, stage_state::report_bytes(last, &EpochReport { metrics: Some(m), peak_bytes: 0 })?)?;
+            Ok(None)
+        }
+        (_, None) => Ok(None),
+    }
+}
+
 /// Whether the checkpoint tensor `name` is training state (see [`TRAINING_STATE_PREFIXES`]).
 pub fn is_training_state(name: &str) -> bool {
     TRAINING_STATE_PREFIXES.iter().any(|p| name.starts_with(p))
