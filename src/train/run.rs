@@ -212,11 +212,18 @@ impl RunConfig {
         if self.measure_sigma == Some(0) {
             return Err(bad("--measure-sigma must be at least 1 (iterations between measurements)".into()));
         }
-        if self.devices.is_empty() || (self.devices.len() != 1 && self.devices.len() != self.splits) {
+        let n = self.devices.len();
+        // Over processes each takes the selector at its rank on its machine: one per
+        // process of a pipeline's replicas is also a whole list.
+        if n == 0 || (n != 1 && n != self.splits && n != self.splits * self.replicas) {
             return Err(bad(format!(
-                "{} devices for {} stages: give one or one per stage",
-                self.devices.len(),
-                self.splits
+                "{n} devices for {} stages: give one or one per stage{}",
+                self.splits,
+                if self.replicas > 1 {
+                    format!(" (or one per process, {})", self.splits * self.replicas)
+                } else {
+                    String::new()
+                }
             )));
         }
         self.optim.validate()
