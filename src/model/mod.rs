@@ -705,6 +705,41 @@ impl Stage {
         crate::kernels::elementwise::axpy(1.0, acc, &self.packed.grads)
     }
 
+    /// Every parameter's gradient, end to end in [`Self::params`] order, whatever the packed
+    /// layout's padding (which depends on the device): one read of the packed buffer.
+    pub fn read_grads(&self) -> Result<Vec<f32>> {
+        let packed = self.packed.grads.to_vec()?;
+        let mut out = Vec::with_capacity(packed.len());
+        for p in self.params() {
+            let at = p.grad.byte_offset() as usize / 4;
+            out.extend_from_slice(&packed[at..at + p.grad.numel()]);
+        }
+        Ok(out)
+    }
+
+    /// Sets the gradients from `grads` in [`Self::read_grads`]' order: one write of the
+    /// packed buffer (its padding stays zero).
+    pub fn write_grads(&self, grads: &[f32]) -> Result<()> {
+        let mut packed = vec![0.0f32; self.packed.grads.numel()];
+        let mut from = 0;
+        for p in self.params() {
+            let (at, n) = (p.grad.byte_offset() as usize / 4, p.grad.numel());
+            let src = grads.get(from..from + n).ok_or_else(|| Error::ShapeMismatch {
+                op: "stage",
+                detail: format!("{} gradient values for the stage's parameters", grads.len()),
+            })?;
+            packed[at..at + n].copy_from_slice(src);
+            from += n;
+        }
+        if from != grads.len() {
+            return Err(Error::ShapeMismatch {
+                op: "stage",
+                detail: format!("{} gradient values for {from} parameter values", grads.len()),
+            });
+        }
+        self.gpu.write(&self.packed.grads, &packed)
+    }
+
     /// Device bytes of this stage's parameter values.
     pub fn weight_bytes(&self) -> u64 {
         self.params().iter().map(|p| p.value.buffer_bytes()).sum()

@@ -617,7 +617,7 @@ fn checkpoint_of(net: &Network, st: &PipelineState, run: &RunState, epoch: usize
     }
     for (k, s) in st.stages.iter().enumerate() {
         if let Some(g) = &s.pending_grad {
-            ck.push(format!("{PIPELINE}.stage{k}.pending_grad"), g.shape(), g.to_vec()?)?;
+            ck.push(stage_state::pending_name(k), g.shape(), g.to_vec()?)?;
         }
     }
     for sv in saved {
@@ -664,7 +664,7 @@ fn restore_pipeline(net: &Network, st: &mut PipelineState, ck: &mut Checkpoint, 
         stage.steps =
             saved["steps"][k].as_u64().ok_or_else(|| bad(format!("pipeline state without steps of stage {k}")))?;
         if saved["pending_grad"][k].as_bool().unwrap_or(false) {
-            let name = format!("{PIPELINE}.stage{k}.pending_grad");
+            let name = stage_state::pending_name(k);
             let shape = ck.get(&name).ok_or_else(|| bad(format!("missing {name}")))?.shape.clone();
             let data = ck.take(&name, &shape)?;
             stage.pending_grad = Some(net.stages[k].gpu.tensor(&shape, &data)?);

@@ -185,17 +185,10 @@ impl Worker<'_> {
     /// stage's replicas, if it has any).
     pub(super) fn sgd(&mut self) -> Result<()> {
         if let Some(r) = self.reducer.as_mut() {
-            let grads: Vec<Tensor> = self.stage.params().iter().map(|p| p.grad.clone()).collect();
-            let mut flat = Vec::with_capacity(grads.iter().map(Tensor::numel).sum());
-            for g in &grads {
-                flat.extend(g.to_vec()?);
-            }
-            r.average(&mut flat)?;
-            let mut at = 0;
-            for g in &grads {
-                g.gpu().write(g, &flat[at..at + g.numel()])?;
-                at += g.numel();
-            }
+            // One read and one write of the stage's packed gradients per update.
+            let mut grads = self.stage.read_grads()?;
+            r.average(&mut grads)?;
+            self.stage.write_grads(&grads)?;
         }
         let cfg = self.sgd_config();
         self.stage.sgd_step(&cfg, *self.steps == 0)?;

@@ -143,7 +143,8 @@ pub fn weights_hash(net: &Network, k: usize) -> Result<String> {
     Ok(ck.checksum())
 }
 
-fn pending_name(k: usize) -> String {
+/// The checkpoint name of the gradient stage `k` holds from above.
+pub(super) fn pending_name(k: usize) -> String {
     format!("{PIPELINE}.stage{k}.pending_grad")
 }
 
