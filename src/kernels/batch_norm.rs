@@ -184,9 +184,9 @@ struct Params {
     train: u32,
     momentum: f32,
     eps: f32,
-    relu: u32,
-    res: u32,
-    mask: u32,
+    n: u32,
+    planes: u32,
+    _flags: u32,
     wo: u32,
     res_cin: u32,
     res_h: u32,
@@ -194,17 +194,41 @@ struct Params {
     res_stride: u32,
     res_pad: u32,
     ho: u32,
-    step_n: u32,
+    _step_n: u32,
     step_h: u32,
     step_w: u32,
     _pad: u32,
 }
 
-/// Shape facts of one call: channels, values per channel (N*H*W) and chunks per channel.
+/// Shape facts of one call: channels, values per channel (N*H*W), chunks per channel (the
+/// reductions' grid) and plane groups per channel (the element-wise passes' grid, planes of
+/// `max(1, CHUNK / (H*W))` images each).
 struct Geometry {
     c: usize,
     m: usize,
     chunks: usize,
+    plane_groups: usize,
+}
+
+/// The fused ops of a call, the shader's pipeline overrides `RELU`, `RES` (0 none, 1 identity,
+/// 2 option A) and `MASK` (see `shaders/batch_norm.wgsl`).
+#[derive(Clone, Copy, Default)]
+struct Fused {
+    relu: bool,
+    res: u32,
+    mask: bool,
+}
+
+impl Fused {
+    /// The overrides the forward entry points read.
+    fn forward(&self) -> [(&'static str, f64); 2] {
+        [("RELU", self.relu as u8 as f64), ("RES", self.res as f64)]
+    }
+
+    /// The overrides the backward entry points read (`grad_partial` only `MASK`).
+    fn backward(&self) -> [(&'static str, f64); 2] {
+        [("MASK", self.mask as u8 as f64), ("RES", self.res as f64)]
+    }
 }
 
 fn geometry(op: &'static str, x: &Tensor) -> Result<Geometry> {
@@ -215,7 +239,8 @@ fn geometry(op: &'static str, x: &Tensor) -> Result<Geometry> {
         return Err(Error::Unsupported { op, detail: format!("{:?} has 2^31 values or more", x.shape()) });
     }
     let m = n * h * w;
-    Ok(Geometry { c, m, chunks: m.div_ceil(CHUNK) })
+    let planes = (CHUNK / (h * w).max(1)).max(1);
+    Ok(Geometry { c, m, chunks: m.div_ceil(CHUNK), plane_groups: if m == 0 { 0 } else { n.div_ceil(planes) } })
 }
 
 fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Params {
@@ -235,9 +260,10 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         train: train as u32,
         momentum,
         eps,
-        relu: 0,
-        res: 0,
-        mask: 0,
+        n: s[0] as u32,
+        // hw == 0 means m == 0: no workgroup runs.
+        planes: (CHUNK / hw.max(1)).max(1) as u32,
+        _flags: 0,
         wo: s[3] as u32,
         res_cin: 0,
         res_h: 0,
@@ -245,7 +271,7 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         res_stride: 1,
         res_pad: 0,
         ho: s[2] as u32,
-        step_n: step_n as u32,
+        _step_n: 0,
         // The pixel walk of the option-A shortcut: the WG % hw values stepped within an image
         // as rows and columns (w == 0 means hw == 0: never used).
         step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
@@ -276,6 +302,7 @@ fn check_bindings(op: &'static str, x: &Tensor) -> Result<()> {
 fn set_option_a(
     op: &'static str,
     p: &mut Params,
+    fused: &mut Fused,
     x: &Tensor,
     in_shape: &[usize],
     stride: usize,
@@ -298,7 +325,7 @@ fn set_option_a(
     if in_shape.iter().product::<usize>() >= 1 << 31 {
         return Err(Error::Unsupported { op, detail: format!("block input {in_shape:?} has 2^31 values or more") });
     }
-    p.res = 2;
+    fused.res = 2;
     p.res_cin = in_shape[1] as u32;
     p.res_h = in_shape[2] as u32;
     p.res_w = in_shape[3] as u32;
@@ -309,8 +336,14 @@ fn set_option_a(
 
 /// Checks the epilogue against `x` and sets its parameters; returns the residual tensor to bind
 /// (`x` itself when there is none: binding 12 is read-only, so any tensor will do).
-fn set_epilogue<'t>(op: &'static str, p: &mut Params, x: &'t Tensor, epi: &Epilogue<'t>) -> Result<&'t Tensor> {
-    p.relu = epi.relu as u32;
+fn set_epilogue<'t>(
+    op: &'static str,
+    p: &mut Params,
+    fused: &mut Fused,
+    x: &'t Tensor,
+    epi: &Epilogue<'t>,
+) -> Result<&'t Tensor> {
+    fused.relu = epi.relu;
     match epi.residual {
         None => Ok(x),
         Some(Residual::Identity(r)) => {
@@ -321,12 +354,12 @@ fn set_epilogue<'t>(op: &'static str, p: &mut Params, x: &'t Tensor, epi: &Epilo
                     detail: format!("the residual {:?} must have the shape of x {:?}", r.shape(), x.shape()),
                 });
             }
-            p.res = 1;
+            fused.res = 1;
             Ok(r)
         }
         Some(Residual::OptionA { x: r, stride, pad }) => {
             check_same_device(op, x, r)?;
-            set_option_a(op, p, x, r.shape(), stride, pad)?;
+            set_option_a(op, p, fused, x, r.shape(), stride, pad)?;
             Ok(r)
         }
     }
@@ -364,8 +397,8 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
-fn kernel(entry: &'static str) -> Kernel<'static> {
-    Kernel::new("batch_norm", entry)
+fn kernel<'a>(entry: &'static str, constants: &'a [(&'static str, f64)]) -> Kernel<'a> {
+    Kernel::with("batch_norm", entry, constants)
 }
 
 /// Training-mode forward: normalises `x` `[N, C, H, W]` with its batch statistics, scales by
@@ -419,7 +452,8 @@ pub fn forward_train_fused(
         });
     }
     let mut p = params(x, &g, true, momentum, eps);
-    let res = set_epilogue(OP, &mut p, x, &epi)?;
+    let mut fused = Fused::default();
+    let res = set_epilogue(OP, &mut p, &mut fused, x, &epi)?;
     if let Some(r) = epi.residual.map(|r| match r {
         Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
     }) {
@@ -446,11 +480,12 @@ pub fn forward_train_fused(
         Arg::Storage(x),
         Arg::Storage(res),
     ];
+    let constants = fused.forward();
     match Passes::choose(x, g.chunks)? {
-        Passes::Single => gpu.dispatch(&kernel("forward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Single => gpu.dispatch(&kernel("forward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
-            gpu.dispatch(&kernel("stats_partial"), &p, &args, grid)?;
-            gpu.dispatch(&kernel("normalize"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("stats_partial", &[]), &p, &args, grid)?;
+            gpu.dispatch(&kernel("normalize", &constants), &p, &args, [g.plane_groups as u32, g.c as u32, 1])?;
         }
     }
     Ok(BnForward { y, saved: BnSaved { stats } })
@@ -489,7 +524,8 @@ pub fn forward_eval_fused(
     check_eps(OP, eps)?;
     check_bindings(OP, x)?;
     let mut p = params(x, &g, false, 0.0, eps);
-    let res = set_epilogue(OP, &mut p, x, &epi)?;
+    let mut fused = Fused::default();
+    let res = set_epilogue(OP, &mut p, &mut fused, x, &epi)?;
     if let Some(r) = epi.residual.map(|r| match r {
         Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
     }) {
@@ -500,7 +536,7 @@ pub fn forward_eval_fused(
     // The training branch's buffers are bound but not touched.
     let (unused_partials, unused_stats) = (gpu.empty(&[1])?, gpu.empty(&[1])?);
     gpu.dispatch(
-        &kernel("normalize"),
+        &kernel("normalize", &fused.forward()),
         &p,
         &[
             Arg::Storage(x),
@@ -516,7 +552,7 @@ pub fn forward_eval_fused(
             Arg::Storage(x),
             Arg::Storage(res),
         ],
-        [g.chunks as u32, g.c as u32, 1],
+        [g.plane_groups as u32, g.c as u32, 1],
     )?;
     Ok(y)
 }
@@ -596,15 +632,15 @@ fn backward_fused_impl(
     check_bindings(OP, x)?;
     let gpu = x.gpu();
     let mut p = params(x, &g, true, 0.0, 0.0);
-    p.mask = relu_out.is_some() as u32;
+    let mut fused = Fused { mask: relu_out.is_some(), ..Fused::default() };
     let dshortcut = match shortcut {
         None => None,
         Some(ShortcutGrad::Identity) => {
-            p.res = 1;
+            fused.res = 1;
             Some(gpu.empty(x.shape())?)
         }
         Some(ShortcutGrad::OptionA { in_shape, stride, pad }) => {
-            set_option_a(OP, &mut p, x, in_shape, stride, pad)?;
+            set_option_a(OP, &mut p, &mut fused, x, in_shape, stride, pad)?;
             Some(gpu.empty(in_shape)?)
         }
     };
@@ -648,18 +684,19 @@ fn backward_fused_impl(
         Arg::Storage(&dgamma),
         Arg::Storage(&dbeta),
         Arg::Storage(gamma),
-        // Read only when p.mask = 1; any read-only tensor otherwise.
+        // Read only with MASK; any read-only tensor otherwise.
         Arg::Storage(relu_out.unwrap_or(dy)),
-        // Written only when p.res != 0. Otherwise dx stands in: wgpu accepts one buffer in two
+        // Written only when RES != 0. Otherwise dx stands in: wgpu accepts one buffer in two
         // read_write bindings of a dispatch (only a read-only plus a read_write use conflicts),
         // and the kernel does not touch this one.
         Arg::Storage(dshortcut.as_ref().unwrap_or(&dx)),
     ];
+    let constants = fused.backward();
     match Passes::choose(x, g.chunks)? {
-        Passes::Single => gpu.dispatch(&kernel("backward_single"), &p, &args, [1, g.c as u32, 1])?,
+        Passes::Single => gpu.dispatch(&kernel("backward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
-            gpu.dispatch(&kernel("grad_partial"), &p, &args, grid)?;
-            gpu.dispatch(&kernel("dx"), &p, &args, grid)?;
+            gpu.dispatch(&kernel("grad_partial", &constants[..1]), &p, &args, grid)?;
+            gpu.dispatch(&kernel("dx", &constants), &p, &args, [g.plane_groups as u32, g.c as u32, 1])?;
         }
     }
     Ok(BnGrads { dx, dgamma, dbeta, dshortcut })
