@@ -1,5 +1,6 @@
 //! Conv2d benchmark: every variant's forward, backward-data and backward-filter against
-//! candle-core (CPU) forward and forward+backward, on the CIFAR ResNet shapes.
+//! candle-core (CPU) forward and forward+backward, on the CIFAR ResNet shapes (A-C) and the
+//! same stages at 28x28 (D-F).
 //!
 //! Run: `cargo bench --bench conv2d` (`-- --quick` for fewer repetitions;
 //! `CONV_BENCH_SHAPES=C` for the shapes whose label starts with C). Prints a markdown
@@ -24,6 +25,10 @@ const SHAPES: &[Case] = &[
     ("A 3x3 s1", [128, 16, 32, 32], [16, 16, 3, 3], 1, 1),
     ("B 3x3 s1", [128, 32, 16, 16], [32, 32, 3, 3], 1, 1),
     ("C 3x3 s1", [128, 64, 8, 8], [64, 64, 3, 3], 1, 1),
+    // The same stages at Fashion-MNIST's 28x28 (the embedded default data).
+    ("D 3x3 s1", [128, 16, 28, 28], [16, 16, 3, 3], 1, 1),
+    ("E 3x3 s1", [128, 32, 14, 14], [32, 32, 3, 3], 1, 1),
+    ("F 3x3 s1", [128, 64, 7, 7], [64, 64, 3, 3], 1, 1),
     ("3x3 s2", [128, 16, 32, 32], [32, 16, 3, 3], 2, 1),
     ("1x1 s2", [128, 16, 32, 32], [32, 16, 1, 1], 2, 0),
 ];
