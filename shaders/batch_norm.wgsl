@@ -1,27 +1,16 @@
 // Batch norm 2d on NCHW tensors (PyTorch semantics), in four entry points:
 //
 //   stats_partial  grid (P, C): per-chunk mean and M2 = sum((x - mean)^2) of channel c
-//   normalize      grid (B, C): train: every workgroup merges the P chunk statistics of
-//                  channel c (in the same order, so all get the same result); workgroup b = 0
+//   normalize      grid (P, C): train: every workgroup merges the P chunk statistics of
+//                  channel c (in the same order, so all get the same result); workgroup k = 0
 //                  saves them and updates the running statistics; then
 //                  y = (x - mean) * (gamma * invstd) + beta; eval: the same with the running
 //                  statistics. Fused epilogue (RES, RELU): y += the residual (identity, or
 //                  the option-A shortcut of the block input read in place), then y = max(y, 0)
 //   grad_partial   grid (P, C): per-chunk sum(g) and sum(g * x_hat)
-//   dx             grid (B, C): merges those sums, writes dbeta and dgamma (workgroup b = 0),
+//   dx             grid (P, C): merges those sums, writes dbeta and dgamma (workgroup k = 0),
 //                  then dx = gamma * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M);
 //                  with RES also the shortcut's gradient of the block input (dres)
-//
-// The element-wise passes (normalize, dx) cut a channel by whole image planes instead of
-// chunks: workgroup b takes planes b * PL .. b * PL + PL - 1 (PL = p.planes = max(1, CHUNK / hw),
-// B = ceil(N / PL)), each walked by a plain loop. Their results do not depend on the order,
-// and on lavapipe this walk ran normalize 1.5-2x and dx 1.4x faster than the chunk walk below
-// (one plane loop has no wrap test per value); the reductions keep the chunks, whose order
-// the error model of tests/batch_norm.rs replays.
-//
-// The fused ops are pipeline overrides (RELU, RES, MASK), not parameters: llvmpipe keeps a
-// branch on a uniform parameter in every value's loop body, and the specialised pipelines ran
-// normalize and dx 1.3x faster there (measured on [128, 16, 28, 28]).
 //
 // g is dy, or with MASK the following ReLU's backward folded in: g = dy where that ReLU's
 // output `act` is > 0, else 0 (PyTorch's threshold_backward on the result), so no separate
@@ -55,6 +44,9 @@
 // Fused ops of normalize / forward_single: RELU = max(y, 0) after the residual add; RES = 0 no
 // residual, 1 identity (same shape), 2 option A. Of grad_partial / dx / backward_single:
 // MASK = g is dy masked by act > 0; RES = 1 or 2 also writes the shortcut gradient (dres).
+// Overrides, not parameters: llvmpipe keeps a branch on a uniform parameter in every value's
+// loop body, and the specialised pipelines ran normalize and dx 1.3-1.4x faster there
+// ([128, 16, 28, 28], the fused flags on; examples/wgsl_probe.rs).
 override RELU: bool = false;
 override RES: u32 = 0u;
 override MASK: bool = false;
@@ -75,9 +67,9 @@ struct Params {
     train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
     momentum: f32,
     eps: f32,
-    n: u32,        // N, images
-    planes: u32,   // PL, image planes per workgroup of the element-wise passes
-    _flags: u32,   // unused (the fused ops are the overrides above)
+    _fused0: u32,  // unused (the fused ops are the overrides RELU, RES and MASK)
+    _fused1: u32,
+    _fused2: u32,
     wo: u32,       // W of x (option A: splits s into (oh, ow))
     res_cin: u32,  // option A: the block input [N, res_cin, res_h, res_w] ...
     res_h: u32,
@@ -85,8 +77,8 @@ struct Params {
     res_stride: u32, // ... subsampled by res_stride ...
     res_pad: u32,  // ... and its channel ci at channel ci + res_pad of x
     ho: u32,       // H of x
-    _step_n: u32,  // unused
-    step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within a plane
+    step_n: u32,   // WG / hw: images stepped over by WG values
+    step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within an image
     step_w: u32,   // (WG % hw) % wo: columns stepped over by WG values within a row
     _pad0: u32,
 }
@@ -145,6 +137,32 @@ fn total(s: vec4<f32>) -> f32 {
 // workgroup: the padded channels add 0 and get no gradient).
 fn in_shortcut(c: u32) -> bool {
     return c >= p.res_pad && c - p.res_pad < p.res_cin;
+}
+
+// (n, oh, ow) of value j of a channel: its image and pixel, for the option-A shortcut. Walked
+// alongside first / next without division (a division per value, scalar on CPU adapters,
+// made the option-A backward 30% slower than the unfused passes).
+fn pixel_first(j: u32) -> vec3<u32> {
+    let n = j / p.hw;
+    let s = j - n * p.hw;
+    let oh = s / p.wo;
+    return vec3<u32>(n, oh, s - oh * p.wo);
+}
+
+// (n, oh, ow) WG values further on.
+fn pixel_next(q: vec3<u32>) -> vec3<u32> {
+    var n = q.x + p.step_n;
+    var oh = q.y + p.step_h;
+    var ow = q.z + p.step_w;
+    if (ow >= p.wo) {
+        ow -= p.wo;
+        oh += 1u;
+    }
+    if (oh >= p.ho) {
+        oh -= p.ho;
+        n += 1u;
+    }
+    return vec3<u32>(n, oh, ow);
 }
 
 // Address in the option-A block input of the value that lands on x's pixel q of channel c:
@@ -294,52 +312,34 @@ fn channel_stats(c: u32, lid: u32, save: bool) -> vec3<f32> {
     return vec3<f32>(x0, mean_v, invstd);
 }
 
-// (oh, ow) of value lid of a plane, the start of each plane's walk in the option-A shortcut
-// (lid < hw; one division per invocation, not per value).
-fn lane_pixel(lid: u32) -> vec2<u32> {
-    let oh = lid / p.wo;
-    return vec2<u32>(oh, lid - oh * p.wo);
-}
-
-// (n, oh, ow) WG values further on within a plane (the walk ends before it leaves the plane).
-fn plane_step(q: vec3<u32>) -> vec3<u32> {
-    var oh = q.y + p.step_h;
-    var ow = q.z + p.step_w;
-    if (ow >= p.wo) {
-        ow -= p.wo;
-        oh += 1u;
-    }
-    return vec3<u32>(q.x, oh, ow);
-}
-
-// y = ((x - x0) - mean_v) * invstd * gamma + beta over planes b * PL .. of channel c, then the
-// epilogue.
-fn normalize_planes(b: u32, c: u32, lid: u32, st: vec3<f32>) {
+// y = ((x - x0) - mean_v) * invstd * gamma + beta over chunk k of channel c, then the epilogue.
+fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
     let x0 = st.x;
     let mean_v = st.y;
     let scale = gamma[c] * st.z;
     let shift = beta[c];
-    let n0 = b * p.planes;
-    let n1 = min(n0 + p.planes, p.n);
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
     // Uniform per workgroup: whether the residual of this channel is read at all.
     let res_a = RES == 2u && in_shortcut(c);
-    let q0 = lane_pixel(lid);
-    for (var n = n0; n < n1; n++) {
-        let base = (n * p.c + c) * p.hw;
-        var q = vec3<u32>(n, q0.x, q0.y);
-        for (var j = lid; j < p.hw; j += WG) {
-            let i = base + j;
-            var v = ((x[i] - x0) - mean_v) * scale + shift;
+    var a = first(j0, c);
+    var q = pixel_first(j0);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            var v = ((x[a.x] - x0) - mean_v) * scale + shift;
             if (RES == 1u) {
-                v += res[i];
+                v += res[a.x];
             } else if (res_a) {
                 v += res[shortcut_base(q, c)];
-                q = plane_step(q);
             }
             if (RELU) {
                 v = max(v, 0.0);
             }
-            out[i] = v;
+            out[a.x] = v;
+        }
+        a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
         }
     }
 }
@@ -388,56 +388,57 @@ fn channel_grad_sums(c: u32, lid: u32, save: bool) -> vec2<f32> {
     return r;
 }
 
-// dx over planes b * PL .. of channel c, and the shortcut gradient when RES != 0.
-fn dx_planes(b: u32, c: u32, lid: u32, r: vec2<f32>) {
+// dx over chunk k of channel c, and the shortcut gradient when RES != 0.
+fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
     let scale = gamma[c] * invstd;
-    let sb = r.x / f32(p.m);
-    let sd = r.y / f32(p.m);
-    let n0 = b * p.planes;
-    let n1 = min(n0 + p.planes, p.n);
+    let b = r.x / f32(p.m);
+    let d = r.y / f32(p.m);
+    let j0 = k * CHUNK + lid;
+    let end = min(k * CHUNK + CHUNK, p.m);
     let res_a = RES == 2u && in_shortcut(c);
-    let q0 = lane_pixel(lid);
-    for (var n = n0; n < n1; n++) {
-        let base = (n * p.c + c) * p.hw;
-        var q = vec3<u32>(n, q0.x, q0.y);
-        for (var j = lid; j < p.hw; j += WG) {
-            let i = base + j;
-            let g = grad_in(i);
-            let xh = ((x[i] - x0) - mean_v) * invstd;
-            out[i] = scale * ((g - sb) - xh * sd);
+    var a = first(j0, c);
+    var q = pixel_first(j0);
+    for (var t = 0u; t < ITEMS; t++) {
+        if (j0 + t * WG < end) {
+            let g = grad_in(a.x);
+            let xh = ((x[a.x] - x0) - mean_v) * invstd;
+            out[a.x] = scale * ((g - b) - xh * d);
             if (RES == 1u) {
-                dres[i] = g;
+                dres[a.x] = g;
             } else if (res_a) {
                 // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
                 // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
                 // dres is written entirely and needs no zero fill.
-                let base_r = shortcut_base(q, c);
-                dres[base_r] = g;
+                let base = shortcut_base(q, c);
+                dres[base] = g;
                 let hn = min(p.res_stride, p.res_h - q.y * p.res_stride);
                 let wn = min(p.res_stride, p.res_w - q.z * p.res_stride);
                 if (p.res_stride == 2u) {
                     // The CIFAR ResNet's stride, without the loops' per-lane trip counts.
                     if (wn == 2u) {
-                        dres[base_r + 1u] = 0.0;
+                        dres[base + 1u] = 0.0;
                     }
                     if (hn == 2u) {
-                        dres[base_r + p.res_w] = 0.0;
+                        dres[base + p.res_w] = 0.0;
                         if (wn == 2u) {
-                            dres[base_r + p.res_w + 1u] = 0.0;
+                            dres[base + p.res_w + 1u] = 0.0;
                         }
                     }
                 } else {
                     for (var dh = 0u; dh < hn; dh++) {
                         for (var dw = select(0u, 1u, dh == 0u); dw < wn; dw++) {
-                            dres[base_r + dh * p.res_w + dw] = 0.0;
+                            dres[base + dh * p.res_w + dw] = 0.0;
                         }
                     }
                 }
-                q = plane_step(q);
             }
+        }
+        a = next(a);
+        if (res_a) {
+            q = pixel_next(q);
         }
     }
 }
@@ -449,7 +450,7 @@ fn stats_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
 
 @compute @workgroup_size(64)
 fn normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    normalize_planes(wg.x, wg.y, lid, channel_stats(wg.y, lid, wg.x == 0u));
+    normalize_chunk(wg.x, wg.y, lid, channel_stats(wg.y, lid, wg.x == 0u));
 }
 
 // The forward in one dispatch, grid (1, C): one workgroup per channel runs stats_partial's
@@ -466,8 +467,8 @@ fn forward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         storageBarrier();
     }
     let st = channel_stats(c, lid, true);
-    for (var b = 0u; b * p.planes < p.n; b++) {
-        normalize_planes(b, c, lid, st);
+    for (var k = 0u; k < p.chunks; k++) {
+        normalize_chunk(k, c, lid, st);
     }
 }
 
@@ -478,7 +479,7 @@ fn grad_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 
 @compute @workgroup_size(64)
 fn dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    dx_planes(wg.x, wg.y, lid, channel_grad_sums(wg.y, lid, wg.x == 0u));
+    dx_chunk(wg.x, wg.y, lid, channel_grad_sums(wg.y, lid, wg.x == 0u));
 }
 
 // The backward in one dispatch, grid (1, C), as forward_single is the forward's.
@@ -490,7 +491,7 @@ fn backward_single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     }
     storageBarrier();
     let r = channel_grad_sums(c, lid, true);
-    for (var b = 0u; b * p.planes < p.n; b++) {
-        dx_planes(b, c, lid, r);
+    for (var k = 0u; k < p.chunks; k++) {
+        dx_chunk(k, c, lid, r);
     }
 }

@@ -27,7 +27,8 @@
 //! masked by the sign of that ReLU's output as it is read) and write the shortcut's gradient of
 //! the block input ([`ShortcutGrad`]) in the same pass, for the block's input gradient to be
 //! accumulated onto. Same dispatch counts as the plain ops; the fused entry points are the
-//! plain ones with flags, so the plain results are unchanged.
+//! plain ones specialised by pipeline overrides (`RELU`, `RES`, `MASK`: the branches fold away
+//! when the pipeline is compiled), so the plain results are unchanged.
 //!
 //! Memory: [`forward_train`] keeps only [`BnSaved::stats`], `3 * C` floats, for the backward;
 //! the backward recomputes `x_hat` from `x`, which the caller keeps (it is the previous conv's
@@ -184,9 +185,7 @@ struct Params {
     train: u32,
     momentum: f32,
     eps: f32,
-    n: u32,
-    planes: u32,
-    _flags: u32,
+    _fused: [u32; 3],
     wo: u32,
     res_cin: u32,
     res_h: u32,
@@ -194,20 +193,17 @@ struct Params {
     res_stride: u32,
     res_pad: u32,
     ho: u32,
-    _step_n: u32,
+    step_n: u32,
     step_h: u32,
     step_w: u32,
     _pad: u32,
 }
 
-/// Shape facts of one call: channels, values per channel (N*H*W), chunks per channel (the
-/// reductions' grid) and plane groups per channel (the element-wise passes' grid, planes of
-/// `max(1, CHUNK / (H*W))` images each).
+/// Shape facts of one call: channels, values per channel (N*H*W) and chunks per channel.
 struct Geometry {
     c: usize,
     m: usize,
     chunks: usize,
-    plane_groups: usize,
 }
 
 /// The fused ops of a call, the shader's pipeline overrides `RELU`, `RES` (0 none, 1 identity,
@@ -239,8 +235,7 @@ fn geometry(op: &'static str, x: &Tensor) -> Result<Geometry> {
         return Err(Error::Unsupported { op, detail: format!("{:?} has 2^31 values or more", x.shape()) });
     }
     let m = n * h * w;
-    let planes = (CHUNK / (h * w).max(1)).max(1);
-    Ok(Geometry { c, m, chunks: m.div_ceil(CHUNK), plane_groups: if m == 0 { 0 } else { n.div_ceil(planes) } })
+    Ok(Geometry { c, m, chunks: m.div_ceil(CHUNK) })
 }
 
 fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Params {
@@ -260,10 +255,7 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         train: train as u32,
         momentum,
         eps,
-        n: s[0] as u32,
-        // hw == 0 means m == 0: no workgroup runs.
-        planes: (CHUNK / hw.max(1)).max(1) as u32,
-        _flags: 0,
+        _fused: [0; 3],
         wo: s[3] as u32,
         res_cin: 0,
         res_h: 0,
@@ -271,7 +263,7 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         res_stride: 1,
         res_pad: 0,
         ho: s[2] as u32,
-        _step_n: 0,
+        step_n: step_n as u32,
         // The pixel walk of the option-A shortcut: the WG % hw values stepped within an image
         // as rows and columns (w == 0 means hw == 0: never used).
         step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
@@ -485,7 +477,7 @@ pub fn forward_train_fused(
         Passes::Single => gpu.dispatch(&kernel("forward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
             gpu.dispatch(&kernel("stats_partial", &[]), &p, &args, grid)?;
-            gpu.dispatch(&kernel("normalize", &constants), &p, &args, [g.plane_groups as u32, g.c as u32, 1])?;
+            gpu.dispatch(&kernel("normalize", &constants), &p, &args, grid)?;
         }
     }
     Ok(BnForward { y, saved: BnSaved { stats } })
@@ -552,7 +544,7 @@ pub fn forward_eval_fused(
             Arg::Storage(x),
             Arg::Storage(res),
         ],
-        [g.plane_groups as u32, g.c as u32, 1],
+        [g.chunks as u32, g.c as u32, 1],
     )?;
     Ok(y)
 }
@@ -696,7 +688,7 @@ fn backward_fused_impl(
         Passes::Single => gpu.dispatch(&kernel("backward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
             gpu.dispatch(&kernel("grad_partial", &constants[..1]), &p, &args, grid)?;
-            gpu.dispatch(&kernel("dx", &constants), &p, &args, [g.plane_groups as u32, g.c as u32, 1])?;
+            gpu.dispatch(&kernel("dx", &constants), &p, &args, grid)?;
         }
     }
     Ok(BnGrads { dx, dgamma, dbeta, dshortcut })
