@@ -67,9 +67,6 @@ struct Params {
     train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
     momentum: f32,
     eps: f32,
-    _fused0: u32,  // unused (the fused ops are the overrides RELU, RES and MASK)
-    _fused1: u32,
-    _fused2: u32,
     wo: u32,       // W of x (option A: splits s into (oh, ow))
     res_cin: u32,  // option A: the block input [N, res_cin, res_h, res_w] ...
     res_h: u32,
@@ -80,7 +77,6 @@ struct Params {
     step_n: u32,   // WG / hw: images stepped over by WG values
     step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within an image
     step_w: u32,   // (WG % hw) % wo: columns stepped over by WG values within a row
-    _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -185,7 +185,6 @@ struct Params {
     train: u32,
     momentum: f32,
     eps: f32,
-    _fused: [u32; 3],
     wo: u32,
     res_cin: u32,
     res_h: u32,
@@ -196,7 +195,6 @@ struct Params {
     step_n: u32,
     step_h: u32,
     step_w: u32,
-    _pad: u32,
 }
 
 /// Shape facts of one call: channels, values per channel (N*H*W) and chunks per channel.
@@ -221,9 +219,14 @@ impl Fused {
         [("RELU", self.relu as u8 as f64), ("RES", self.res as f64)]
     }
 
-    /// The overrides the backward entry points read (`grad_partial` only `MASK`).
+    /// The overrides `dx` and `backward_single` read.
     fn backward(&self) -> [(&'static str, f64); 2] {
         [("MASK", self.mask as u8 as f64), ("RES", self.res as f64)]
+    }
+
+    /// The override `grad_partial` reads (it writes no shortcut gradient).
+    fn grad_sums(&self) -> [(&'static str, f64); 1] {
+        [("MASK", self.mask as u8 as f64)]
     }
 }
 
@@ -255,7 +258,6 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         train: train as u32,
         momentum,
         eps,
-        _fused: [0; 3],
         wo: s[3] as u32,
         res_cin: 0,
         res_h: 0,
@@ -268,7 +270,6 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         // as rows and columns (w == 0 means hw == 0: never used).
         step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
         step_w: step_s.checked_rem(s[3]).unwrap_or(0) as u32,
-        _pad: 0,
     }
 }
 
@@ -687,7 +688,7 @@ fn backward_fused_impl(
     match Passes::choose(x, g.chunks)? {
         Passes::Single => gpu.dispatch(&kernel("backward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
-            gpu.dispatch(&kernel("grad_partial", &constants[..1]), &p, &args, grid)?;
+            gpu.dispatch(&kernel("grad_partial", &fused.grad_sums()), &p, &args, grid)?;
             gpu.dispatch(&kernel("dx", &constants), &p, &args, grid)?;
         }
     }
