@@ -2,8 +2,9 @@
 //! candle-core (CPU) forward and forward+backward, on the CIFAR ResNet shapes (A-C) and the
 //! same stages at 28x28 (D-F).
 //!
-//! Run: `cargo bench --bench conv2d` (`-- --quick` for fewer repetitions;
-//! `CONV_BENCH_SHAPES=C` for the shapes whose label starts with C). Prints a markdown
+//! Run: `cargo bench --bench conv2d` (`-- --quick` for fewer repetitions; `-- --tiles` adds a
+//! row for every configuration of the tiled variant the device runs, each tile shape at each
+//! K-tile depth; `CONV_BENCH_SHAPES=C` for the shapes whose label starts with C). Prints a markdown
 //! table of GFLOP/s. Times on a shared 2-core CPU vary 20-30% from run to run, so candle runs
 //! in the same process, interleaved with our kernels, and the ratios are what to compare.
 //!
@@ -14,7 +15,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor as CTensor, Var};
-use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant};
+use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant, TiledTile};
 use featreplay::{Gpu, Result, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -43,10 +44,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Who runs a pass: one variant, or the chooser (`conv2d::forward` etc.).
+/// Who runs a pass: one variant, one tiled configuration, or the chooser (`conv2d::forward` etc.).
 #[derive(Clone, Copy)]
 enum Who {
     Variant(ConvVariant),
+    Tile(TiledTile),
     Chooser,
 }
 
@@ -66,6 +68,16 @@ fn run_pass(who: Who, pass: ConvPass, o: &Operands) -> Result<Tensor> {
         }
         (Who::Variant(v), ConvPass::BackwardFilter) => {
             conv2d::backward_filter_with(v, &o.x, &o.dy, &s.weight_shape(), st, p)
+        }
+        (Who::Tile(t), pass) => {
+            let (inputs, shape) = match pass {
+                ConvPass::Forward => ([&o.x, &o.w], s.output_shape()),
+                ConvPass::BackwardData => ([&o.dy, &o.w], s.input_shape()),
+                ConvPass::BackwardFilter => ([&o.x, &o.dy], s.weight_shape()),
+            };
+            let out = o.x.gpu().empty(&shape)?;
+            conv2d::run_tiled(t, pass, s, inputs, &out, false)?;
+            Ok(out)
         }
         (Who::Chooser, ConvPass::Forward) => conv2d::forward(&o.x, &o.w, st, p),
         (Who::Chooser, ConvPass::BackwardData) => conv2d::backward_data(&o.dy, &o.w, &s.input_shape(), st, p),
@@ -161,6 +173,7 @@ impl Candle {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let every_tile = std::env::args().any(|a| a == "--tiles");
     let reps = if quick { 3 } else { 7 };
     let gpu = Gpu::open_default().expect("a GPU adapter (lavapipe works)");
     println!("Adapter: {}", gpu.adapter());
@@ -196,9 +209,11 @@ fn main() {
             .iter()
             .map(|&p| conv2d::choose(&gpu, &s, p).map(|v| v.name().to_string()).unwrap_or_else(|e| e.to_string()))
             .collect();
+        let tiles = if every_tile { conv2d::tiled_tiles(&gpu) } else { Vec::new() };
         let rows: Vec<(String, Who)> = ConvVariant::ALL
             .iter()
             .map(|&v| (v.name().to_string(), Who::Variant(v)))
+            .chain(tiles.into_iter().map(|t| (format!("tiled {t}"), Who::Tile(t))))
             .chain(std::iter::once((format!("chosen ({})", chosen.join("/")), Who::Chooser)))
             .collect();
         let candle = Candle::new(s, &xs, &ws, &gs);

@@ -49,7 +49,7 @@ for t in conv2d batch_norm elementwise shortcut sgd linear pool cross_entropy re
 done
 
 say "conv benchmark"
-run_bin bench conv2d --quick 2>&1 | tee "$out/conv2d.md" || status=1
+run_bin bench conv2d --quick --tiles 2>&1 | tee "$out/conv2d.md" || status=1
 
 py=""
 for p in python3 python; do

@@ -7,23 +7,33 @@
 //   backward_data    M = in-channels c,  N = batch x input pixels,   K = taps x out-channels
 //   backward_filter  M = out-channels o, N = in-channels x taps,     K = batch x output pixels
 //
-// Tiling. A workgroup of 256 invocations (the size every WebGPU device supports) computes a
-// BM x BN block of D; invocation (tm, tn) holds an 8 x 4 register block (rows 8tm.., columns
-// 4tn..), so BM = 8 * WG_M and BN = 4 * (256 / WG_M). The launcher picks WG_M per shape from
-// two shapes of the same 256 invocations: 64x128 (best reuse, 43 FMAs per element loaded) and
-// 32x256 (28, for GEMMs with few rows, e.g. 16 or 32 channels, where a 64-row tile would
-// compute mostly padding). The K loop walks tiles of BK = 8: each step every invocation loads
-// BM*8/256 elements of A and BN*8/256 of B from global memory into registers, stores them in
-// workgroup memory, and after a barrier does 8 x 32 FMAs from three vec4 workgroup loads per k
-// (the 4 x 4 blocks before did 16 per two loads).
-// The global loads for step t+1 are issued before the FMAs of step t (register prefetch) so
-// their latency hides behind the arithmetic without a second workgroup buffer.
+// Tiling. A workgroup of WG invocations (256, 128 or 64) computes a BM x BN block of D;
+// invocation (tm, tn) holds an 8 x 4 register block (rows 8tm.., columns 4tn..), so
+// BM = 8 * WG_M and BN = 4 * (WG / WG_M). The launcher picks the shape per GEMM from six:
+// 64x128, 32x256 (256 invocations), 64x64, 32x128 (128), 64x32, 32x64 (64). The big tiles reuse
+// each loaded element most (64x128: 43 FMAs per element loaded); the small ones give a GEMM
+// with few outputs (the 64-channel layers at 8x8: 64 x 8192) enough workgroups for about two
+// waves on a GPU of ~128 compute units (256 workgroups of 64x32 instead of 64 of 64x128), and
+// the 32-row ones keep 16- and 32-channel layers from computing mostly padding.
+// The K loop walks tiles of BK = 8 or 16: each step every invocation loads BM*BK/WG elements
+// of A and BN*BK/WG of B from global memory into registers, stores them in workgroup memory,
+// and after a barrier does BK x 32 FMAs, from three vec4 workgroup loads per k.
+// The global loads for step t+1 are issued before the FMAs of step t (register prefetch), so
+// their latency hides behind the arithmetic.
 //
-// Workgroup memory: A tile 8 x (BM + 4) floats and B tile 8 x (BN + 4) floats, stored
-// k-major as vec4s so the FMA loop reads 8 rows and 4 columns with three 16-byte loads. The
-// +4 pad (one vec4 per row) spreads the stores of invocations that write different k of the
-// same column over different banks. Sized for the largest tile of each: 136 + 520 vec4s =
-// 10.25 KiB, under WebGPU's guaranteed 16 KiB.
+// Workgroup memory: per buffer, an A tile BK x (BM + 4) floats and a B tile BK x (BN + 4),
+// stored k-major as vec4s so the FMA loop reads 8 rows and 4 columns with three 16-byte loads.
+// The +4 pad (one vec4 per row) spreads the stores of invocations that write different k of
+// the same column over different banks. With DB there are two buffers: step kt stores into
+// buffer kt % 2, waits at one barrier and computes from it. The barrier after the FMAs that a
+// single buffer needs (nobody may overwrite the tile while others still read it) is not needed:
+// an invocation can only store tile kt + 1, into the other buffer, after every invocation has
+// reached step kt's barrier, so after every invocation finished the FMAs of step kt - 1 on that
+// buffer. The arrays are sized per pipeline (override-sized workgroup arrays); the launcher
+// takes the deepest BK, double-buffered first, that fits the device's workgroup memory: under
+// WebGPU's guaranteed 16 KiB, 64x128 runs BK 8 double-buffered (12.5 KiB), 32x256 BK 8
+// single (9.25 KiB), 64x32 BK 16 double-buffered (13 KiB); a device with 32 KiB or more (most
+// discrete GPUs) gets BK 16 double-buffered for 64x128 (25 KiB).
 //
 // Global loads are coalesced: consecutive invocations read consecutive addresses of the
 // operand's contiguous dimension (pixels of x and dy, k along the weight rows in forward), so
@@ -84,32 +94,43 @@ struct Params {
 
 override KS: u32 = 3u;
 override STRIDE: u32 = 1u;
-// Invocations along M: 8 (64 x 128 tile) or 4 (32 x 256).
+// Invocations per workgroup: 256, 128 or 64 (the launcher's tile shapes).
+override WG: u32 = 256u;
+// Invocations along M: 8 (BM = 64) or 4 (BM = 32).
 override WG_M: u32 = 8u;
+// Depth of a K tile: 8 or 16.
+override BK: u32 = 8u;
+// Double-buffered workgroup tiles: one barrier per K step instead of two.
+override DB: bool = false;
 // backward_data: add to dst instead of overwriting it.
 override ACC: bool = false;
 
-const WG: u32 = 256u;
-const BK: u32 = 8u;
 override KK: u32 = KS * KS;
 override WG_N: u32 = WG / WG_M;
 override BM: u32 = 8u * WG_M;
 override BN: u32 = 4u * WG_N;
-// Elements of the A and B tiles each invocation moves per K step.
+// Elements of the A and B tiles each invocation moves per K step (at most 16 each, the
+// sizes of `ra` and `rb`).
 override A_PER: u32 = (BM * BK + WG - 1u) / WG;
 override B_PER: u32 = BN * BK / WG;
 // Row strides of the tiles in vec4s (one vec4 of padding, see above).
 override AS: u32 = BM / 4u + 1u;
 override BS: u32 = WG_N + 1u;
+// One buffer of each tile, in vec4s, and the workgroup arrays (two buffers with DB).
+override A_BUF: u32 = BK * AS;
+override B_BUF: u32 = BK * BS;
+override NBUF: u32 = select(1u, 2u, DB);
+override A_TILE: u32 = NBUF * A_BUF;
+override B_TILE: u32 = NBUF * B_BUF;
 
-var<workgroup> a_tile: array<vec4<f32>, 136>; // BK * (16 + 1): the largest A tile (BM = 64)
-var<workgroup> b_tile: array<vec4<f32>, 520>; // BK * (64 + 1): the largest B tile (BN = 256)
+var<workgroup> a_tile: array<vec4<f32>, A_TILE>;
+var<workgroup> b_tile: array<vec4<f32>, B_TILE>;
 
 // The 8 x 4 register block: acc[row][column]; rows 8tm + r of the tile.
 const TM: u32 = 8u;
 var<private> acc: array<vec4<f32>, 8>;
-var<private> ra: array<f32, 2>; // prefetched A elements (A_PER <= 2)
-var<private> rb: array<f32, 8>; // prefetched B elements (B_PER <= 8)
+var<private> ra: array<f32, 16>; // prefetched A elements (A_PER <= 16)
+var<private> rb: array<f32, 16>; // prefetched B elements (B_PER <= 16)
 
 fn st(i: u32, v: f32) {
     dst[i >> 2u][i & 3u] = v;
@@ -125,53 +146,55 @@ fn zero_acc() {
     }
 }
 
-fn put_a(kk: u32, m: u32, v: f32) {
-    a_tile[kk * AS + m / 4u][m % 4u] = v;
+fn put_a(buf: u32, kk: u32, m: u32, v: f32) {
+    a_tile[buf * A_BUF + kk * AS + m / 4u][m % 4u] = v;
 }
 
-fn put_b(kk: u32, j: u32, v: f32) {
-    b_tile[kk * BS + j / 4u][j % 4u] = v;
+fn put_b(buf: u32, kk: u32, j: u32, v: f32) {
+    b_tile[buf * B_BUF + kk * BS + j / 4u][j % 4u] = v;
 }
 
 // Where each invocation's prefetched elements go. "k-major": consecutive invocations take
 // consecutive k (column li % BK of the tile, rows li / BK + 32 i); "m-/n-major": consecutive
 // invocations take consecutive rows (columns) and walk k.
-fn store_a_kmajor(li: u32) {
+fn store_a_kmajor(buf: u32, li: u32) {
     for (var i = 0u; i < A_PER; i++) {
         let m = li / BK + i * (WG / BK);
         if (m < BM) {
-            put_a(li % BK, m, ra[i]);
+            put_a(buf, li % BK, m, ra[i]);
         }
     }
 }
 
-fn store_a_mmajor(li: u32) {
+fn store_a_mmajor(buf: u32, li: u32) {
     for (var i = 0u; i < A_PER; i++) {
         let kk = li / BM + i * (WG / BM);
         if (kk < BK) {
-            put_a(kk, li % BM, ra[i]);
+            put_a(buf, kk, li % BM, ra[i]);
         }
     }
 }
 
-fn store_b_nmajor(li: u32) {
+fn store_b_nmajor(buf: u32, li: u32) {
     for (var i = 0u; i < B_PER; i++) {
-        put_b(li / BN + i * (WG / BN), li % BN, rb[i]);
+        put_b(buf, li / BN + i * (WG / BN), li % BN, rb[i]);
     }
 }
 
-fn store_b_kmajor(li: u32) {
+fn store_b_kmajor(buf: u32, li: u32) {
     for (var i = 0u; i < B_PER; i++) {
-        put_b(li % BK, li / BK + i * (WG / BK), rb[i]);
+        put_b(buf, li % BK, li / BK + i * (WG / BK), rb[i]);
     }
 }
 
 // acc += A_tile[8tm.., :] x B_tile[:, 4tn..]: 32 FMAs per three vec4 workgroup loads.
-fn mma(tm: u32, tn: u32) {
+fn mma(buf: u32, tm: u32, tn: u32) {
+    let a_row = buf * A_BUF + 2u * tm;
+    let b_row = buf * B_BUF + tn;
     for (var kk = 0u; kk < BK; kk++) {
-        let a0 = a_tile[kk * AS + 2u * tm];
-        let a1 = a_tile[kk * AS + 2u * tm + 1u];
-        let b = b_tile[kk * BS + tn];
+        let a0 = a_tile[a_row + kk * AS];
+        let a1 = a_tile[a_row + kk * AS + 1u];
+        let b = b_tile[b_row + kk * BS];
         acc[0] = fma(vec4<f32>(a0.x), b, acc[0]);
         acc[1] = fma(vec4<f32>(a0.y), b, acc[1]);
         acc[2] = fma(vec4<f32>(a0.z), b, acc[2]);
@@ -221,7 +244,7 @@ fn fwd_load(li: u32, kt: u32, m0: u32, col: FwdCol) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn forward(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -250,14 +273,18 @@ fn forward(
     zero_acc();
     fwd_load(li, 0u, m0, col);
     for (var kt = 0u; kt < k_tiles; kt++) {
-        store_a_kmajor(li);
-        store_b_nmajor(li);
+        // With DB, tile kt + 1 goes to the other buffer (the header says why one barrier is enough).
+        let buf = select(0u, kt & 1u, DB);
+        store_a_kmajor(buf, li);
+        store_b_nmajor(buf, li);
         workgroupBarrier();
         if (kt + 1u < k_tiles) {
             fwd_load(li, kt + 1u, m0, col);
         }
-        mma(tm, tn);
-        workgroupBarrier();
+        mma(buf, tm, tn);
+        if (!DB) {
+            workgroupBarrier();
+        }
     }
 
     // j0 is a multiple of 4; with planes of a multiple of 4 pixels its 4 columns are 4
@@ -337,7 +364,7 @@ fn bwd_data_load(li: u32, kt: u32, m0: u32, col: BwdCol, t: Taps) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn backward_data(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -381,14 +408,18 @@ fn backward_data(
         bwd_data_load(li, 0u, m0, col, taps);
     }
     for (var kt = 0u; kt < k_tiles; kt++) {
-        store_a_mmajor(li);
-        store_b_nmajor(li);
+        // With DB, tile kt + 1 goes to the other buffer (the header says why one barrier is enough).
+        let buf = select(0u, kt & 1u, DB);
+        store_a_mmajor(buf, li);
+        store_b_nmajor(buf, li);
         workgroupBarrier();
         if (kt + 1u < k_tiles) {
             bwd_data_load(li, kt + 1u, m0, col, taps);
         }
-        mma(tm, tn);
-        workgroupBarrier();
+        mma(buf, tm, tn);
+        if (!DB) {
+            workgroupBarrier();
+        }
     }
 
     // A phase no tap reaches (e.g. 1x1 kernel, stride 2) writes its zeros here too.
@@ -500,7 +531,7 @@ fn bwd_filter_load(li: u32, m0: u32, n0: u32) {
     bwd_filter_step();
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn backward_filter(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -526,14 +557,18 @@ fn backward_filter(
         bwd_filter_load(li, m0, n0);
     }
     for (var kt = kt0; kt < kt1; kt++) {
-        store_a_kmajor(li);
-        store_b_kmajor(li);
+        // With DB, tile kt + 1 goes to the other buffer (the header says why one barrier is enough).
+        let buf = select(0u, kt & 1u, DB);
+        store_a_kmajor(buf, li);
+        store_b_kmajor(buf, li);
         workgroupBarrier();
         if (kt + 1u < kt1) {
             bwd_filter_load(li, m0, n0);
         }
-        mma(tm, tn);
-        workgroupBarrier();
+        mma(buf, tm, tn);
+        if (!DB) {
+            workgroupBarrier();
+        }
     }
 
     // Slice `split` of the partial sums; with one split that is dw itself.

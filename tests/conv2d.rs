@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::Var;
 use common::*;
-use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant};
-use featreplay::Gpu;
+use featreplay::kernels::conv2d::{self, ConvPass, ConvShape, ConvVariant, TiledTile};
+use featreplay::{Gpu, Tensor};
 
 /// (batch, in_channels, h, w, out_channels, kernel, stride, pad)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -56,24 +56,46 @@ fn reference(s: &ConvShape, seed: u64) -> Reference {
     }
 }
 
-/// Runs all three passes with `variant` (None: the chooser) and checks them. Tolerances: each
-/// output is a sum of `terms` products of values in [-1, 1]; see `sum_atol`.
-fn check(variant: Option<ConvVariant>) {
+/// How a check runs the passes: the chooser, a forced variant, or one tiled configuration.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Chosen,
+    Variant(ConvVariant),
+    Tile(TiledTile),
+}
+
+/// `pass` with the tiled variant in configuration `t`, into a tensor of garbage (every
+/// element must be overwritten).
+fn tiled(t: TiledTile, pass: ConvPass, s: &ConvShape, inputs: [&Tensor; 2], shape: [usize; 4]) -> Tensor {
+    let out = inputs[0].gpu().tensor(&shape, &random(shape.iter().product(), 77)).unwrap();
+    conv2d::run_tiled(t, pass, s, inputs, &out, false).unwrap();
+    out
+}
+
+/// Runs all three passes with `run` over `shapes` (indices into [`SHAPES`]) and checks them.
+/// Tolerances: each output is a sum of `terms` products of values in [-1, 1]; see `sum_atol`.
+fn check(run: Run, shapes: &[usize]) {
     let gpu = gpu();
-    for (i, &(n, c, h, w, o, k, st, p)) in SHAPES.iter().enumerate() {
+    for &i in shapes {
+        let (n, c, h, w, o, k, st, p) = SHAPES[i];
         let s = ConvShape::new(&[n, c, h, w], &[o, c, k, k], st, p).unwrap();
         let r = reference(&s, 1000 + i as u64);
-        let label = format!("{variant:?} shape {:?} w {:?} stride {st} pad {p}", s.input_shape(), s.weight_shape());
+        let label = format!("{run:?} shape {:?} w {:?} stride {st} pad {p}", s.input_shape(), s.weight_shape());
         let x = gpu.tensor(&s.input_shape(), &r.x).unwrap();
         let wt = gpu.tensor(&s.weight_shape(), &r.w).unwrap();
         let dy = gpu.tensor(&s.output_shape(), &r.dy).unwrap();
-        let (y, dx, dw) = match variant {
-            Some(v) => (
+        let (y, dx, dw) = match run {
+            Run::Variant(v) => (
                 conv2d::forward_with(v, &x, &wt, st, p).unwrap(),
                 conv2d::backward_data_with(v, &dy, &wt, &s.input_shape(), st, p).unwrap(),
                 conv2d::backward_filter_with(v, &x, &dy, &s.weight_shape(), st, p).unwrap(),
             ),
-            None => (
+            Run::Tile(t) => (
+                tiled(t, ConvPass::Forward, &s, [&x, &wt], s.output_shape()),
+                tiled(t, ConvPass::BackwardData, &s, [&dy, &wt], s.input_shape()),
+                tiled(t, ConvPass::BackwardFilter, &s, [&x, &dy], s.weight_shape()),
+            ),
+            Run::Chosen => (
                 conv2d::forward(&x, &wt, st, p).unwrap(),
                 conv2d::backward_data(&dy, &wt, &s.input_shape(), st, p).unwrap(),
                 conv2d::backward_filter(&x, &dy, &s.weight_shape(), st, p).unwrap(),
@@ -98,9 +120,10 @@ fn check(variant: Option<ConvVariant>) {
         let want: Vec<f32> = r.dx.iter().zip(&prior).map(|(a, b)| a + b).collect();
         for accumulate in [true, false] {
             let acc = gpu.tensor(&s.input_shape(), &prior).unwrap();
-            match variant {
-                Some(v) => conv2d::backward_data_into_with(v, &dy, &wt, st, p, &acc, accumulate).unwrap(),
-                None => conv2d::backward_data_into(&dy, &wt, st, p, &acc, accumulate).unwrap(),
+            match run {
+                Run::Variant(v) => conv2d::backward_data_into_with(v, &dy, &wt, st, p, &acc, accumulate).unwrap(),
+                Run::Tile(t) => conv2d::run_tiled(t, ConvPass::BackwardData, &s, [&dy, &wt], &acc, accumulate).unwrap(),
+                Run::Chosen => conv2d::backward_data_into(&dy, &wt, st, p, &acc, accumulate).unwrap(),
             }
             let (what, want) = if accumulate { ("accumulated", &want) } else { ("into", &r.dx) };
             assert_close(
@@ -114,19 +137,44 @@ fn check(variant: Option<ConvVariant>) {
     }
 }
 
+/// Every index of [`SHAPES`].
+fn all_shapes() -> Vec<usize> {
+    (0..SHAPES.len()).collect()
+}
+
 #[test]
 fn chosen_variant_matches_candle() {
-    check(None);
+    check(Run::Chosen, &all_shapes());
 }
 
 #[test]
 fn direct_variant_matches_candle() {
-    check(Some(ConvVariant::Direct));
+    check(Run::Variant(ConvVariant::Direct), &all_shapes());
 }
 
 #[test]
 fn tiled_variant_matches_candle() {
-    check(Some(ConvVariant::Tiled));
+    check(Run::Variant(ConvVariant::Tiled), &all_shapes());
+}
+
+/// Every tile shape of the tiled variant at the depth the launcher would give it on this
+/// device, and the first shape at every depth (double-buffered or not, BK 8 and 16), whatever
+/// the launcher would pick for these small GEMMs. The shapes cover each kernel size and stride
+/// (one pipeline set per pair), few and many channels, padding and none.
+#[test]
+fn every_tiled_configuration_matches_candle() {
+    let tiles = conv2d::tiled_tiles(&gpu());
+    let first_block = tiles[0].block();
+    let mut blocks = Vec::new();
+    for &t in &tiles {
+        let new_block = !blocks.contains(&t.block());
+        if new_block || t.block() == first_block {
+            blocks.push(t.block());
+            check(Run::Tile(t), &[0, 1, 2, 3, 6, 7]);
+        }
+    }
+    blocks.dedup();
+    assert_eq!(blocks.len(), 6, "every tile shape ran: {blocks:?}");
 }
 
 #[test]

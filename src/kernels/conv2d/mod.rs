@@ -15,6 +15,8 @@
 mod direct;
 mod tiled;
 
+pub use tiled::Tile as TiledTile;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -185,19 +187,45 @@ fn tune(gpu: &Gpu, shape: &ConvShape, pass: ConvPass) -> Result<ConvVariant> {
 fn run_forward(v: ConvVariant, s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
     match v {
         ConvVariant::Direct => direct::forward(s, x, w, y),
-        ConvVariant::Tiled => tiled::forward(s, x, w, y),
+        ConvVariant::Tiled => tiled::forward(s, x, w, y, None),
     }
 }
 fn run_backward_data(v: ConvVariant, s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor, acc: bool) -> Result<()> {
     match v {
         ConvVariant::Direct => direct::backward_data(s, dy, w, dx, acc),
-        ConvVariant::Tiled => tiled::backward_data(s, dy, w, dx, acc),
+        ConvVariant::Tiled => tiled::backward_data(s, dy, w, dx, acc, None),
     }
 }
 fn run_backward_filter(v: ConvVariant, s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
     match v {
         ConvVariant::Direct => direct::backward_filter(s, x, dy, dw),
-        ConvVariant::Tiled => tiled::backward_filter(s, x, dy, dw),
+        ConvVariant::Tiled => tiled::backward_filter(s, x, dy, dw, None),
+    }
+}
+
+/// Every configuration of the tiled variant `gpu` can run (each tile shape at every K-tile
+/// depth its workgroup memory holds), for tests and benchmarks; the launcher picks one per shape.
+pub fn tiled_tiles(gpu: &Gpu) -> Vec<TiledTile> {
+    tiled::all_tiles(gpu.limits())
+}
+
+/// Runs `pass` of `shape` with the tiled variant in configuration `tile`, from the two inputs
+/// the pass reads into `out`: forward (x, w) into y, backward-data (dy, w) into dx (added to it
+/// with `accumulate`), backward-filter (x, dy) into dw.
+pub fn run_tiled(
+    tile: TiledTile,
+    pass: ConvPass,
+    shape: &ConvShape,
+    inputs: [&Tensor; 2],
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    let [a, b] = inputs;
+    check_output("run_tiled", ("the output", out), [("the first input", a), ("the second", b)])?;
+    match pass {
+        ConvPass::Forward => tiled::forward(shape, a, b, out, Some(tile)),
+        ConvPass::BackwardData => tiled::backward_data(shape, a, b, out, accumulate, Some(tile)),
+        ConvPass::BackwardFilter => tiled::backward_filter(shape, a, b, out, Some(tile)),
     }
 }
 

@@ -2,8 +2,9 @@
 //! the kernel for discrete and integrated GPUs. The shader's header explains the tiling; this
 //! file picks a tile shape per GEMM, sizes the grids and, for backward-filter, the split-K.
 //!
-//! Pipelines are specialised on the kernel size, the stride and the tile shape (at most three
-//! shapes), never on channel counts or image sizes, so a network compiles few of them.
+//! Pipelines are specialised on the kernel size, the stride and the tile configuration (six
+//! shapes, each at the deepest K tile the device's workgroup memory holds), never on channel
+//! counts or image sizes, so a network compiles few of them.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -12,21 +13,21 @@ use crate::error::{Error, Result};
 use crate::gpu::{Arg, Gpu, Kernel, Tensor};
 
 const SHADER: &str = "conv2d_tiled";
-/// Invocations per workgroup: the size every WebGPU device supports.
-const WG: u32 = 256;
-/// Depth of a K tile (the shader's `BK`).
-const BK: usize = 8;
-/// Workgroup memory the shader declares: A tile 8 x 17 vec4s and B tile 8 x 65 vec4s.
-const WORKGROUP_BYTES: u32 = (8 * 17 + 8 * 65) * 16;
 
-/// Split-K aims for about this many workgroups in all: two waves of 256-invocation
-/// workgroups on a GPU with ~100-130 compute units (one or two resident per unit). More only
-/// lengthen the reduce; fewer leave backward-filter of a deep layer (a handful of output tiles
-/// over a K of batch x pixels) running on a few units.
-const SPLIT_TARGET_WORKGROUPS: usize = 256;
-/// Each split covers at least this many K tiles (1024 products per output), so the partial
-/// sums written and re-read are at most 1/512 of the GEMM's loads per output.
-const SPLIT_MIN_TILES: usize = 128;
+/// Tile shapes as (invocations, invocations along M), best reuse first; each invocation holds
+/// 8 x 4 outputs, so the tiles are 64x128, 32x256, 64x64, 32x128, 64x32 and 32x64.
+const SHAPES: [(u32, u32); 6] = [(256, 8), (256, 4), (128, 8), (128, 4), (64, 8), (64, 4)];
+/// K-tile depths as (BK, double-buffered), in the order they are preferred: each halves the
+/// barriers per K value of the next but one.
+const DEPTHS: [(u32, bool); 4] = [(16, true), (8, true), (16, false), (8, false)];
+
+/// Forward and backward-data aim for at least this many workgroups: two waves of workgroups on
+/// a GPU with ~100-130 compute units (wgpu does not say how many a device has). Split-K aims
+/// for the same number in backward-filter.
+const TARGET_WORKGROUPS: usize = 256;
+/// Each split covers at least this many K values, so the partial sums written and re-read are
+/// at most 1/512 of the GEMM's loads per output.
+const SPLIT_MIN_K: usize = 1024;
 /// The partial-sum buffer is capped at 4 MiB.
 const SPLIT_MAX_PARTIAL: usize = 1 << 20;
 /// Outputs per workgroup of `reduce_splits` (the shader's `RED_COLS`).
@@ -50,39 +51,112 @@ struct Params {
     n_out: u32,
 }
 
-/// A tile shape of the 256 invocations: `wg_m` invocations along M, each holding 8 x 4
-/// outputs (8 rows), so the workgroup computes `8 wg_m` x `4 (256 / wg_m)` outputs.
-#[derive(Clone, Copy, Debug)]
-struct Tile {
+/// One configuration of the tiled kernel: `wg` invocations, `wg_m` of them along M, each
+/// holding 8 x 4 outputs, so a workgroup computes `8 wg_m` x `4 wg / wg_m` outputs; K tiles of
+/// `bk`, in one workgroup buffer or two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    wg: u32,
     wg_m: u32,
+    bk: u32,
+    double_buffer: bool,
 }
 
 impl Tile {
+    /// Rows x columns of the output block a workgroup computes.
+    pub fn block(self) -> (usize, usize) {
+        (self.bm(), self.bn())
+    }
+    /// The K-tile depth and whether the workgroup tiles are double-buffered.
+    pub fn depth(self) -> (usize, bool) {
+        (self.bk(), self.double_buffer)
+    }
     fn bm(self) -> usize {
         8 * self.wg_m as usize
     }
     fn bn(self) -> usize {
-        4 * (WG / self.wg_m) as usize
+        4 * (self.wg / self.wg_m) as usize
+    }
+    fn bk(self) -> usize {
+        self.bk as usize
+    }
+    /// The shader's two workgroup arrays: per buffer BK rows of BM/4 + 1 and BN/4 + 1 vec4s.
+    fn workgroup_bytes(self) -> u32 {
+        let rows = (self.bm() / 4 + 1 + self.bn() / 4 + 1) as u32;
+        (1 + self.double_buffer as u32) * self.bk * rows * 16
+    }
+    /// FMAs per element loaded into workgroup memory, relative to the 64x128 tile's 43.
+    fn reuse(self) -> f64 {
+        let (bm, bn) = (self.bm() as f64, self.bn() as f64);
+        (bm * bn / (bm + bn)) / (64.0 * 128.0 / 192.0)
+    }
+    fn fits(self, limits: &wgpu::Limits) -> bool {
+        limits.max_compute_invocations_per_workgroup >= self.wg
+            && limits.max_compute_workgroup_size_x >= self.wg
+            && limits.max_compute_workgroup_storage_size >= self.workgroup_bytes()
+    }
+    fn constants(self, s: &ConvShape, acc: bool) -> [(&'static str, f64); 7] {
+        [
+            ("KS", s.kernel as f64),
+            ("STRIDE", s.stride as f64),
+            ("WG", self.wg as f64),
+            ("WG_M", self.wg_m as f64),
+            ("BK", self.bk as f64),
+            ("DB", self.double_buffer as u32 as f64),
+            ("ACC", acc as u32 as f64),
+        ]
     }
 }
 
-/// The tile shape for an `m` x `n` GEMM: the one with the least padded work, where the
-/// thinner shape's padded work counts for more because it reuses each loaded element less
-/// (64x128 does about 43 FMAs per element loaded, 32x256 about 28). A 64-row tile on 32
-/// channels would do 2x the useful work; 32x256 does it at about 0.67x the efficiency. (A
-/// 16-row shape would need 16x512 tiles, whose B tile exceeds the 16 KiB of workgroup memory
-/// every device offers; 16-channel layers run on 32x256 with half the rows padding.)
-fn pick_tile(m: usize, n: usize) -> Tile {
-    [(8, 1.0), (4, 0.67)]
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let buffers = if self.double_buffer { "double-buffered" } else { "single buffer" };
+        write!(f, "{}x{} ({} invocations), BK {}, {buffers}", self.bm(), self.bn(), self.wg, self.bk)
+    }
+}
+
+/// Every configuration a device with `limits` runs: each shape at every depth that fits.
+pub(super) fn all_tiles(limits: &wgpu::Limits) -> Vec<Tile> {
+    SHAPES
         .into_iter()
-        .map(|(wg_m, efficiency)| {
-            let t = Tile { wg_m };
-            let padded = (m.div_ceil(t.bm()) * t.bm()) as f64 * (n.div_ceil(t.bn()) * t.bn()) as f64;
-            (padded / efficiency, t)
+        .flat_map(|(wg, wg_m)| DEPTHS.into_iter().map(move |(bk, double_buffer)| Tile { wg, wg_m, bk, double_buffer }))
+        .filter(|t| t.fits(limits))
+        .collect()
+}
+
+/// The configurations the launcher chooses from: each shape at its preferred depth that fits.
+fn candidate_tiles(limits: &wgpu::Limits) -> Vec<Tile> {
+    let mut tiles = all_tiles(limits);
+    tiles.dedup_by_key(|t| (t.wg, t.wg_m));
+    tiles
+}
+
+/// The tile for an `m` x `n` GEMM run `copies` times (stride phases): the least padded work,
+/// where a shape counts for more when it reuses each loaded element less and when the grid has
+/// fewer than `wanted` workgroups (the GPU's units then idle). Backward-filter passes
+/// `wanted` = 1: its split-K fills the GPU instead.
+fn pick_tile(m: usize, n: usize, copies: usize, wanted: usize, limits: &wgpu::Limits) -> Result<Tile> {
+    candidate_tiles(limits)
+        .into_iter()
+        .map(|t| {
+            let (tiles_m, tiles_n) = (m.div_ceil(t.bm()), n.div_ceil(t.bn()));
+            let padded = (tiles_m * t.bm()) as f64 * (tiles_n * t.bn()) as f64;
+            let workgroups = tiles_m * tiles_n * copies;
+            let idle = (wanted as f64 / workgroups as f64).max(1.0);
+            (padded / t.reuse() * idle, t)
         })
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, t)| t)
-        .unwrap_or(Tile { wg_m: 8 })
+        .ok_or_else(|| Error::Unsupported {
+            op: "conv2d",
+            detail: format!(
+                "the tiled variant needs at least 64 invocations and {} bytes of workgroup memory per workgroup; \
+                 the device allows {} and {}",
+                Tile { wg: 64, wg_m: 8, bk: 8, double_buffer: false }.workgroup_bytes(),
+                limits.max_compute_invocations_per_workgroup,
+                limits.max_compute_workgroup_storage_size
+            ),
+        })
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -107,23 +181,7 @@ fn params(s: &ConvShape) -> Result<Params> {
     })
 }
 
-/// Errors unless the device runs 256-invocation workgroups with the shader's workgroup memory
-/// (every WebGPU device does) and `t` has `want`'s shape.
-fn check(gpu: &Gpu, what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
-    let l = gpu.limits();
-    if l.max_compute_invocations_per_workgroup < WG
-        || l.max_compute_workgroup_size_x < WG
-        || l.max_compute_workgroup_storage_size < WORKGROUP_BYTES
-    {
-        return Err(Error::Unsupported {
-            op: "conv2d",
-            detail: format!(
-                "the tiled variant needs {WG} invocations and {WORKGROUP_BYTES} bytes of workgroup memory; the \
-                 device allows {} and {}",
-                l.max_compute_invocations_per_workgroup, l.max_compute_workgroup_storage_size
-            ),
-        });
-    }
+fn check(what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
     if t.shape() != want {
         return Err(Error::ShapeMismatch {
             op: "conv2d",
@@ -133,8 +191,22 @@ fn check(gpu: &Gpu, what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
     Ok(())
 }
 
-fn constants(s: &ConvShape, t: Tile, acc: bool) -> [(&'static str, f64); 4] {
-    [("KS", s.kernel as f64), ("STRIDE", s.stride as f64), ("WG_M", t.wg_m as f64), ("ACC", acc as u32 as f64)]
+/// `tile`, or the chosen one; errors where the device cannot run `tile`.
+fn tile_or_pick(gpu: &Gpu, tile: Option<Tile>, pick: impl FnOnce(&wgpu::Limits) -> Result<Tile>) -> Result<Tile> {
+    match tile {
+        Some(t) if !t.fits(gpu.limits()) => Err(Error::Unsupported {
+            op: "conv2d",
+            detail: format!(
+                "tile {t} needs {} invocations and {} bytes of workgroup memory; the device allows {} and {}",
+                t.wg,
+                t.workgroup_bytes(),
+                gpu.limits().max_compute_invocations_per_workgroup,
+                gpu.limits().max_compute_workgroup_storage_size
+            ),
+        }),
+        Some(t) => Ok(t),
+        None => pick(gpu.limits()),
+    }
 }
 
 /// The grid for `tiles_n` column tiles (folded over x and y past the per-dimension limit)
@@ -144,18 +216,18 @@ fn grid(gpu: &Gpu, tiles_n: usize, z: usize) -> Result<[u32; 3]> {
     Ok([x, y, u32_of(z, "row tiles x phases or splits")?])
 }
 
-/// y = conv(x, w); overwrites y.
-pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
+/// y = conv(x, w) with `tile` (None: the chosen one); overwrites y.
+pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor, tile: Option<Tile>) -> Result<()> {
     let gpu = x.gpu();
-    check(gpu, "input", x, s.input_shape())?;
-    check(gpu, "weight", w, s.weight_shape())?;
-    check(gpu, "output", y, s.output_shape())?;
+    check("input", x, s.input_shape())?;
+    check("weight", w, s.weight_shape())?;
+    check("output", y, s.output_shape())?;
     let (m, n) = (s.out_channels, s.batch * s.out_h() * s.out_w());
-    let t = pick_tile(m, n);
+    let t = tile_or_pick(gpu, tile, |l| pick_tile(m, n, 1, TARGET_WORKGROUPS, l))?;
     let tiles_m = m.div_ceil(t.bm());
     let p = Params { tiles_m: u32_of(tiles_m, "row tiles")?, ..params(s)? };
     gpu.dispatch(
-        &Kernel::with(SHADER, "forward", &constants(s, t, false)),
+        &Kernel::with(SHADER, "forward", &t.constants(s, false)),
         &p,
         &[Arg::Storage(x), Arg::Storage(w), Arg::Storage(y)],
         grid(gpu, n.div_ceil(t.bn()), tiles_m)?,
@@ -163,32 +235,40 @@ pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Resu
 }
 
 /// dx = conv_transpose(dy, w), or dx += it with `acc` (each element is written once).
-pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor, acc: bool) -> Result<()> {
+pub(super) fn backward_data(
+    s: &ConvShape,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    acc: bool,
+    tile: Option<Tile>,
+) -> Result<()> {
     let gpu = dy.gpu();
-    check(gpu, "output gradient", dy, s.output_shape())?;
-    check(gpu, "weight", w, s.weight_shape())?;
-    check(gpu, "input gradient", dx, s.input_shape())?;
+    check("output gradient", dy, s.output_shape())?;
+    check("weight", w, s.weight_shape())?;
+    check("input gradient", dx, s.input_shape())?;
     // One GEMM per stride phase; phase (0, 0) has the most pixels, the grid is sized for it and
     // the other phases' surplus workgroups return at once.
+    let phases = s.stride * s.stride;
     let (m, n) = (s.in_channels, s.batch * s.in_h.div_ceil(s.stride) * s.in_w.div_ceil(s.stride));
-    let t = pick_tile(m, n);
+    let t = tile_or_pick(gpu, tile, |l| pick_tile(m, n, phases, TARGET_WORKGROUPS, l))?;
     let tiles_m = m.div_ceil(t.bm());
     let p = Params { tiles_m: u32_of(tiles_m, "row tiles")?, ..params(s)? };
     gpu.dispatch(
-        &Kernel::with(SHADER, "backward_data", &constants(s, t, acc)),
+        &Kernel::with(SHADER, "backward_data", &t.constants(s, acc)),
         &p,
         &[Arg::Storage(dy), Arg::Storage(w), Arg::Storage(dx)],
-        grid(gpu, n.div_ceil(t.bn()), tiles_m * s.stride * s.stride)?,
+        grid(gpu, n.div_ceil(t.bn()), tiles_m * phases)?,
     )
 }
 
-/// How many ways backward-filter's K (batch x pixels, `k_tiles` tiles) is split for an
-/// output of `tiles` workgroups and `outputs` elements: enough for about
-/// [`SPLIT_TARGET_WORKGROUPS`], within the chunk minimum and the partial-buffer cap.
-fn pick_splits(k_tiles: usize, tiles: usize, tiles_m: usize, outputs: usize) -> (usize, usize) {
-    let splits = SPLIT_TARGET_WORKGROUPS
+/// How many ways backward-filter's K (batch x pixels, `k_tiles` tiles of `bk`) is split for
+/// an output of `tiles` workgroups and `outputs` elements: enough for about
+/// [`TARGET_WORKGROUPS`], within the split minimum and the partial-buffer cap.
+fn pick_splits(k_tiles: usize, bk: usize, tiles: usize, tiles_m: usize, outputs: usize) -> (usize, usize) {
+    let splits = TARGET_WORKGROUPS
         .div_ceil(tiles)
-        .min(k_tiles.div_ceil(SPLIT_MIN_TILES))
+        .min(k_tiles.div_ceil(SPLIT_MIN_K.div_ceil(bk)))
         .min(SPLIT_MAX_PARTIAL / outputs)
         .min(u16::MAX as usize / tiles_m)
         .max(1);
@@ -197,16 +277,16 @@ fn pick_splits(k_tiles: usize, tiles: usize, tiles_m: usize, outputs: usize) -> 
 }
 
 /// dw = sum over batch and pixels of dy * x; overwrites dw.
-pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
+pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor, tile: Option<Tile>) -> Result<()> {
     let gpu = x.gpu();
-    check(gpu, "input", x, s.input_shape())?;
-    check(gpu, "output gradient", dy, s.output_shape())?;
-    check(gpu, "weight gradient", dw, s.weight_shape())?;
+    check("input", x, s.input_shape())?;
+    check("output gradient", dy, s.output_shape())?;
+    check("weight gradient", dw, s.weight_shape())?;
     let (m, n) = (s.out_channels, s.in_channels * s.kernel * s.kernel);
-    let t = pick_tile(m, n);
+    let t = tile_or_pick(gpu, tile, |l| pick_tile(m, n, 1, 1, l))?;
     let (tiles_m, tiles_n) = (m.div_ceil(t.bm()), n.div_ceil(t.bn()));
-    let k_tiles = (s.batch * s.out_h() * s.out_w()).div_ceil(BK);
-    let (splits, chunk) = pick_splits(k_tiles, tiles_m * tiles_n, tiles_m, m * n);
+    let k_tiles = (s.batch * s.out_h() * s.out_w()).div_ceil(t.bk());
+    let (splits, chunk) = pick_splits(k_tiles, t.bk(), tiles_m * tiles_n, tiles_m, m * n);
     let p = Params {
         tiles_m: u32_of(tiles_m, "row tiles")?,
         chunk_tiles: u32_of(chunk, "K tiles per split")?,
@@ -214,14 +294,15 @@ pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tenso
         n_out: u32_of(m * n, "weight elements")?,
         ..params(s)?
     };
-    let consts = constants(s, t, false);
+    let consts = t.constants(s, false);
     let kernel = Kernel::with(SHADER, "backward_filter", &consts);
     let grid = grid(gpu, tiles_n, tiles_m * splits)?;
     if splits == 1 {
         return gpu.dispatch(&kernel, &p, &[Arg::Storage(x), Arg::Storage(dy), Arg::Storage(dw)], grid);
     }
     // Every element of the partial buffer is written by the GEMM (each split has at least
-    // one K tile), so it needs no zero fill.
+    // one K tile), so it needs no zero fill. It comes from the device's pool, so in a training
+    // run it is the same buffer every step (no buffer is created once the pool is warm).
     let partial = gpu.empty(&[splits, m, n])?;
     gpu.dispatch(&kernel, &p, &[Arg::Storage(x), Arg::Storage(dy), Arg::Storage(&partial)], grid)?;
     // Binding 2 is unused by `reduce_splits`; the list only has to reach binding 3.
@@ -237,22 +318,65 @@ pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tenso
 mod tests {
     use super::*;
 
+    /// WebGPU's guaranteed limits (16 KiB of workgroup memory) and a discrete GPU's (48 KiB).
+    fn limits(workgroup_bytes: u32) -> wgpu::Limits {
+        wgpu::Limits { max_compute_workgroup_storage_size: workgroup_bytes, ..wgpu::Limits::default() }
+    }
+
     #[test]
-    fn tile_shape_follows_rows() {
-        assert_eq!(pick_tile(64, 100_000).wg_m, 8);
-        assert_eq!(pick_tile(128, 4096).wg_m, 8);
-        assert_eq!(pick_tile(32, 100_000).wg_m, 4);
-        assert_eq!(pick_tile(16, 100_000).wg_m, 4);
-        assert_eq!(pick_tile(3, 100_000).wg_m, 4);
+    fn depth_is_the_deepest_that_fits() {
+        let depth = |bytes, wg, wg_m| {
+            let t = candidate_tiles(&limits(bytes)).into_iter().find(|t| t.wg == wg && t.wg_m == wg_m).unwrap();
+            (t.bk, t.double_buffer, t.workgroup_bytes())
+        };
+        // The figures in the shader's header.
+        assert_eq!(depth(16384, 256, 8), (8, true, 12800));
+        assert_eq!(depth(16384, 256, 4), (8, false, 9472));
+        assert_eq!(depth(16384, 64, 8), (16, true, 13312));
+        assert_eq!(depth(32768, 256, 8), (16, true, 25600));
+        assert_eq!(depth(49152, 256, 4), (16, true, 37888));
+        assert!(all_tiles(&limits(16384)).iter().all(|t| t.workgroup_bytes() <= 16384));
+        assert_eq!(all_tiles(&limits(49152)).len(), SHAPES.len() * DEPTHS.len());
+    }
+
+    #[test]
+    fn tile_shape_follows_the_gemm() {
+        let l = limits(16384);
+        let pick = |m, n, copies, wanted| pick_tile(m, n, copies, wanted, &l).unwrap().block();
+        // Big GEMMs: the most reuse without padding rows.
+        assert_eq!(pick(64, 100_000, 1, TARGET_WORKGROUPS), (64, 128));
+        assert_eq!(pick(16, 131_072, 1, TARGET_WORKGROUPS), (32, 256));
+        // 32 channels at 16x16, batch 128: 32x256 would give 128 workgroups.
+        assert_eq!(pick(32, 32_768, 1, TARGET_WORKGROUPS), (32, 128));
+        // 64 channels at 8x8: 64x128 would give 64 workgroups, 64x32 gives 256.
+        assert_eq!(pick(64, 8192, 1, TARGET_WORKGROUPS), (64, 32));
+        // Stride phases multiply the workgroups.
+        assert_eq!(pick(64, 8192, 4, TARGET_WORKGROUPS), (64, 128));
+        // Backward-filter (split-K fills the GPU): reuse and padding only.
+        assert_eq!(pick(64, 576, 1, 1), (64, 128));
+        assert_eq!(pick(16, 144, 1, 1), (32, 256));
+        for (m, n) in [(3, 1), (1, 100_000), (1000, 7)] {
+            let t = pick_tile(m, n, 1, TARGET_WORKGROUPS, &l).unwrap();
+            assert!(t.fits(&l));
+        }
+    }
+
+    #[test]
+    fn no_tile_fits_is_an_error() {
+        let l = wgpu::Limits { max_compute_workgroup_storage_size: 1024, ..wgpu::Limits::default() };
+        assert!(matches!(pick_tile(64, 64, 1, 1, &l), Err(Error::Unsupported { .. })));
     }
 
     #[test]
     fn splits_cover_k_exactly_once() {
-        for (k_tiles, tiles, outputs) in [(1, 1, 10), (384, 1, 16 * 144), (16384, 9, 64 * 576), (7, 200, 100)] {
-            let (splits, chunk) = pick_splits(k_tiles, tiles, 1, outputs);
-            assert!(splits >= 1 && chunk >= 1);
-            assert!((splits - 1) * chunk < k_tiles && splits * chunk >= k_tiles, "{k_tiles} {splits} {chunk}");
-            assert!(splits == 1 || splits * outputs <= SPLIT_MAX_PARTIAL);
+        for bk in [8, 16] {
+            for (k_tiles, tiles, outputs) in [(1, 1, 10), (384, 1, 16 * 144), (16384, 9, 64 * 576), (7, 200, 100)] {
+                let (splits, chunk) = pick_splits(k_tiles, bk, tiles, 1, outputs);
+                assert!(splits >= 1 && chunk >= 1);
+                assert!((splits - 1) * chunk < k_tiles && splits * chunk >= k_tiles, "{k_tiles} {splits} {chunk}");
+                assert!(splits == 1 || splits * outputs <= SPLIT_MAX_PARTIAL);
+                assert!(splits == 1 || chunk * bk >= SPLIT_MIN_K, "{bk} {k_tiles} {chunk}");
+            }
         }
     }
 }
