@@ -163,7 +163,7 @@ fn tiled_variant_matches_candle() {
 /// (one pipeline set per pair), few and many channels, padding and none.
 #[test]
 fn every_tiled_configuration_matches_candle() {
-    let tiles = conv2d::tiled_tiles(&gpu());
+    let tiles = conv2d::tiled_tiles(gpu());
     let first_block = tiles[0].block();
     let mut blocks = Vec::new();
     for &t in &tiles {
