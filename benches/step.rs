@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Var;
+use candle_core::{DType, Var};
 use featreplay::model::resnet::{build, ResNetConfig};
 use featreplay::model::{split, SplitPolicy};
 use featreplay::profile::{profile, ProfileConfig};
@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 #[allow(unused_imports)]
 mod common;
 
-use common::reference::{cross_entropy, resnet_forward, vars};
+use common::reference::{cross_entropy, resnet_forward};
 use common::{assert_close, ct, cvec};
 
 fn arg(name: &str, default: &str) -> String {
@@ -34,8 +34,19 @@ fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)
 }
 
+/// Largest accepted error of a gradient, as ||ours - exact|| / ||exact|| against candle in
+/// f64. Not f32 round-off: a ResNet-20 step on random data is ill-conditioned, because a
+/// pre-activation within round-off of 0 falls on the other side of a ReLU in any f32
+/// computation and moves the gradients below it. Measured on this check (batch 16, seed 11):
+/// the f64 gradients move by up to 5.5e-3 of their largest element when the input is scaled by
+/// 1 +- 3e-6; candle's own f32 step is 8.8e-3 off (L2) in layer3.0 at 3x32x32, ours up to
+/// 8.7e-3 in layer3 at 1x28x28, and both are within 1e-5 at batch 8 or depth 8, where no
+/// value falls that close. A wrong tensor or a missing term is off by far more than this.
+const GRAD_L2_TOL: f64 = 3e-2;
+
 /// One BP step of the bench's model on `batch` random images against candle's forward,
-/// loss and backward from the same weights: loss and every gradient within f32 round-off.
+/// loss and backward in f64 from the same weights: the loss within f32 round-off, every
+/// gradient within [`GRAD_L2_TOL`].
 fn check_step(depth: usize, input: &[usize], batch: usize) {
     let spec = build(&ResNetConfig::basic(depth, input, 10)).expect("model");
     let gpu = Gpu::open_default().expect("device");
@@ -51,22 +62,34 @@ fn check_step(depth: usize, input: &[usize], batch: usize) {
     let opt = OptimConfig::constant(0.01);
     let out = net.bp_step(&x, &y, &opt, opt.lr).expect("step");
 
-    let vs: HashMap<String, Var> = vars(&params);
+    let f64_var = |d: &[f32], s: &[usize]| Var::from_tensor(&ct(d, s).to_dtype(DType::F64).unwrap()).unwrap();
+    let vs: HashMap<String, Var> = params.iter().map(|(n, s, d)| (n.clone(), f64_var(d, s))).collect();
     let mut shape = vec![batch];
     shape.extend(input);
-    let (logits, _) = resnet_forward(&spec, &vs, &ct(&x, &shape));
+    let (logits, _) = resnet_forward(&spec, &vs, &ct(&x, &shape).to_dtype(DType::F64).unwrap());
     let loss = cross_entropy(&logits, &y);
     let grads = loss.backward().unwrap();
-    // As tests/bp.rs: 1e-3 relative with an absolute floor, for a chain of f32 reductions.
-    let (rtol, atol) = (2e-3, 1e-4);
-    assert_close("loss", &out.loss.to_vec().unwrap(), &cvec(&loss), rtol, atol);
-    let mut checked = 0;
+    assert_close("loss", &out.loss.to_vec().unwrap(), &cvec(&loss), 2e-3, 1e-4);
+    let mut worst = (String::new(), 0.0);
     for p in net.stages[0].params() {
-        let want = cvec(grads.get(vs[&p.name].as_tensor()).unwrap());
-        assert_close(&format!("grad {}", p.name), &p.grad.to_vec().unwrap(), &want, rtol, atol);
-        checked += 1;
+        let exact = grads.get(vs[&p.name].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let ours = p.grad.to_vec().unwrap();
+        let norm = exact.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+        let err = ours.iter().zip(&exact).map(|(g, e)| (*g as f64 - e).powi(2)).sum::<f64>().sqrt() / norm;
+        assert!(
+            ours.iter().all(|g| g.is_finite()) && err <= GRAD_L2_TOL,
+            "grad {}: relative L2 error {err:.3e} against candle (f64) exceeds {GRAD_L2_TOL}",
+            p.name
+        );
+        if err > worst.1 {
+            worst = (p.name.clone(), err);
+        }
     }
-    println!("check: ResNet-{depth} step on {batch} images matches candle (loss and {checked} gradients)");
+    println!(
+        "check: ResNet-{depth} step on {batch} images matches candle in f64 (loss; gradients within {GRAD_L2_TOL} \
+         relative L2, worst {} at {:.2e})",
+        worst.0, worst.1
+    );
 }
 
 fn main() {

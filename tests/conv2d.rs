@@ -223,4 +223,15 @@ fn bad_shapes_are_errors() {
     let w_sq = g.zeros(&[4, 4, 3, 3]).unwrap();
     let e = conv2d::backward_data_into(&dy, &w_sq, 1, 1, &dy, true).unwrap_err();
     assert!(e.to_string().contains("shares a buffer"), "{e}");
+    // A forced tiled configuration: tensors that do not match the shape, or an output that
+    // aliases an input, are errors before anything runs.
+    let tile = conv2d::tiled_tiles(g)[0];
+    let s = ConvShape::new(&[2, 3, 8, 8], &[4, 3, 3, 3], 1, 1).unwrap();
+    let y = g.zeros(&s.output_shape()).unwrap();
+    let e = conv2d::run_tiled(tile, ConvPass::Forward, &s, [&x, &w], &dy_wrong, false).unwrap_err();
+    assert!(e.to_string().contains("expected [2, 4, 8, 8]"), "{e}");
+    let fine = conv2d::run_tiled(tile, ConvPass::BackwardData, &s, [&y, &w], &x, false);
+    assert!(fine.is_ok(), "{fine:?}");
+    let e = conv2d::run_tiled(tile, ConvPass::BackwardFilter, &s, [&x, &y], &x, false).unwrap_err();
+    assert!(e.to_string().contains("shares a buffer"), "{e}");
 }

@@ -31,9 +31,9 @@ pub fn ct(data: &[f32], shape: &[usize]) -> CTensor {
     CTensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
 }
 
-/// Candle tensor flattened to a Vec.
+/// Candle tensor flattened to a Vec (of f32, whatever its dtype).
 pub fn cvec(t: &CTensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// Asserts `|got - want| <= atol + rtol * |want|` elementwise and reports the worst element.
