@@ -8,7 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::ConvShape;
+use super::{check_shape, ConvShape};
 use crate::error::{Error, Result};
 use crate::gpu::{Arg, Gpu, Kernel, Tensor};
 
@@ -67,10 +67,6 @@ impl Tile {
     pub fn block(self) -> (usize, usize) {
         (self.bm(), self.bn())
     }
-    /// The K-tile depth and whether the workgroup tiles are double-buffered.
-    pub fn depth(self) -> (usize, bool) {
-        (self.bk(), self.double_buffer)
-    }
     fn bm(self) -> usize {
         8 * self.wg_m as usize
     }
@@ -124,11 +120,12 @@ pub(super) fn all_tiles(limits: &wgpu::Limits) -> Vec<Tile> {
         .collect()
 }
 
-/// The configurations the launcher chooses from: each shape at its preferred depth that fits.
-fn candidate_tiles(limits: &wgpu::Limits) -> Vec<Tile> {
-    let mut tiles = all_tiles(limits);
-    tiles.dedup_by_key(|t| (t.wg, t.wg_m));
-    tiles
+/// The configurations the launcher chooses from: each shape at its preferred depth that fits
+/// (an iterator: the pick runs at every conv dispatch and allocates nothing).
+fn candidate_tiles(limits: &wgpu::Limits) -> impl Iterator<Item = Tile> + '_ {
+    SHAPES.into_iter().filter_map(move |(wg, wg_m)| {
+        DEPTHS.into_iter().map(|(bk, double_buffer)| Tile { wg, wg_m, bk, double_buffer }).find(|t| t.fits(limits))
+    })
 }
 
 /// The tile for an `m` x `n` GEMM run `copies` times (stride phases): the least padded work,
@@ -137,7 +134,6 @@ fn candidate_tiles(limits: &wgpu::Limits) -> Vec<Tile> {
 /// `wanted` = 1: its split-K fills the GPU instead.
 fn pick_tile(m: usize, n: usize, copies: usize, wanted: usize, limits: &wgpu::Limits) -> Result<Tile> {
     candidate_tiles(limits)
-        .into_iter()
         .map(|t| {
             let (tiles_m, tiles_n) = (m.div_ceil(t.bm()), n.div_ceil(t.bn()));
             let padded = (tiles_m * t.bm()) as f64 * (tiles_n * t.bn()) as f64;
@@ -181,16 +177,6 @@ fn params(s: &ConvShape) -> Result<Params> {
     })
 }
 
-fn check(what: &str, t: &Tensor, want: [usize; 4]) -> Result<()> {
-    if t.shape() != want {
-        return Err(Error::ShapeMismatch {
-            op: "conv2d",
-            detail: format!("{what} has shape {:?}, expected {want:?}", t.shape()),
-        });
-    }
-    Ok(())
-}
-
 /// `tile`, or the chosen one; errors where the device cannot run `tile`.
 fn tile_or_pick(gpu: &Gpu, tile: Option<Tile>, pick: impl FnOnce(&wgpu::Limits) -> Result<Tile>) -> Result<Tile> {
     match tile {
@@ -219,9 +205,9 @@ fn grid(gpu: &Gpu, tiles_n: usize, z: usize) -> Result<[u32; 3]> {
 /// y = conv(x, w) with `tile` (None: the chosen one); overwrites y.
 pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor, tile: Option<Tile>) -> Result<()> {
     let gpu = x.gpu();
-    check("input", x, s.input_shape())?;
-    check("weight", w, s.weight_shape())?;
-    check("output", y, s.output_shape())?;
+    check_shape("input", x, s.input_shape())?;
+    check_shape("weight", w, s.weight_shape())?;
+    check_shape("output", y, s.output_shape())?;
     let (m, n) = (s.out_channels, s.batch * s.out_h() * s.out_w());
     let t = tile_or_pick(gpu, tile, |l| pick_tile(m, n, 1, TARGET_WORKGROUPS, l))?;
     let tiles_m = m.div_ceil(t.bm());
@@ -244,9 +230,9 @@ pub(super) fn backward_data(
     tile: Option<Tile>,
 ) -> Result<()> {
     let gpu = dy.gpu();
-    check("output gradient", dy, s.output_shape())?;
-    check("weight", w, s.weight_shape())?;
-    check("input gradient", dx, s.input_shape())?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    check_shape("weight", w, s.weight_shape())?;
+    check_shape("input gradient", dx, s.input_shape())?;
     // One GEMM per stride phase; phase (0, 0) has the most pixels, the grid is sized for it and
     // the other phases' surplus workgroups return at once.
     let phases = s.stride * s.stride;
@@ -279,9 +265,9 @@ fn pick_splits(k_tiles: usize, bk: usize, tiles: usize, tiles_m: usize, outputs:
 /// dw = sum over batch and pixels of dy * x; overwrites dw.
 pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor, tile: Option<Tile>) -> Result<()> {
     let gpu = x.gpu();
-    check("input", x, s.input_shape())?;
-    check("output gradient", dy, s.output_shape())?;
-    check("weight gradient", dw, s.weight_shape())?;
+    check_shape("input", x, s.input_shape())?;
+    check_shape("output gradient", dy, s.output_shape())?;
+    check_shape("weight gradient", dw, s.weight_shape())?;
     let (m, n) = (s.out_channels, s.in_channels * s.kernel * s.kernel);
     let t = tile_or_pick(gpu, tile, |l| pick_tile(m, n, 1, 1, l))?;
     let (tiles_m, tiles_n) = (m.div_ceil(t.bm()), n.div_ceil(t.bn()));
@@ -326,7 +312,7 @@ mod tests {
     #[test]
     fn depth_is_the_deepest_that_fits() {
         let depth = |bytes, wg, wg_m| {
-            let t = candidate_tiles(&limits(bytes)).into_iter().find(|t| t.wg == wg && t.wg_m == wg_m).unwrap();
+            let t = candidate_tiles(&limits(bytes)).find(|t| t.wg == wg && t.wg_m == wg_m).unwrap();
             (t.bk, t.double_buffer, t.workgroup_bytes())
         };
         // The figures in the shader's header.
