@@ -25,6 +25,9 @@ const SHAPES: &[Case] = &[
     (1, 3, 32, 32, 16, 3, 1, 1),
     (2, 64, 8, 8, 17, 3, 1, 0),
     (3, 32, 16, 16, 64, 1, 2, 0),
+    // Planes whose sides are multiples of 7 (the direct variant's 7x7 blocks).
+    (2, 16, 28, 28, 16, 3, 1, 1),
+    (3, 5, 14, 14, 17, 3, 1, 1),
 ];
 
 struct Reference {

@@ -101,8 +101,9 @@ macro_rules! blocked {
     };
 }
 
-const FORWARD: [Blocked; 4] = blocked![
+const FORWARD: [Blocked; 5] = blocked![
     "cf_k3s1", 3, 1, None, 8, 8, 4, 0, 1;
+    "cf_k3s1b7", 3, 1, None, 7, 7, 4, 0, 1;
     "cf_k3s2", 3, 2, None, 4, 8, 8, 0, 1;
     "cf_k1s1", 1, 1, None, 2, 8, 16, 0, 1;
     "cf_k1s2", 1, 2, None, 2, 8, 16, 0, 1;
@@ -112,15 +113,23 @@ const TRANSPOSED: [Blocked; 3] = blocked![
     "ct_k3s2p0", 3, 2, Some(0), 8, 8, 4, 0, 1;
     "ct_k1s2p0", 1, 2, Some(0), 8, 8, 8, 0, 1;
 ];
-const FILTER: [Blocked; 4] = blocked![
+const FILTER: [Blocked; 5] = blocked![
     "cw_k3s1", 3, 1, None, 8, 8, 4, 4, 1;
+    "cw_k3s1b7", 3, 1, None, 7, 7, 4, 4, 1;
     "cw_k3s2", 3, 2, None, 4, 8, 8, 2, 1;
     "cw_k1s1", 1, 1, None, 1, 8, 16, 16, 1;
     "cw_k1s2", 1, 2, None, 1, 8, 16, 16, 1;
 ];
 
-fn find(table: &[Blocked], k: usize, s: usize, pad: usize) -> Option<Blocked> {
-    table.iter().copied().find(|g| g.k == k && g.s == s && g.pad.is_none_or(|p| p == pad))
+/// The kernel for (kernel size, stride, padding) whose lane blocks pad an `oh` x `ow` plane
+/// least (the first in table order on a tie): 8x8 blocks on a 28x28 plane compute 1024 outputs
+/// for 784, 7x7 blocks none too many.
+fn find(table: &[Blocked], k: usize, s: usize, pad: usize, oh: usize, ow: usize) -> Option<Blocked> {
+    table
+        .iter()
+        .copied()
+        .filter(|g| g.k == k && g.s == s && g.pad.is_none_or(|p| p == pad))
+        .min_by_key(|g| oh.div_ceil(g.r) * g.r * ow.div_ceil(g.pb) * g.pb)
 }
 
 fn u(v: usize) -> Result<u32> {
@@ -413,7 +422,7 @@ fn generic(gpu: &Gpu, entry: &'static str, s: &ConvShape, total: usize, args: [A
 /// y = conv(x, w); overwrites y.
 pub(super) fn forward(s: &ConvShape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
     let gpu = x.gpu();
-    let Some(g) = find(&FORWARD, s.kernel, s.stride, s.pad) else {
+    let Some(g) = find(&FORWARD, s.kernel, s.stride, s.pad, s.out_h(), s.out_w()) else {
         let (sx, sw) = (Arg::Storage(x), Arg::Storage(w));
         let args = [sx, sx, sx, sx, sx, sx, sx, sx, sw, Arg::Storage(y)];
         return generic(gpu, "generic_forward", s, y.numel(), args, false);
@@ -451,13 +460,13 @@ pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor,
     // Stride 1: a forward convolution of dy with the flipped, transposed kernel and padding
     // K - 1 - P (needs P <= K - 1).
     if s.stride == 1 && s.pad < s.kernel {
-        if let Some(g) = find(&FORWARD, s.kernel, 1, 0) {
+        if let Some(g) = find(&FORWARD, s.kernel, 1, 0, s.in_h, s.in_w) {
             let wp = repack(gpu, w, "repack_transposed", s.kernel, s.out_channels, s.in_channels, g.ch, true)?;
             job.pad = s.kernel - 1 - s.pad;
             return run_blocked(gpu, g, &job, &wp, dx, acc);
         }
     }
-    if let Some(g) = find(&TRANSPOSED, s.kernel, s.stride, s.pad) {
+    if let Some(g) = find(&TRANSPOSED, s.kernel, s.stride, s.pad, s.in_h, s.in_w) {
         let wp = repack(gpu, w, "repack_transposed", s.kernel, s.out_channels, s.in_channels, g.ch, false)?;
         job.pad = s.pad;
         return run_blocked(gpu, g, &job, &wp, dx, acc);
@@ -477,7 +486,7 @@ pub(super) fn backward_data(s: &ConvShape, dy: &Tensor, w: &Tensor, dx: &Tensor,
 /// enough (output, input) channel blocks to occupy both threads (`nsub` = 1) write dw directly.
 pub(super) fn backward_filter(s: &ConvShape, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<()> {
     let gpu = x.gpu();
-    let Some(g) = find(&FILTER, s.kernel, s.stride, s.pad) else {
+    let Some(g) = find(&FILTER, s.kernel, s.stride, s.pad, s.out_h(), s.out_w()) else {
         let (sx, sd) = (Arg::Storage(x), Arg::Storage(dy));
         let args = [sx, sx, sd, sd, sx, sx, sx, sx, sx, Arg::Storage(dw)];
         return generic(gpu, "generic_backward_filter", s, dw.numel(), args, false);
@@ -637,6 +646,26 @@ fn reduce(gpu: &Gpu, parts: Tensor, slices: usize, estride: usize, elems: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each plane gets the block that pads it least; 8x8 wins ties.
+    #[test]
+    fn blocks_follow_the_plane() {
+        let pick = |table: &[Blocked], oh, ow| find(table, 3, 1, 1, oh, ow).map(|g| g.entry);
+        for (oh, ow, forward, filter) in [
+            (32, 32, "cf_k3s1", "cw_k3s1"),
+            (16, 16, "cf_k3s1", "cw_k3s1"),
+            (8, 8, "cf_k3s1", "cw_k3s1"),
+            (28, 28, "cf_k3s1b7", "cw_k3s1b7"),
+            (14, 14, "cf_k3s1b7", "cw_k3s1b7"),
+            (7, 7, "cf_k3s1b7", "cw_k3s1b7"),
+            (28, 32, "cf_k3s1b7", "cw_k3s1b7"),
+        ] {
+            assert_eq!(pick(&FORWARD, oh, ow), Some(forward), "{oh}x{ow}");
+            assert_eq!(pick(&FILTER, oh, ow), Some(filter), "{oh}x{ow}");
+        }
+        assert_eq!(find(&FORWARD, 3, 2, 1, 28, 28).map(|g| g.entry), Some("cf_k3s2"));
+        assert!(find(&FORWARD, 5, 1, 2, 28, 28).is_none());
+    }
 
     /// The block sizes the launchers assume are the ones the shader was generated with.
     #[test]
