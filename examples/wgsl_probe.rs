@@ -10,8 +10,10 @@
 //! the workgroup grid (x y z), the dispatches to time, then the u32 parameters at binding 0
 //! (an `f` prefix writes an f32: `f0.1`). Bindings 1..=B are read-write storage buffers of
 //! that size, filled with values in [-1, 1); with `--uniform-windows U` the first U of them are
-//! bound instead as 64 KiB uniform windows at offset 0. `--trusted` builds the module without
-//! runtime bounds checks. All dispatches go in one compute pass and one submit; the time per
+//! bound instead as 64 KiB uniform windows at offset 0, and with `--textures T` the next T
+//! as R32Float 2-d textures (4096 texels per row) holding the same values. `--override
+//! NAME=VALUE` sets a pipeline-override constant (repeatable), `--trusted` builds the module
+//! without runtime bounds checks, `--limits` prints the adapter's limits. All dispatches go in one compute pass and one submit; the time per
 //! dispatch is the wall time to the end of the GPU work, divided by their number (one
 //! untimed dispatch first compiles the pipeline).
 
@@ -20,12 +22,21 @@ use std::time::Instant;
 use wgpu::util::DeviceExt;
 
 const WINDOW_BYTES: u64 = 65536;
+/// Texels per row of a `--textures` operand (R32Float, one float per texel).
+const TEXTURE_WIDTH: u64 = 4096;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let trusted = take_flag(&mut args, "--trusted");
+    let limits = take_flag(&mut args, "--limits");
     let windows: u32 =
         take_value(&mut args, "--uniform-windows").map_or(0, |v| v.parse().expect("--uniform-windows N"));
+    let mut constants: Vec<(String, f64)> = Vec::new();
+    while let Some(c) = take_value(&mut args, "--override") {
+        let (name, value) = c.split_once('=').expect("--override NAME=VALUE");
+        constants.push((name.to_string(), value.parse().expect("an override value")));
+    }
+    let textures: u32 = take_value(&mut args, "--textures").map_or(0, |v| v.parse().expect("--textures T"));
     if args.len() < 8 {
         eprintln!("usage: wgsl_probe FILE ENTRY BUFFERS FLOATS GX GY GZ DISPATCHES [PARAM ...] [--uniform-windows U] [--trusted]");
         std::process::exit(2);
@@ -48,6 +59,9 @@ fn main() {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter =
         pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).expect("an adapter");
+    if limits {
+        println!("{:#?}", adapter.limits());
+    }
     let (device, queue) = pollster::block_on(
         adapter.request_device(&wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() }),
     )
@@ -67,6 +81,19 @@ fn main() {
     };
     let mut layout_entries = vec![buffer_entry(0, wgpu::BufferBindingType::Uniform)];
     for b in 1..=buffers {
+        if b > windows && b <= windows + textures {
+            layout_entries.push(wgpu::BindGroupLayoutEntry {
+                binding: b,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
+                },
+                count: None,
+            });
+            continue;
+        }
         let ty = if b <= windows {
             wgpu::BufferBindingType::Uniform
         } else {
@@ -86,7 +113,10 @@ fn main() {
         layout: Some(&pipeline_layout),
         module: &module,
         entry_point: Some(entry),
-        compilation_options: Default::default(),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(),
+            ..Default::default()
+        },
         cache: None,
     });
     let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -104,9 +134,37 @@ fn main() {
             })
         })
         .collect();
+    let rows = floats.div_ceil(TEXTURE_WIDTH) as u32;
+    let mut padded = fill.clone();
+    padded.resize((rows as u64 * TEXTURE_WIDTH) as usize, 0.0);
+    let views: Vec<wgpu::TextureView> = (0..textures)
+        .map(|_| {
+            let texture = device.create_texture_with_data(
+                &queue,
+                &wgpu::TextureDescriptor {
+                    label: None,
+                    size: wgpu::Extent3d { width: TEXTURE_WIDTH as u32, height: rows, depth_or_array_layers: 1 },
+                    mip_level_count: 1,
+                    sample_count: 1,
+                    dimension: wgpu::TextureDimension::D2,
+                    format: wgpu::TextureFormat::R32Float,
+                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                    view_formats: &[],
+                },
+                wgpu::util::TextureDataOrder::LayerMajor,
+                bytemuck::cast_slice(&padded),
+            );
+            texture.create_view(&Default::default())
+        })
+        .collect();
     let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
     for (i, buffer) in data.iter().enumerate() {
         let binding = i as u32 + 1;
+        if binding > windows && binding <= windows + textures {
+            let view = &views[(binding - windows - 1) as usize];
+            entries.push(wgpu::BindGroupEntry { binding, resource: wgpu::BindingResource::TextureView(view) });
+            continue;
+        }
         let resource = if binding <= windows {
             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer,
