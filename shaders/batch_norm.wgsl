@@ -16,19 +16,26 @@
 // output `act` is > 0, else 0 (PyTorch's threshold_backward on the result), so no separate
 // masked-gradient tensor is written and read back.
 //
-// The M = N*H*W values of a channel are numbered j = n * HW + s and cut into P chunks of CHUNK
-// values; workgroup (k, c) handles chunk k of channel c, invocation i the values
-// j = k * CHUNK + i + t * WG for t < ITEMS. Invocations step from one value to the next without
-// integer division (the address moves by WG values of the channel, wrapping to the next image).
+// The M = N*H*W values of a channel are numbered j = n * HW + s. Each image plane (HW values)
+// is cut into runs of RUN consecutive values (RPP = ceil(HW / RUN) runs per plane, the last one
+// HW - (RPP - 1) * RUN long), and the channel's N * RPP runs into P chunks of WG runs; workgroup
+// (k, c) handles chunk k of channel c, invocation i run k * WG + i, value t < RUN of it at
+// address run start + t. A run never crosses a plane, so the addresses are a base plus a
+// constant: on lavapipe that ran grad_partial 1.8-2.1x faster than a walk of stride WG over
+// the channel with a wrap test per value (examples/wgsl_probe.rs, [128, 16, 28, 28]). Past a
+// run's end (the short last run of a plane) the address is clamped to its last value and the
+// value counts 0 in the sums; an invocation past the channel's last run repeats that run,
+// counting 0, and stores the same values to the same addresses as its owner (bit-identical:
+// the same operations on the same operands).
 //
-// Reductions: each invocation accumulates its ITEMS values into 4 interleaved partial sums
+// Reductions: each invocation accumulates its run's values into 4 interleaved partial sums
 // (value t into sum t % 4), combined as (s0 + s1) + (s2 + s3); the workgroup then sums its 64
 // results in 8 groups of 8 (serially within a group) and the 8 group sums serially; the
 // cross-chunk merges go the same way (invocation i takes chunks i, i + 64, ...). Two barriers
 // per reduction: on lavapipe, 16 barrier rounds in each 256-wide workgroup of 4096 values cost
 // about as much as an element-wise add over the whole tensor (a version with 8-level trees
-// ran the forward 1.3-1.5x slower than this one), so barriers are few and workgroups small. tests/batch_norm.rs replays this
-// order in its error model: change both together.
+// ran the forward 1.3-1.5x slower than this one), so barriers are few and workgroups small.
+// tests/batch_norm.rs replays this order in its error model: change both together.
 //
 // Numerics. All statistics are of the shifted values v = x - x0, x0 = the channel's first
 // value x[0, c, 0, 0], so their magnitude is the spread of the channel, not its mean: a
@@ -50,20 +57,21 @@
 override RELU: bool = false;
 override RES: u32 = 0u;
 override MASK: bool = false;
+// Values per run, 1..=MAX_RUN: chosen per plane size by the launcher (src/kernels/batch_norm.rs,
+// `run_length`) so that the runs pad the plane least.
+override RUN: u32 = 64u;
 
 const WG: u32 = 64u;
 const FAN: u32 = 8u; // WG = FAN * FAN
-const ITEMS: u32 = 64u;
-const CHUNK: u32 = 4096u; // WG * ITEMS
+const MAX_RUN: u32 = 64u;
 
 struct Params {
     c: u32,        // channels
     hw: u32,       // H * W
     m: u32,        // N * H * W, values per channel
-    chunks: u32,   // P = ceil(m / CHUNK)
-    step_s: u32,   // WG % hw
-    step_a: u32,   // (WG / hw) * c * hw + WG % hw: address step of WG values
-    wrap: u32,     // c * hw - hw: extra address step when s wraps past hw
+    chunks: u32,   // P = ceil(nruns / WG)
+    rpp: u32,      // runs per plane, ceil(hw / RUN)
+    nruns: u32,    // runs per channel, N * rpp
     train: u32,    // normalize: 1 = batch statistics, 0 = running statistics
     momentum: f32,
     eps: f32,
@@ -74,9 +82,6 @@ struct Params {
     res_stride: u32, // ... subsampled by res_stride ...
     res_pad: u32,  // ... and its channel ci at channel ci + res_pad of x
     ho: u32,       // H of x
-    step_n: u32,   // WG / hw: images stepped over by WG values
-    step_h: u32,   // (WG % hw) / wo: rows stepped over by WG values within an image
-    step_w: u32,   // (WG % hw) % wo: columns stepped over by WG values within a row
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -110,18 +115,40 @@ var<workgroup> gn: array<f32, FAN>;
 var<workgroup> ga: array<f32, FAN>;
 var<workgroup> gb: array<f32, FAN>;
 
-// (address, s) of value j of channel c.
-fn first(j: u32, c: u32) -> vec2<u32> {
-    let n = j / p.hw;
-    let s = j - n * p.hw;
-    return vec2<u32>((n * p.c + c) * p.hw + s, s);
+// The run of invocation lid in chunk k of channel c (see the top of this file).
+struct Run {
+    a: u32,     // address of its first value
+    last: u32,  // address of its last value: the clamp of t >= len
+    len: u32,   // its values (the short last run of a plane has fewer than RUN)
+    live: bool, // false for an invocation past the channel's last run (it repeats that run)
+    s: u32,     // position of its first value in the image plane
+    n: u32,     // its image
 }
 
-// (address, s) WG values further on.
-fn next(a: vec2<u32>) -> vec2<u32> {
-    let s = a.y + p.step_s;
-    let wraps = s >= p.hw;
-    return vec2<u32>(select(a.x + p.step_a, a.x + p.step_a + p.wrap, wraps), select(s, s - p.hw, wraps));
+fn run_of(k: u32, c: u32, lid: u32) -> Run {
+    let r0 = k * WG + lid;
+    let r = min(r0, p.nruns - 1u);
+    let n = r / p.rpp;
+    let s = (r - n * p.rpp) * RUN;
+    let len = min(RUN, p.hw - s);
+    let a = (n * p.c + c) * p.hw + s;
+    return Run(a, a + len - 1u, len, r0 < p.nruns, s, n);
+}
+
+// Whether value t of the run counts in the sums.
+fn counts(run: Run, t: u32) -> bool {
+    return run.live && t < run.len;
+}
+
+// Values of a channel in its runs before run r (r <= nruns): the counts of the chunks.
+fn values_before(r: u32) -> u32 {
+    let n = r / p.rpp;
+    return select(n * p.hw + (r - n * p.rpp) * RUN, p.m, r >= p.nruns);
+}
+
+// Values in chunk k of a channel.
+fn chunk_count(k: u32) -> u32 {
+    return values_before(min((k + 1u) * WG, p.nruns)) - values_before(k * WG);
 }
 
 // The 4 interleaved partial sums combined.
@@ -135,30 +162,18 @@ fn in_shortcut(c: u32) -> bool {
     return c >= p.res_pad && c - p.res_pad < p.res_cin;
 }
 
-// (n, oh, ow) of value j of a channel: its image and pixel, for the option-A shortcut. Walked
-// alongside first / next without division (a division per value, scalar on CPU adapters,
+// (n, oh, ow) of a run's first value: its image and pixel, for the option-A shortcut, then
+// stepped along the run without division (a division per value, scalar on CPU adapters,
 // made the option-A backward 30% slower than the unfused passes).
-fn pixel_first(j: u32) -> vec3<u32> {
-    let n = j / p.hw;
-    let s = j - n * p.hw;
-    let oh = s / p.wo;
-    return vec3<u32>(n, oh, s - oh * p.wo);
+fn pixel_first(run: Run) -> vec3<u32> {
+    let oh = run.s / p.wo;
+    return vec3<u32>(run.n, oh, run.s - oh * p.wo);
 }
 
-// (n, oh, ow) WG values further on.
+// The next pixel of the plane (a run never leaves its plane).
 fn pixel_next(q: vec3<u32>) -> vec3<u32> {
-    var n = q.x + p.step_n;
-    var oh = q.y + p.step_h;
-    var ow = q.z + p.step_w;
-    if (ow >= p.wo) {
-        ow -= p.wo;
-        oh += 1u;
-    }
-    if (oh >= p.ho) {
-        oh -= p.ho;
-        n += 1u;
-    }
-    return vec3<u32>(n, oh, ow);
+    let wraps = q.z + 1u == p.wo;
+    return vec3<u32>(q.x, select(q.y, q.y + 1u, wraps), select(q.z + 1u, 0u, wraps));
 }
 
 // Address in the option-A block input of the value that lands on x's pixel q of channel c:
@@ -247,30 +262,23 @@ fn merge_all(lid: u32, mine: Moments) -> Moments {
 // Uniform control flow only (as every function below that reduces over the workgroup).
 fn chunk_moments(k: u32, c: u32, lid: u32) {
     let x0 = x[c * p.hw];
-    let j0 = k * CHUNK + lid;
-    let end = min(k * CHUNK + CHUNK, p.m);
-    let n = f32(end - k * CHUNK);
-    var v: array<f32, ITEMS>;
-    var a = first(j0, c);
+    let run = run_of(k, c, lid);
+    let n = f32(chunk_count(k));
+    var v: array<f32, MAX_RUN>;
     var sum = vec4<f32>(0.0);
-    for (var t = 0u; t < ITEMS; t++) {
-        if (j0 + t * WG < end) {
-            v[t] = x[a.x] - x0;
-            sum[t & 3u] += v[t];
-        }
-        a = next(a);
+    for (var t = 0u; t < RUN; t++) {
+        v[t] = x[min(run.a + t, run.last)] - x0;
+        sum[t & 3u] += select(0.0, v[t], counts(run, t));
     }
     let mean = sum2(lid, total(sum), 0.0).x / n;
     // Second pass over the registers: sum of squared deviations, and the sum of deviations
     // whose square corrects the mean's round-off.
     var dev = vec4<f32>(0.0);
     var sq = vec4<f32>(0.0);
-    for (var t = 0u; t < ITEMS; t++) {
-        if (j0 + t * WG < end) {
-            let d = v[t] - mean;
-            dev[t & 3u] += d;
-            sq[t & 3u] += d * d;
-        }
+    for (var t = 0u; t < RUN; t++) {
+        let d = select(0.0, v[t] - mean, counts(run, t));
+        dev[t & 3u] += d;
+        sq[t & 3u] += d * d;
     }
     let r = sum2(lid, total(dev), total(sq));
     if (lid == 0u) {
@@ -288,11 +296,10 @@ fn channel_stats(c: u32, lid: u32, save: bool) -> vec3<f32> {
         return vec3<f32>(running_mean[c], 0.0, 1.0 / sqrt(running_var[c] + p.eps));
     }
     let x0 = x[c * p.hw];
-    // Chunk i holds min(CHUNK, m - i * CHUNK) values.
     var mine = Moments(0.0, 0.0, 0.0);
     for (var i = lid; i < p.chunks; i += WG) {
         let o = (c * p.chunks + i) * 2u;
-        mine = chan(mine, Moments(f32(min(CHUNK, p.m - i * CHUNK)), partials[o], partials[o + 1u]));
+        mine = chan(mine, Moments(f32(chunk_count(i)), partials[o], partials[o + 1u]));
     }
     let all = merge_all(lid, mine);
     let mean_v = all.mean;
@@ -314,27 +321,24 @@ fn normalize_chunk(k: u32, c: u32, lid: u32, st: vec3<f32>) {
     let mean_v = st.y;
     let scale = gamma[c] * st.z;
     let shift = beta[c];
-    let j0 = k * CHUNK + lid;
-    let end = min(k * CHUNK + CHUNK, p.m);
+    let run = run_of(k, c, lid);
     // Uniform per workgroup: whether the residual of this channel is read at all.
     let res_a = RES == 2u && in_shortcut(c);
-    var a = first(j0, c);
-    var q = pixel_first(j0);
-    for (var t = 0u; t < ITEMS; t++) {
-        if (j0 + t * WG < end) {
-            var v = ((x[a.x] - x0) - mean_v) * scale + shift;
-            if (RES == 1u) {
-                v += res[a.x];
-            } else if (res_a) {
-                v += res[shortcut_base(q, c)];
-            }
-            if (RELU) {
-                v = max(v, 0.0);
-            }
-            out[a.x] = v;
+    var q = pixel_first(run);
+    for (var t = 0u; t < RUN; t++) {
+        let i = min(run.a + t, run.last);
+        var v = ((x[i] - x0) - mean_v) * scale + shift;
+        if (RES == 1u) {
+            v += res[i];
+        } else if (res_a) {
+            v += res[shortcut_base(q, c)];
         }
-        a = next(a);
-        if (res_a) {
+        if (RELU) {
+            v = max(v, 0.0);
+        }
+        out[i] = v;
+        // The pixel stays with the clamped address past the run's end.
+        if (res_a && t + 1u < run.len) {
             q = pixel_next(q);
         }
     }
@@ -345,18 +349,15 @@ fn chunk_grad_sums(k: u32, c: u32, lid: u32) {
     let x0 = saved[c];
     let mean_v = saved[p.c + c];
     let invstd = saved[2u * p.c + c];
-    let j0 = k * CHUNK + lid;
-    let end = min(k * CHUNK + CHUNK, p.m);
-    var a = first(j0, c);
+    let run = run_of(k, c, lid);
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
-    for (var t = 0u; t < ITEMS; t++) {
-        if (j0 + t * WG < end) {
-            let g = grad_in(a.x);
-            s_dy[t & 3u] += g;
-            s_dyx[t & 3u] += g * (((x[a.x] - x0) - mean_v) * invstd);
-        }
-        a = next(a);
+    for (var t = 0u; t < RUN; t++) {
+        let i = min(run.a + t, run.last);
+        let g = grad_in(i);
+        let keep = counts(run, t);
+        s_dy[t & 3u] += select(0.0, g, keep);
+        s_dyx[t & 3u] += select(0.0, g * (((x[i] - x0) - mean_v) * invstd), keep);
     }
     let r = sum2(lid, total(s_dy), total(s_dyx));
     if (lid == 0u) {
@@ -392,48 +393,44 @@ fn dx_chunk(k: u32, c: u32, lid: u32, r: vec2<f32>) {
     let scale = gamma[c] * invstd;
     let b = r.x / f32(p.m);
     let d = r.y / f32(p.m);
-    let j0 = k * CHUNK + lid;
-    let end = min(k * CHUNK + CHUNK, p.m);
+    let run = run_of(k, c, lid);
     let res_a = RES == 2u && in_shortcut(c);
-    var a = first(j0, c);
-    var q = pixel_first(j0);
-    for (var t = 0u; t < ITEMS; t++) {
-        if (j0 + t * WG < end) {
-            let g = grad_in(a.x);
-            let xh = ((x[a.x] - x0) - mean_v) * invstd;
-            out[a.x] = scale * ((g - b) - xh * d);
-            if (RES == 1u) {
-                dres[a.x] = g;
-            } else if (res_a) {
-                // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
-                // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
-                // dres is written entirely and needs no zero fill.
-                let base = shortcut_base(q, c);
-                dres[base] = g;
-                let hn = min(p.res_stride, p.res_h - q.y * p.res_stride);
-                let wn = min(p.res_stride, p.res_w - q.z * p.res_stride);
-                if (p.res_stride == 2u) {
-                    // The CIFAR ResNet's stride, without the loops' per-lane trip counts.
+    var q = pixel_first(run);
+    for (var t = 0u; t < RUN; t++) {
+        let i = min(run.a + t, run.last);
+        let g = grad_in(i);
+        let xh = ((x[i] - x0) - mean_v) * invstd;
+        out[i] = scale * ((g - b) - xh * d);
+        if (RES == 1u) {
+            dres[i] = g;
+        } else if (res_a) {
+            // The adjoint of the subsample: g at the sampled pixel, 0 at the other pixels
+            // of its stride x stride cell (cells cover the input, as H <= Ho * stride), so
+            // dres is written entirely and needs no zero fill.
+            let base = shortcut_base(q, c);
+            dres[base] = g;
+            let hn = min(p.res_stride, p.res_h - q.y * p.res_stride);
+            let wn = min(p.res_stride, p.res_w - q.z * p.res_stride);
+            if (p.res_stride == 2u) {
+                // The CIFAR ResNet's stride, without the loops' per-lane trip counts.
+                if (wn == 2u) {
+                    dres[base + 1u] = 0.0;
+                }
+                if (hn == 2u) {
+                    dres[base + p.res_w] = 0.0;
                     if (wn == 2u) {
-                        dres[base + 1u] = 0.0;
+                        dres[base + p.res_w + 1u] = 0.0;
                     }
-                    if (hn == 2u) {
-                        dres[base + p.res_w] = 0.0;
-                        if (wn == 2u) {
-                            dres[base + p.res_w + 1u] = 0.0;
-                        }
-                    }
-                } else {
-                    for (var dh = 0u; dh < hn; dh++) {
-                        for (var dw = select(0u, 1u, dh == 0u); dw < wn; dw++) {
-                            dres[base + dh * p.res_w + dw] = 0.0;
-                        }
+                }
+            } else {
+                for (var dh = 0u; dh < hn; dh++) {
+                    for (var dw = select(0u, 1u, dh == 0u); dw < wn; dw++) {
+                        dres[base + dh * p.res_w + dw] = 0.0;
                     }
                 }
             }
         }
-        a = next(a);
-        if (res_a) {
+        if (res_a && t + 1u < run.len) {
             q = pixel_next(q);
         }
     }

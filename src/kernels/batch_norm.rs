@@ -7,8 +7,9 @@
 //! `M2 / (M - 1)` for `running_var` (M = N*H*W). Evaluation mode normalises with the running
 //! statistics.
 //!
-//! Each per-channel reduction is cut into chunks of [`CHUNK`] values, one workgroup each (so
-//! a channel of 131072 values runs on 32 workgroups). Numerics: statistics are taken of
+//! Each image plane of a channel is cut into runs of [`run_length`] consecutive values (the
+//! last run of a plane may be shorter), each invocation takes one run, and each workgroup
+//! [`WG`] runs: a chunk (so a channel of 128 planes of 32x32 runs on 32 workgroups). Numerics: statistics are taken of
 //! `x - x0`, `x0` the channel's first value, so a channel at 100 +- 1 loses no digits to the
 //! 100; within a chunk the variance is an exact two-pass over values held in registers (x is
 //! read once); chunks are merged with Chan et al.'s pairwise update. `sum(x^2) - sum(x)^2 / M`
@@ -33,7 +34,7 @@
 //! Memory: [`forward_train`] keeps only [`BnSaved::stats`], `3 * C` floats, for the backward;
 //! the backward recomputes `x_hat` from `x`, which the caller keeps (it is the previous conv's
 //! output). Each call also allocates a temporary of `2 * C * P` floats
-//! (P = ceil(N*H*W / CHUNK)), freed when the call's work completes.
+//! (P = [`chunks`]), freed when the call's work completes.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -96,10 +97,27 @@ pub const SINGLE_MAX_CHUNKS: usize = 2;
 /// pass stays within what tests/batch_norm.rs checks bit-for-bit against the split passes.
 pub const SINGLE_LIMIT_CHUNKS: usize = 32;
 
-/// Invocations per workgroup (must match `WG` in the shader).
-const WG: usize = 64;
-/// Values of one channel per workgroup (must match `CHUNK` in the shader).
-pub const CHUNK: usize = 4096;
+/// Invocations per workgroup, each taking one run (must match `WG` in the shader).
+pub const WG: usize = 64;
+/// The longest run (must match `MAX_RUN` in the shader).
+pub const MAX_RUN: usize = 64;
+
+/// Values per run for image planes of `hw` values: the length in 16..=[`MAX_RUN`] (all of
+/// the plane when it is shorter) whose runs pad the plane least, the longest of those on a
+/// tie. 28x28 planes get 56, 14x14 and 7x7 get 49, 32x32, 16x16 and 8x8 get 64. Padding is
+/// computed and discarded (a short last run repeats its last value), and short runs cost a
+/// per-invocation set-up each; both weigh little next to a wrap test per value.
+pub fn run_length(hw: usize) -> usize {
+    if hw <= 16 {
+        return hw.max(1);
+    }
+    (16..=MAX_RUN).rev().min_by_key(|&r| hw.div_ceil(r) * r).unwrap_or(MAX_RUN)
+}
+
+/// Workgroups (chunks) per channel for a tensor of `n` images of `hw` values per plane.
+pub fn chunks(n: usize, hw: usize) -> usize {
+    (n * hw.div_ceil(run_length(hw))).div_ceil(WG)
+}
 
 /// What [`backward`] needs from [`forward_train`].
 #[derive(Clone, Debug)]
@@ -179,9 +197,8 @@ struct Params {
     hw: u32,
     m: u32,
     chunks: u32,
-    step_s: u32,
-    step_a: u32,
-    wrap: u32,
+    rpp: u32,
+    nruns: u32,
     train: u32,
     momentum: f32,
     eps: f32,
@@ -192,69 +209,76 @@ struct Params {
     res_stride: u32,
     res_pad: u32,
     ho: u32,
-    step_n: u32,
-    step_h: u32,
-    step_w: u32,
 }
 
-/// Shape facts of one call: channels, values per channel (N*H*W) and chunks per channel.
+/// Shape facts of one call: channels, values per channel (N*H*W), values per run, runs per
+/// image plane and per channel, and chunks per channel.
 struct Geometry {
     c: usize,
     m: usize,
+    run: usize,
+    rpp: usize,
+    nruns: usize,
     chunks: usize,
 }
 
 /// The fused ops of a call, the shader's pipeline overrides `RELU`, `RES` (0 none, 1 identity,
-/// 2 option A) and `MASK` (see `shaders/batch_norm.wgsl`).
+/// 2 option A) and `MASK` (see `shaders/batch_norm.wgsl`), with the run length `RUN`.
 #[derive(Clone, Copy, Default)]
 struct Fused {
     relu: bool,
     res: u32,
     mask: bool,
+    run: usize,
 }
 
 impl Fused {
+    fn new(g: &Geometry) -> Fused {
+        Fused { run: g.run, ..Fused::default() }
+    }
+
+    /// The override `stats_partial` reads.
+    fn stats(&self) -> [(&'static str, f64); 1] {
+        [("RUN", self.run as f64)]
+    }
+
     /// The overrides the forward entry points read.
-    fn forward(&self) -> [(&'static str, f64); 2] {
-        [("RELU", self.relu as u8 as f64), ("RES", self.res as f64)]
+    fn forward(&self) -> [(&'static str, f64); 3] {
+        [("RELU", self.relu as u8 as f64), ("RES", self.res as f64), ("RUN", self.run as f64)]
     }
 
     /// The overrides `dx` and `backward_single` read.
-    fn backward(&self) -> [(&'static str, f64); 2] {
-        [("MASK", self.mask as u8 as f64), ("RES", self.res as f64)]
+    fn backward(&self) -> [(&'static str, f64); 3] {
+        [("MASK", self.mask as u8 as f64), ("RES", self.res as f64), ("RUN", self.run as f64)]
     }
 
-    /// The override `grad_partial` reads (it writes no shortcut gradient).
-    fn grad_sums(&self) -> [(&'static str, f64); 1] {
-        [("MASK", self.mask as u8 as f64)]
+    /// The overrides `grad_partial` reads (it writes no shortcut gradient).
+    fn grad_sums(&self) -> [(&'static str, f64); 2] {
+        [("MASK", self.mask as u8 as f64), ("RUN", self.run as f64)]
     }
 }
 
 fn geometry(op: &'static str, x: &Tensor) -> Result<Geometry> {
     let [n, c, h, w] = dims::<4>(op, "x", x)?;
-    // The shaders index with u32 (and step addresses past the end for the last chunk's unused
-    // slots, which wraps harmlessly); keep every valid index and the counts well inside u32.
+    // The shaders index with u32; keep every index and count well inside it.
     if x.numel() >= 1 << 31 {
         return Err(Error::Unsupported { op, detail: format!("{:?} has 2^31 values or more", x.shape()) });
     }
-    let m = n * h * w;
-    Ok(Geometry { c, m, chunks: m.div_ceil(CHUNK) })
+    let hw = h * w;
+    let run = run_length(hw);
+    let rpp = hw.div_ceil(run);
+    Ok(Geometry { c, m: n * hw, run, rpp, nruns: n * rpp, chunks: chunks(n, hw) })
 }
 
 fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Params {
     let s = x.shape();
-    let hw = s[2] * s[3];
-    let chw = g.c * hw;
-    // hw == 0 means m == 0: no workgroup runs, the steps are never used.
-    let (step_n, step_s) = WG.checked_div(hw).map_or((0, 0), |n| (n, WG - n * hw));
     Params {
         c: g.c as u32,
-        hw: hw as u32,
+        hw: (s[2] * s[3]) as u32,
         m: g.m as u32,
         chunks: g.chunks as u32,
-        step_s: step_s as u32,
-        step_a: (step_n * chw + step_s) as u32,
-        wrap: chw.saturating_sub(hw) as u32,
+        rpp: g.rpp as u32,
+        nruns: g.nruns as u32,
         train: train as u32,
         momentum,
         eps,
@@ -265,11 +289,6 @@ fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Par
         res_stride: 1,
         res_pad: 0,
         ho: s[2] as u32,
-        step_n: step_n as u32,
-        // The pixel walk of the option-A shortcut: the WG % hw values stepped within an image
-        // as rows and columns (w == 0 means hw == 0: never used).
-        step_h: step_s.checked_div(s[3]).unwrap_or(0) as u32,
-        step_w: step_s.checked_rem(s[3]).unwrap_or(0) as u32,
     }
 }
 
@@ -445,7 +464,7 @@ pub fn forward_train_fused(
         });
     }
     let mut p = params(x, &g, true, momentum, eps);
-    let mut fused = Fused::default();
+    let mut fused = Fused::new(&g);
     let res = set_epilogue(OP, &mut p, &mut fused, x, &epi)?;
     if let Some(r) = epi.residual.map(|r| match r {
         Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
@@ -477,7 +496,7 @@ pub fn forward_train_fused(
     match Passes::choose(x, g.chunks)? {
         Passes::Single => gpu.dispatch(&kernel("forward_single", &constants), &p, &args, [1, g.c as u32, 1])?,
         Passes::Split => {
-            gpu.dispatch(&kernel("stats_partial", &[]), &p, &args, grid)?;
+            gpu.dispatch(&kernel("stats_partial", &fused.stats()), &p, &args, grid)?;
             gpu.dispatch(&kernel("normalize", &constants), &p, &args, grid)?;
         }
     }
@@ -517,7 +536,7 @@ pub fn forward_eval_fused(
     check_eps(OP, eps)?;
     check_bindings(OP, x)?;
     let mut p = params(x, &g, false, 0.0, eps);
-    let mut fused = Fused::default();
+    let mut fused = Fused::new(&g);
     let res = set_epilogue(OP, &mut p, &mut fused, x, &epi)?;
     if let Some(r) = epi.residual.map(|r| match r {
         Residual::Identity(t) | Residual::OptionA { x: t, .. } => t,
@@ -625,7 +644,7 @@ fn backward_fused_impl(
     check_bindings(OP, x)?;
     let gpu = x.gpu();
     let mut p = params(x, &g, true, 0.0, 0.0);
-    let mut fused = Fused { mask: relu_out.is_some(), ..Fused::default() };
+    let mut fused = Fused { mask: relu_out.is_some(), ..Fused::new(&g) };
     let dshortcut = match shortcut {
         None => None,
         Some(ShortcutGrad::Identity) => {
