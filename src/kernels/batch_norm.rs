@@ -91,9 +91,9 @@ impl Passes {
 pub const SINGLE_MAX_CHUNKS: usize = 2;
 
 /// Chunks per channel beyond which [`Passes::Single`] is never used. On lavapipe (Mesa 22.3,
-/// measured) one workgroup looping over 257 chunks of 4096 values lost the writes of its last
-/// ~10 chunks in the backward (the same place for 1, 2 and 4 channels; 400 chunks lost more),
-/// with no error reported; 32 chunks were bit-exact. The cause is not known, so the single
+/// measured with the stride-64 layout before runs) one workgroup looping over 257 chunks of
+/// 4096 values lost the writes of its last ~10 chunks in the backward (the same place for 1,
+/// 2 and 4 channels; 400 chunks lost more), with no error reported; 32 chunks were bit-exact. The cause is not known, so the single
 /// pass stays within what tests/batch_norm.rs checks bit-for-bit against the split passes.
 pub const SINGLE_LIMIT_CHUNKS: usize = 32;
 
