@@ -10,7 +10,7 @@
 //! the workgroup grid (x y z), the dispatches to time, then the u32 parameters at binding 0
 //! (an `f` prefix writes an f32: `f0.1`). Bindings 1..=B are read-write storage buffers of
 //! that size, filled with values in [-1, 1); with `--uniform-windows U` the first U of them are
-//! bound instead as 64 KiB uniform windows at offset 0, and with `--textures T` the next T
+//! bound instead as 64 KiB uniform windows at offset 0, and with `--textures T` the last T
 //! as R32Float 2-d textures (4096 texels per row) holding the same values. `--override
 //! NAME=VALUE` sets a pipeline-override constant (repeatable), `--trusted` builds the module
 //! without runtime bounds checks, `--limits` prints the adapter's limits. All dispatches go in one compute pass and one submit; the time per
@@ -44,6 +44,11 @@ fn main() {
     let source = std::fs::read_to_string(&args[0]).expect("readable WGSL file");
     let entry = args[1].as_str();
     let buffers: u32 = args[2].parse().expect("BUFFERS");
+    if windows + textures > buffers {
+        eprintln!("--uniform-windows and --textures take {} of {buffers} bindings", windows + textures);
+        std::process::exit(2);
+    }
+    let first_texture = buffers - textures + 1;
     let floats: u64 = args[3].parse().expect("FLOATS");
     let grid: Vec<u32> = args[4..7].iter().map(|a| a.parse().expect("grid")).collect();
     let dispatches: u32 = args[7].parse().expect("DISPATCHES");
@@ -81,7 +86,7 @@ fn main() {
     };
     let mut layout_entries = vec![buffer_entry(0, wgpu::BufferBindingType::Uniform)];
     for b in 1..=buffers {
-        if b > windows && b <= windows + textures {
+        if b >= first_texture {
             layout_entries.push(wgpu::BindGroupLayoutEntry {
                 binding: b,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -160,8 +165,8 @@ fn main() {
     let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
     for (i, buffer) in data.iter().enumerate() {
         let binding = i as u32 + 1;
-        if binding > windows && binding <= windows + textures {
-            let view = &views[(binding - windows - 1) as usize];
+        if binding >= first_texture {
+            let view = &views[(binding - first_texture) as usize];
             entries.push(wgpu::BindGroupEntry { binding, resource: wgpu::BindingResource::TextureView(view) });
             continue;
         }

@@ -1,6 +1,8 @@
 // Probe kernels for examples/wgsl_probe.rs (the figures in docs/lavapipe.md). Run with
 // `--uniform-windows 1` and 3 buffers of 1048576 floats: binding 1 is a 64 KiB uniform
-// window, bindings 2 and 3 storage buffers. Grid 64 1 1 for the first four.
+// window, bindings 2 and 3 storage buffers. Grid 64 1 1 for the first four. The texture
+// kernels need a 4th binding, an R32Float texture of the same values:
+// `4 1048576 64 1 1 100 0 --uniform-windows 1 --textures 1`.
 
 struct Params { n: u32, a: u32, b: u32, c: u32 }
 
@@ -8,6 +10,8 @@ struct Params { n: u32, a: u32, b: u32, c: u32 }
 @group(0) @binding(1) var<uniform> u: array<vec4<f32>, 4096>;
 @group(0) @binding(2) var<storage, read_write> a: array<f32>;
 @group(0) @binding(3) var<storage, read_write> b: array<f32>;
+// 4096 texels per row.
+@group(0) @binding(4) var t: texture_2d<f32>;
 
 var<workgroup> slots: array<f32, 64>;
 
@@ -67,4 +71,27 @@ fn relu(@builtin(global_invocation_id) g: vec3<u32>) {
     if (g.x < p.n) {
         b[g.x] = max(a[g.x], 0.0);
     }
+}
+
+// Workgroup w sums its own 16384 floats of the storage buffer (grid 64 1 1) ...
+@compute @workgroup_size(64)
+fn stream_storage(@builtin(local_invocation_index) l: u32, @builtin(workgroup_id) w: vec3<u32>) {
+    var s = 0.0;
+    let o = w.x * 16384u;
+    for (var i = l; i < 16384u; i += 64u) {
+        s += a[o + i];
+    }
+    finish(l, w.x, s);
+}
+
+// ... or of the texture, with textureLoad.
+@compute @workgroup_size(64)
+fn stream_texture(@builtin(local_invocation_index) l: u32, @builtin(workgroup_id) w: vec3<u32>) {
+    var s = 0.0;
+    let o = w.x * 16384u;
+    for (var i = l; i < 16384u; i += 64u) {
+        let j = o + i;
+        s += textureLoad(t, vec2<u32>(j & 4095u, j >> 12u), 0).x;
+    }
+    finish(l, w.x, s);
 }
