@@ -7,15 +7,15 @@
 //! ```
 //!
 //! Arguments: the WGSL file, the entry point, the number of buffers B, the floats per buffer,
-//! the workgroup grid (x y z), the dispatches to time, then the u32 parameters at binding 0
-//! (an `f` prefix writes an f32: `f0.1`). Bindings 1..=B are read-write storage buffers of
-//! that size, filled with values in [-1, 1); with `--uniform-windows U` the first U of them are
-//! bound instead as 64 KiB uniform windows at offset 0, and with `--textures T` the last T
-//! as R32Float 2-d textures (4096 texels per row) holding the same values. `--override
-//! NAME=VALUE` sets a pipeline-override constant (repeatable), `--trusted` builds the module
-//! without runtime bounds checks, `--limits` prints the adapter's limits. All dispatches go in one compute pass and one submit; the time per
-//! dispatch is the wall time to the end of the GPU work, divided by their number (one
-//! untimed dispatch first compiles the pipeline).
+//! the workgroup grid (x y z), the dispatches to time, then the u32 parameters at binding 0 (an
+//! `f` prefix writes an f32: `f0.1`). Bindings 1..=B are read-write storage buffers of that
+//! size, filled with values in [-1, 1); with `--uniform-windows U` the first U of them are
+//! bound instead as 64 KiB uniform windows at offset 0, and with `--textures T` the last T as
+//! R32Float 2-d textures (4096 texels per row) holding the same values. `--override NAME=VALUE`
+//! sets a pipeline-override constant (repeatable), `--trusted` builds the module without
+//! runtime bounds checks, `--limits` prints the adapter's limits. All dispatches go in one
+//! compute pass and one submit; the time per dispatch is the wall time to the end of the GPU
+//! work, divided by their number (one untimed dispatch first compiles the pipeline).
 
 use std::time::Instant;
 

@@ -21,8 +21,8 @@
 // HW - (RPP - 1) * RUN long), and the channel's N * RPP runs into P chunks of WG runs; workgroup
 // (k, c) handles chunk k of channel c, invocation i run k * WG + i, value t < RUN of it at
 // address run start + t. A run never crosses a plane, so the addresses are a base plus a
-// constant: on lavapipe that ran grad_partial 1.8-2.1x faster than a walk of stride WG over
-// the channel with a wrap test per value (examples/wgsl_probe.rs, [128, 16, 28, 28]). Past a
+// constant: on lavapipe that ran grad_partial's sums 1.6-1.7x faster than a walk of stride WG
+// over the channel with a wrap test per value (examples/probes/batch_norm_walk.wgsl). Past a
 // run's end (the short last run of a plane) the address is clamped to its last value and the
 // value counts 0 in the sums; an invocation past the channel's last run repeats that run,
 // counting 0, and stores the same values to the same addresses as its owner (bit-identical:

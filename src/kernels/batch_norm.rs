@@ -9,17 +9,17 @@
 //!
 //! Each image plane of a channel is cut into runs of [`run_length`] consecutive values (the
 //! last run of a plane may be shorter), each invocation takes one run, and each workgroup
-//! [`WG`] runs: a chunk (so a channel of 128 planes of 32x32 runs on 32 workgroups). Numerics: statistics are taken of
-//! `x - x0`, `x0` the channel's first value, so a channel at 100 +- 1 loses no digits to the
-//! 100; within a chunk the variance is an exact two-pass over values held in registers (x is
-//! read once); chunks are merged with Chan et al.'s pairwise update. `sum(x^2) - sum(x)^2 / M`
-//! is never formed. Dispatches: forward 2 (statistics, normalise), backward 2 (per-chunk sums,
-//! dx; dx also writes dgamma and dbeta), eval 1; or forward 1 and backward 1 where one
-//! workgroup per channel is parallel enough and the dispatch is what costs ([`Passes`]:
-//! channels of at most [`SINGLE_MAX_CHUNKS`] chunks, on GPUs), bit-for-bit the same results. A grid-wide merge inside
-//! one dispatch of the split grid would need a "last workgroup finalises" atomic handshake,
-//! which WGSL's relaxed atomics and workgroup-scoped barriers do not make safe, and would
-//! still leave the element-wise pass in a second dispatch.
+//! [`WG`] runs: a chunk (so a channel of 128 planes of 32x32 runs on 32 workgroups). Numerics:
+//! statistics are taken of `x - x0`, `x0` the channel's first value, so a channel at 100 +- 1
+//! loses no digits to the 100; within a chunk the variance is an exact two-pass over values
+//! held in registers (x is read once); chunks are merged with Chan et al.'s pairwise update.
+//! `sum(x^2) - sum(x)^2 / M` is never formed. Dispatches: forward 2 (statistics, normalise),
+//! backward 2 (per-chunk sums, dx; dx also writes dgamma and dbeta), eval 1; or forward 1 and
+//! backward 1 where one workgroup per channel is parallel enough and the dispatch is what costs
+//! ([`Passes`]: channels of at most [`SINGLE_MAX_CHUNKS`] chunks, on GPUs), bit-for-bit the
+//! same results. A grid-wide merge inside one dispatch of the split grid would need a "last
+//! workgroup finalises" atomic handshake, which WGSL's relaxed atomics and workgroup-scoped
+//! barriers do not make safe, and would still leave the element-wise pass in a second dispatch.
 //!
 //! Fusion: the forward can end with the ops that follow a batch norm in a residual block
 //! ([`Epilogue`]): a ReLU, or the residual add (identity, or the option-A shortcut read in
@@ -93,8 +93,9 @@ pub const SINGLE_MAX_CHUNKS: usize = 2;
 /// Chunks per channel beyond which [`Passes::Single`] is never used. On lavapipe (Mesa 22.3,
 /// measured with the stride-64 layout before runs) one workgroup looping over 257 chunks of
 /// 4096 values lost the writes of its last ~10 chunks in the backward (the same place for 1,
-/// 2 and 4 channels; 400 chunks lost more), with no error reported; 32 chunks were bit-exact. The cause is not known, so the single
-/// pass stays within what tests/batch_norm.rs checks bit-for-bit against the split passes.
+/// 2 and 4 channels; 400 chunks lost more), with no error reported; 32 chunks were bit-exact.
+/// The cause is not known, so the single pass stays within what tests/batch_norm.rs checks
+/// bit-for-bit against the split passes.
 pub const SINGLE_LIMIT_CHUNKS: usize = 32;
 
 /// Invocations per workgroup, each taking one run (must match `WG` in the shader).
@@ -105,8 +106,7 @@ pub const MAX_RUN: usize = 64;
 /// Values per run for image planes of `hw` values: the length in 16..=[`MAX_RUN`] (all of
 /// the plane when it is shorter) whose runs pad the plane least, the longest of those on a
 /// tie. 28x28 planes get 56, 14x14 and 7x7 get 49, 32x32, 16x16 and 8x8 get 64. Padding is
-/// computed and discarded (a short last run repeats its last value), and short runs cost a
-/// per-invocation set-up each; both weigh little next to a wrap test per value.
+/// computed and discarded (a short last run repeats its last value).
 pub fn run_length(hw: usize) -> usize {
     if hw <= 16 {
         return hw.max(1);
