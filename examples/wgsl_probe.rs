@@ -140,8 +140,12 @@ fn main() {
         })
         .collect();
     let rows = floats.div_ceil(TEXTURE_WIDTH) as u32;
-    let mut padded = fill.clone();
-    padded.resize((rows as u64 * TEXTURE_WIDTH) as usize, 0.0);
+    // The texture data: the fill padded to whole rows (only built when a texture is asked for).
+    let padded: Vec<f32> = if textures == 0 {
+        Vec::new()
+    } else {
+        fill.iter().copied().chain(std::iter::repeat(0.0)).take((rows as u64 * TEXTURE_WIDTH) as usize).collect()
+    };
     let views: Vec<wgpu::TextureView> = (0..textures)
         .map(|_| {
             let texture = device.create_texture_with_data(

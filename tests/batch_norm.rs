@@ -187,11 +187,13 @@ fn fan_in(slots: &[E]) -> E {
     serial(&groups)
 }
 
-/// The shader's work layout for a channel of image planes of `hw` values, `m` values in all
-/// (order j): for each chunk, for each of its WG invocations, the indices j of its run's values
-/// in the order it takes them (empty past the channel's last run; the shader's padding adds
-/// exact zeros and is left out).
-fn layout(hw: usize, m: usize) -> Vec<Vec<Vec<usize>>> {
+/// The shader's work layout of one channel: for each chunk, for each of its WG invocations, the
+/// indices j of its run's values in the order it takes them (empty past the channel's last run;
+/// the shader's padding adds exact zeros and is left out).
+type Layout = Vec<Vec<Vec<usize>>>;
+
+/// The [`Layout`] of a channel of image planes of `hw` values, `m` values in all (order j).
+fn layout(hw: usize, m: usize) -> Layout {
     let run = bn::run_length(hw);
     let rpp = hw.div_ceil(run);
     let nruns = m / hw * rpp;
@@ -212,10 +214,10 @@ fn layout(hw: usize, m: usize) -> Vec<Vec<Vec<usize>>> {
 }
 
 /// Per-chunk sums of `terms` (each with its own rounding terms `term_e2`) in the shader's order
-/// ([`layout`] for planes of `hw` values): each invocation adds its run's values t into 4
-/// interleaved sums (t % 4), combined as (s0 + s1) + (s2 + s3), then [`fan_in`].
-fn chunk_sums(hw: usize, terms: &[f64], term_e2: &[f64]) -> Vec<E> {
-    layout(hw, terms.len()).iter().map(|lanes| lane_sums(lanes, |j| E { v: terms[j], e2: term_e2[j] })).collect()
+/// (`lay`): each invocation adds its run's values t into 4 interleaved sums (t % 4), combined
+/// as (s0 + s1) + (s2 + s3), then [`fan_in`].
+fn chunk_sums(lay: &Layout, terms: &[f64], term_e2: &[f64]) -> Vec<E> {
+    lay.iter().map(|lanes| lane_sums(lanes, |j| E { v: terms[j], e2: term_e2[j] })).collect()
 }
 
 /// One chunk of [`chunk_sums`]: `lanes` as [`layout`] gives them, `term(j)` the value j with
@@ -309,15 +311,15 @@ struct ErrorModel {
 }
 
 impl ErrorModel {
-    /// From a channel's values `x` in order j, image planes of `hw` values.
-    fn new(x: &[f64], hw: usize) -> ErrorModel {
+    /// From a channel's values `x` in order j, taken by the shader in the layout `lay`.
+    fn new(x: &[f64], lay: &Layout) -> ErrorModel {
         let m = x.len() as f64;
         let x0 = x[0];
         // v = x - x0 rounds once.
         let v: Vec<f64> = x.iter().map(|&x| x - x0).collect();
         let v_e2: Vec<f64> = v.iter().map(|&v| sq(v)).collect();
-        let sums = chunk_sums(hw, &v, &v_e2);
-        let chunks: Vec<Moments> = layout(hw, v.len())
+        let sums = chunk_sums(lay, &v, &v_e2);
+        let chunks: Vec<Moments> = lay
             .iter()
             .zip(&sums)
             .map(|(lanes, s)| {
@@ -490,6 +492,8 @@ fn run_case(shape: [usize; 4], seed: u64) {
     // Eval reference from the GPU's running statistics, so it checks the eval kernel alone.
     let want_eval = reference_eval(&x1, shape, &gamma, &beta, &rm2, &rv2);
     let m = (numel / c) as f64;
+    // The shader's order over each channel (the same for every channel).
+    let lay = layout(hw, numel / c);
     // The f32 momentum's exact value: the reference updates with the same number.
     let mom = MOMENTUM as f64;
 
@@ -497,7 +501,7 @@ fn run_case(shape: [usize; 4], seed: u64) {
         let what = |q: &str| format!("{q}, {name}, channel {ch}");
         let xc1: Vec<f64> = channel(&x1, shape, ch).iter().map(|&v| v as f64).collect();
         let xc2: Vec<f64> = channel(&x2, shape, ch).iter().map(|&v| v as f64).collect();
-        let (e1, e2) = (ErrorModel::new(&xc1, hw), ErrorModel::new(&xc2, hw));
+        let (e1, e2) = (ErrorModel::new(&xc1, &lay), ErrorModel::new(&xc2, &lay));
         let ga = gamma[ch] as f64;
 
         // Saved statistics: the shift is x[0, c, 0, 0] exactly.
@@ -567,10 +571,10 @@ fn run_case(shape: [usize; 4], seed: u64) {
             // the dx kernel's cross-chunk sum. dgamma's terms carry x_hat's own roundings and the
             // product's; the channel-wide x_hat errors enter through sum(dy) and dgamma itself.
             let dyc: Vec<f64> = channel(dy_all, shape, ch).iter().map(|&v| v as f64).collect();
-            let dbeta_e = cross_sum(&chunk_sums(hw, &dyc, &vec![0.0; dyc.len()]));
+            let dbeta_e = cross_sum(&chunk_sums(&lay, &dyc, &vec![0.0; dyc.len()]));
             let t: Vec<f64> = dyc.iter().zip(&xh).map(|(g, x)| g * x.0).collect();
             let t_e2: Vec<f64> = dyc.iter().zip(&xh).zip(&t).map(|((g, x), t)| sq(g * x.1) + sq(*t)).collect();
-            let dgamma_sum = cross_sum(&chunk_sums(hw, &t, &t_e2));
+            let dgamma_sum = cross_sum(&chunk_sums(&lay, &t, &t_e2));
             let dgamma_sd =
                 dgamma_sum.sd() + dbeta_e.v.abs() * e1.invstd.v * e1.mean_v.sd() + dgamma_sum.v.abs() * e1.invstd_rel();
             check(&what(&format!("dbeta{label}")), &[dbeta[ch]], &[r.dbeta[ch]], &[bound(dbeta_e.sd())]);

@@ -33,8 +33,8 @@
 //!
 //! Memory: [`forward_train`] keeps only [`BnSaved::stats`], `3 * C` floats, for the backward;
 //! the backward recomputes `x_hat` from `x`, which the caller keeps (it is the previous conv's
-//! output). Each call also allocates a temporary of `2 * C * P` floats
-//! (P = [`chunks`]), freed when the call's work completes.
+//! output). Each call also allocates a temporary of `2 * C * P` floats (P = ceil(N * runs per
+//! plane / [`WG`]), the chunks per channel), freed when the call's work completes.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -112,11 +112,6 @@ pub fn run_length(hw: usize) -> usize {
         return hw.max(1);
     }
     (16..=MAX_RUN).rev().min_by_key(|&r| hw.div_ceil(r) * r).unwrap_or(MAX_RUN)
-}
-
-/// Workgroups (chunks) per channel for a tensor of `n` images of `hw` values per plane.
-pub fn chunks(n: usize, hw: usize) -> usize {
-    (n * hw.div_ceil(run_length(hw))).div_ceil(WG)
 }
 
 /// What [`backward`] needs from [`forward_train`].
@@ -267,7 +262,7 @@ fn geometry(op: &'static str, x: &Tensor) -> Result<Geometry> {
     let hw = h * w;
     let run = run_length(hw);
     let rpp = hw.div_ceil(run);
-    Ok(Geometry { c, m: n * hw, run, rpp, nruns: n * rpp, chunks: chunks(n, hw) })
+    Ok(Geometry { c, m: n * hw, run, rpp, nruns: n * rpp, chunks: (n * rpp).div_ceil(WG) })
 }
 
 fn params(x: &Tensor, g: &Geometry, train: bool, momentum: f32, eps: f32) -> Params {
