@@ -487,7 +487,10 @@ fn apply_conv_variant(cli_variant: &Option<String>, gpus: &[Gpu]) -> Result<()> 
 
 fn open_device(cli: &Cli) -> Result<Gpu> {
     let selector: AdapterSelector = cli.device.parse().context("reading --device")?;
-    let gpu = Gpu::open(&selector).with_context(|| format!("opening a device on adapter '{selector}'"))?;
+    // Through `open_devices`, so a CPU adapter gets the thread pool a training run gets.
+    let gpu = run::open_devices(std::slice::from_ref(&cli.device), 1)
+        .with_context(|| format!("opening a device on adapter '{selector}'"))?
+        .remove(0);
     apply_conv_variant(&cli.conv_variant, std::slice::from_ref(&gpu))?;
     Ok(gpu)
 }

@@ -180,7 +180,13 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     let blocks =
         spec.layers.iter().filter(|l| matches!(l, LayerSpec::Basic { .. } | LayerSpec::Bottleneck { .. })).count();
     Ok(Profile {
-        adapter: gpus[0].adapter().name.clone(),
+        adapter: match std::env::var("LP_NUM_THREADS") {
+            // The pool size `open_devices` chose (or the user's): it moves lavapipe's speed.
+            Ok(t) if gpus[0].adapter().is_cpu() => {
+                format!("{} ({t} llvmpipe threads per device)", gpus[0].adapter().name)
+            }
+            _ => gpus[0].adapter().name.clone(),
+        },
         model: spec.name.clone(),
         method: state.method.name().to_string(),
         stages: k,

@@ -313,9 +313,10 @@ pub(super) fn test_subset(test: Dataset, n: Option<usize>) -> Result<Dataset> {
 ///   `auto` with several real GPUs spreads the stages over them in contiguous blocks.
 /// - A list: stage k on the k-th adapter (several stages may name the same one).
 ///
-/// On a CPU adapter (lavapipe), devices of one instance share one thread pool and do not
-/// run at the same time, so each stage gets its own wgpu instance with an equal share of
-/// the cores (`LP_NUM_THREADS`), as `docs/lavapipe.md` measured.
+/// On a CPU adapter (lavapipe) the size of llvmpipe's thread pool is chosen per device
+/// (`LP_NUM_THREADS`, see [`lavapipe_threads`]): devices of one instance share one pool and do
+/// not run at the same time, so each of several stages gets its own wgpu instance with an
+/// equal share of the cores, and a device alone on the machine gets two threads per core.
 pub fn open_devices(selectors: &[String], stages: usize) -> Result<Vec<Gpu>> {
     open_devices_sharing(selectors, stages, 1)
 }
@@ -336,25 +337,52 @@ pub fn open_devices_sharing(selectors: &[String], stages: usize, processes: usiz
             chosen = (0..stages).map(|k| AdapterSelector::Index(gpus[k / per])).collect();
         }
     }
+    let user_set = std::env::var_os("LP_NUM_THREADS").is_some();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let sharers = stages * processes.max(1);
     let shared = adapter::new_instance();
     let mut out = Vec::with_capacity(stages);
     for sel in &chosen {
         let probe = Gpu::open_on(&shared, sel)?;
-        let sharers = stages * processes.max(1);
-        if sharers > 1 && probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
-            drop(probe);
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let threads = (cores / sharers).max(1);
-            // Read by llvmpipe when the instance enumerates its devices; stages are opened
-            // one after the other before any worker thread exists.
-            std::env::set_var("LP_NUM_THREADS", threads.to_string());
-            let own = adapter::new_instance();
-            out.push(Gpu::open_on(&own, sel)?);
-        } else {
-            out.push(probe);
+        let lavapipe = probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan;
+        match lavapipe_threads(cores, sharers, user_set) {
+            Some(threads) if lavapipe => {
+                drop(probe);
+                // Read by llvmpipe when the instance enumerates its devices; stages are opened
+                // one after the other before any worker thread exists.
+                std::env::set_var("LP_NUM_THREADS", threads.to_string());
+                let own = adapter::new_instance();
+                out.push(Gpu::open_on(&own, sel)?);
+            }
+            _ => out.push(probe),
         }
     }
     Ok(out)
+}
+
+/// llvmpipe threads per core for a device that has the CPU to itself.
+pub const LAVAPIPE_THREADS_PER_CORE: usize = 2;
+
+/// The size of llvmpipe's thread pool for one of `sharers` CPU devices (stages times
+/// processes) on a machine of `cores` cores, or None to leave llvmpipe's default (one thread
+/// per core) or the user's own `LP_NUM_THREADS`.
+///
+/// - Several sharers: an equal share of the cores each, at least one thread; the user's
+///   setting is overridden, so that K stages emulate K devices of equal size.
+/// - One device: [`LAVAPIPE_THREADS_PER_CORE`] threads per core, unless the user set
+///   `LP_NUM_THREADS`. llvmpipe hands each thread an equal, fixed share of a dispatch's
+///   workgroups, so a dispatch lasts as long as its slowest share, and a core that also runs
+///   the recording thread or another process is slower. With two threads per core a core
+///   that finishes early runs another thread's share (`docs/lavapipe.md`, "Thread pool").
+///   Not for several sharers: an idle stage's cores would then work for a busy one.
+pub fn lavapipe_threads(cores: usize, sharers: usize, user_set: bool) -> Option<usize> {
+    if sharers > 1 {
+        Some((cores / sharers).max(1))
+    } else if !user_set && cores > 1 {
+        Some(cores * LAVAPIPE_THREADS_PER_CORE)
+    } else {
+        None
+    }
 }
 
 /// Forces conv kernel variant `variant` on every device (None: each device's chooser decides).
