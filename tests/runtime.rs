@@ -307,20 +307,3 @@ fn op_timing_reports_every_kernel_dispatched() {
     let host: Vec<f32> = random(1024, 5).iter().map(|v| v.max(0.0)).collect();
     assert_eq!(y.to_vec().unwrap(), host);
 }
-
-#[test]
-fn lavapipe_pool_is_two_threads_per_core_alone_and_a_share_when_shared() {
-    use featreplay::train::run::{lavapipe_threads, LAVAPIPE_THREADS_PER_CORE};
-    // A device alone on a 2-core machine: two threads per core, unless the user chose.
-    assert_eq!(LAVAPIPE_THREADS_PER_CORE, 2);
-    assert_eq!(lavapipe_threads(2, 1, false), Some(4));
-    assert_eq!(lavapipe_threads(16, 1, false), Some(32));
-    assert_eq!(lavapipe_threads(2, 1, true), None);
-    // One core: llvmpipe's default (no pool to balance).
-    assert_eq!(lavapipe_threads(1, 1, false), None);
-    // Stages (or processes) share the cores equally, even over the user's setting.
-    assert_eq!(lavapipe_threads(2, 2, false), Some(1));
-    assert_eq!(lavapipe_threads(2, 2, true), Some(1));
-    assert_eq!(lavapipe_threads(16, 4, false), Some(4));
-    assert_eq!(lavapipe_threads(2, 3, false), Some(1));
-}

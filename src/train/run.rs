@@ -337,27 +337,37 @@ pub fn open_devices_sharing(selectors: &[String], stages: usize, processes: usiz
             chosen = (0..stages).map(|k| AdapterSelector::Index(gpus[k / per])).collect();
         }
     }
-    let user_set = std::env::var_os("LP_NUM_THREADS").is_some();
+    let user = user_lavapipe_threads();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let sharers = stages * processes.max(1);
+    let pool = lavapipe_threads(cores, sharers, user.is_some()).map(|t| t.to_string()).or(user);
     let shared = adapter::new_instance();
     let mut out = Vec::with_capacity(stages);
     for sel in &chosen {
         let probe = Gpu::open_on(&shared, sel)?;
-        let lavapipe = probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan;
-        match lavapipe_threads(cores, sharers, user_set) {
-            Some(threads) if lavapipe => {
-                drop(probe);
-                // Read by llvmpipe when the instance enumerates its devices; stages are opened
-                // one after the other before any worker thread exists.
-                std::env::set_var("LP_NUM_THREADS", threads.to_string());
-                let own = adapter::new_instance();
-                out.push(Gpu::open_on(&own, sel)?);
+        if probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
+            drop(probe);
+            // Read by llvmpipe when the instance enumerates its devices; stages are opened one
+            // after the other before any worker thread exists. Set (or cleared) every time: an
+            // earlier call in this process may have left another stage count's value.
+            match &pool {
+                Some(threads) => std::env::set_var("LP_NUM_THREADS", threads),
+                None => std::env::remove_var("LP_NUM_THREADS"),
             }
-            _ => out.push(probe),
+            let own = adapter::new_instance();
+            out.push(Gpu::open_on(&own, sel)?);
+        } else {
+            out.push(probe);
         }
     }
     Ok(out)
+}
+
+/// `LP_NUM_THREADS` as the process started with it (the user's choice), read before
+/// [`open_devices_sharing`] first sets it.
+fn user_lavapipe_threads() -> Option<String> {
+    static USER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    USER.get_or_init(|| std::env::var("LP_NUM_THREADS").ok()).clone()
 }
 
 /// llvmpipe threads per core for a device that has the CPU to itself.
@@ -365,7 +375,7 @@ pub const LAVAPIPE_THREADS_PER_CORE: usize = 2;
 
 /// The size of llvmpipe's thread pool for one of `sharers` CPU devices (stages times
 /// processes) on a machine of `cores` cores, or None to leave llvmpipe's default (one thread
-/// per core) or the user's own `LP_NUM_THREADS`.
+/// per core) or the user's own `LP_NUM_THREADS` (as the process started with it).
 ///
 /// - Several sharers: an equal share of the cores each, at least one thread; the user's
 ///   setting is overridden, so that K stages emulate K devices of equal size.
