@@ -182,7 +182,7 @@ pub fn profile(cfg: &ProfileConfig) -> Result<Profile> {
     Ok(Profile {
         adapter: match std::env::var("LP_NUM_THREADS") {
             // The pool size `open_devices` chose (or the user's): it moves lavapipe's speed.
-            Ok(t) if gpus[0].adapter().is_cpu() => {
+            Ok(t) if gpus[0].adapter().is_lavapipe() => {
                 format!("{} ({t} llvmpipe threads per device)", gpus[0].adapter().name)
             }
             _ => gpus[0].adapter().name.clone(),

@@ -46,6 +46,12 @@ impl AdapterSummary {
     pub fn is_cpu(&self) -> bool {
         self.device_type == wgpu::DeviceType::Cpu
     }
+
+    /// True for Mesa's lavapipe (a CPU adapter on Vulkan), whose thread pool `LP_NUM_THREADS`
+    /// sizes per wgpu instance.
+    pub fn is_lavapipe(&self) -> bool {
+        self.is_cpu() && self.backend == wgpu::Backend::Vulkan
+    }
 }
 
 impl fmt::Display for AdapterSummary {

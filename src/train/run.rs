@@ -344,9 +344,9 @@ pub fn open_devices_sharing(selectors: &[String], stages: usize, processes: usiz
     let shared = adapter::new_instance();
     let mut out = Vec::with_capacity(stages);
     for sel in &chosen {
-        let probe = Gpu::open_on(&shared, sel)?;
-        if probe.adapter().is_cpu() && probe.adapter().backend == wgpu::Backend::Vulkan {
-            drop(probe);
+        // The adapter alone says whether it is lavapipe: no device is opened to find out.
+        let (_, summary) = adapter::select(&shared, sel)?;
+        if summary.is_lavapipe() {
             // Read by llvmpipe when the instance enumerates its devices; stages are opened one
             // after the other before any worker thread exists. Set (or cleared) every time: an
             // earlier call in this process may have left another stage count's value.
@@ -357,7 +357,7 @@ pub fn open_devices_sharing(selectors: &[String], stages: usize, processes: usiz
             let own = adapter::new_instance();
             out.push(Gpu::open_on(&own, sel)?);
         } else {
-            out.push(probe);
+            out.push(Gpu::open_on(&shared, sel)?);
         }
     }
     Ok(out)
